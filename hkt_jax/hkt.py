@@ -1,0 +1,255 @@
+"""The n-stage HKT engine (paper Algorithm 1) and its three-term loss (Eq. 9).
+
+Three streams run through a staged child C = (c_1..c_n) and a frozen staged
+parent P = (p_1..p_n):
+
+* native:     z_n = c_n(...c_1(x))                        -> L2 = task loss
+* backbone:   z*_{i+1} = c_{i+1}(z_i + lam GA(tau_c(z~_i), z_i))   -> L1 on z*_n
+* head:       z~*_{i+1} = p_{i+1}(z~_i + lam GA(tau_p(z_i), z~_i)) -> L3 on z~*_n
+
+The backbone and head streams feed each other at every boundary (Algorithm 1,
+lines 6-10). Either direction can be switched off per boundary (the paper's
+ablations). Boundary ``i`` sits after stage ``i`` (0-based), so n stages have
+n - 1 boundaries. The first stage's output is shared by all child streams.
+
+The parent is frozen: its variables pass through ``stop_gradient`` and it runs
+in inference mode, but gradients still flow *through* its later stages into the
+child (head inheritance). Trainable: the child and the Transfer adapters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Literal, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from hkt_jax import ga
+from hkt_jax.etm import Extractor, Transfer, get_leaf, set_leaf
+from hkt_jax.models.staged import apply_stage, check_staged
+
+LossFn = Callable[[Any, dict[str, jax.Array]], jax.Array]
+INHERIT_LOSSES = ("mae", "ce")
+DIRECTIONS = ("to_child", "to_parent")
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafLink:
+    """One inheritance wire at a boundary: ``sources`` of the giving stage's output
+    (joined by ``combine``) are mixed into the ``receiver`` leaf of the receiving one.
+    Paths: "" is the whole stage output, "a/b" a nested leaf."""
+
+    receiver: str = ""
+    sources: tuple[str, ...] = ("",)
+    combine: Literal["single", "concat", "sum"] = "single"
+
+
+@dataclasses.dataclass(frozen=True)
+class Boundary:
+    """What happens after one aligned stage pair."""
+
+    backbone: bool = True  # parent -> child (feeds L1)
+    head: bool = True  # child -> parent (feeds L3)
+    to_child: tuple[LeafLink, ...] = (LeafLink(),)
+    to_parent: tuple[LeafLink, ...] = (LeafLink(),)
+
+
+@dataclasses.dataclass(frozen=True)
+class HKTConfig:
+    lam: float = 0.6
+    mode: ga.Mode = "auto"
+    chunk_size: int | None = None
+    alphas: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
+    inherit_loss: Literal["mae", "ce"] = "ce"
+    # One entry per boundary (n - 1 of them); None = every boundary, both directions.
+    boundaries: tuple[Boundary, ...] | None = None
+
+
+def validate_alphas(alphas: Sequence[float]) -> tuple[float, float, float]:
+    """Eq. 9's constraints: each in [0, 1], max(a1, a3) <= a2, sum = 1."""
+    alphas = tuple(float(a) for a in alphas)
+    if len(alphas) != 3:
+        raise ValueError(f"`alphas` must be three weights (a1, a2, a3), got {alphas}")
+    a1, a2, a3 = alphas
+    if not all(0.0 <= a <= 1.0 for a in alphas):
+        raise ValueError(f"`alphas` must each lie in [0, 1], got {alphas}")
+    if max(a1, a3) > a2 + 1e-9:
+        raise ValueError(f"`alphas` must satisfy max(a1, a3) <= a2 (native loss dominates), got {alphas}")
+    if abs(sum(alphas) - 1.0) > 1e-6:
+        raise ValueError(f"`alphas` must sum to 1, got {alphas} (sum {sum(alphas)})")
+    return alphas
+
+
+def classification_ce(logits: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
+    """Mean softmax cross-entropy against integer ``batch["label"]``."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["label"]).mean()
+
+
+def classification_mae(logits: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
+    """The paper's MAE (Eq. 5, 8) for classifiers: mean over batch and classes of
+    |softmax(logits) - one_hot(label)| (as ``torch.nn.L1Loss`` would average it)."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.mean(jnp.abs(probs - jax.nn.one_hot(batch["label"], logits.shape[-1])))
+
+
+CLASSIFICATION_INHERIT_LOSSES: dict[str, LossFn] = {"ce": classification_ce, "mae": classification_mae}
+
+
+def _adapter_key(direction: str, boundary: int, link: LeafLink) -> str:
+    """A flat, checkpoint-safe name, e.g. ``to_child_0`` or ``to_parent_1_hidden``."""
+    leaf = link.receiver.replace("/", "_")
+    return f"{direction}_{boundary}" + (f"_{leaf}" if leaf else "")
+
+
+class HKT:
+    """HKT over a staged (child, parent) pair. Pure functions of explicit variables.
+
+    Trainable variables are ``{"params": {"child": ..., "adapters": ...},
+    "batch_stats": {"child": ...}}``; the parent's variables are passed to
+    every call and are never returned, updated or differentiated.
+    """
+
+    def __init__(
+        self,
+        child: nn.Module,
+        parent: nn.Module,
+        config: HKTConfig = HKTConfig(),
+        *,
+        task_loss: LossFn = classification_ce,
+        inherit_loss: LossFn | None = None,
+    ):
+        check_staged(child, "child")
+        check_staged(parent, "parent")
+        if tuple(child.stage_names) != tuple(parent.stage_names):
+            raise ValueError(
+                f"child and parent must share stage names, got child {tuple(child.stage_names)} "
+                f"and parent {tuple(parent.stage_names)}"
+            )
+        if len(child.stage_names) < 2:
+            raise ValueError(f"HKT needs at least 2 stages (one boundary), got {tuple(child.stage_names)}")
+        ga.check_lam(config.lam)
+        ga.resolve_mode(config.mode, 3)
+        validate_alphas(config.alphas)
+        if inherit_loss is None:
+            if config.inherit_loss not in INHERIT_LOSSES:
+                raise ValueError(f"`inherit_loss` must be one of {INHERIT_LOSSES}, got {config.inherit_loss!r}")
+            inherit_loss = CLASSIFICATION_INHERIT_LOSSES[config.inherit_loss]
+        num_boundaries = len(child.stage_names) - 1
+        boundaries = config.boundaries if config.boundaries is not None else (Boundary(),) * num_boundaries
+        if len(boundaries) != num_boundaries:
+            raise ValueError(
+                f"config.boundaries has {len(boundaries)} entries, but {len(child.stage_names)} stages "
+                f"{tuple(child.stage_names)} have {num_boundaries} boundaries"
+            )
+        self.child, self.parent, self.config = child, parent, config
+        self.boundaries = tuple(boundaries)
+        self.task_loss, self.inherit_loss = task_loss, inherit_loss
+        self._transfer = Transfer()
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.child.stage_names)
+
+    # -- initialisation ---------------------------------------------------------------------------
+
+    def init(self, rng: jax.Array, x: Any, parent_variables: Any) -> dict[str, Any]:
+        """Child variables plus one Transfer adapter per active wire (shapes read off ``x``)."""
+        child_rng, adapter_rng = jax.random.split(rng)
+        child_vars = dict(self.child.init(child_rng, x, train=False))
+        adapters: dict[str, Any] = {}
+
+        def init_adapter(direction, boundary, link, giving, receiving):
+            z = Extractor(link.sources, link.combine).apply({}, giving)
+            like = get_leaf(receiving, link.receiver)
+            key = _adapter_key(direction, boundary, link)
+            adapter_vars = self._transfer.init(jax.random.fold_in(adapter_rng, len(adapters)), z, like)
+            adapters[key] = dict(adapter_vars.get("params", {}))
+
+        zc = zp = x
+        for i in range(self.num_stages - 1):
+            zc, _ = apply_stage(self.child, child_vars, i, zc, train=False)
+            zp, _ = apply_stage(self.parent, parent_variables, i, zp, train=False)
+            for direction, giving, receiving in (("to_child", zp, zc), ("to_parent", zc, zp)):
+                for link in self._links(i, direction):
+                    init_adapter(direction, i, link, giving, receiving)
+        return {
+            "params": {"child": child_vars["params"], "adapters": adapters},
+            "batch_stats": {"child": child_vars.get("batch_stats", {})},
+        }
+
+    def _links(self, boundary: int, direction: str) -> tuple[LeafLink, ...]:
+        b = self.boundaries[boundary]
+        active = b.backbone if direction == "to_child" else b.head
+        return (b.to_child if direction == "to_child" else b.to_parent) if active else ()
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    def _mix(self, adapters, direction, boundary, giving, receiving, metrics):
+        for link in self._links(boundary, direction):
+            key = _adapter_key(direction, boundary, link)
+            z = Extractor(link.sources, link.combine).apply({}, giving)
+            target = get_leaf(receiving, link.receiver)
+            tau = self._transfer.apply({"params": adapters[key]} if adapters[key] else {}, z, target)
+            mixed, diagnostic = ga.etm_mix_with_diagnostic(
+                target, tau.astype(target.dtype), lam=self.config.lam, mode=self.config.mode,
+                chunk_size=self.config.chunk_size,
+            )
+            is_gate = ga.resolve_mode(self.config.mode, target.ndim) == "gate"
+            metrics[f"{'gate' if is_gate else 'ga_ratio'}/{key}"] = diagnostic
+            receiving = set_leaf(receiving, link.receiver, mixed)
+        return receiving
+
+    def forward(self, variables: dict[str, Any], parent_variables: Any, x: Any, *, train: bool):
+        """All three streams. Returns (outputs, new child batch_stats, diagnostics).
+
+        ``outputs`` = {"native": z_n, "backbone": z*_n, "head": z~*_n}. In train
+        mode the child's BatchNorm uses batch statistics in every stream, and its
+        running averages are updated from the native stream only (the child
+        runs alone at inference).
+        """
+        params = variables["params"]
+        child_vars = {"params": params["child"], "batch_stats": variables["batch_stats"]["child"]}
+        if not child_vars["batch_stats"]:
+            del child_vars["batch_stats"]
+        frozen_parent = jax.tree.map(jax.lax.stop_gradient, parent_variables)
+        metrics: dict[str, jax.Array] = {}
+
+        z_native, stats = apply_stage(self.child, child_vars, 0, x, train=train, update_stats=True)
+        z_child = z_native
+        for i in range(1, self.num_stages):
+            vars_i = {**child_vars, "batch_stats": stats} if stats is not None else child_vars
+            z_native, stats = apply_stage(self.child, vars_i, i, z_native, train=train, update_stats=True)
+        new_stats = stats if stats is not None else child_vars.get("batch_stats", {})
+
+        # The inherited streams reuse the child's stage-0 output (same params, same batch).
+        z_parent, _ = apply_stage(self.parent, frozen_parent, 0, x, train=False)
+        for i in range(self.num_stages - 1):
+            phi_child = self._mix(params["adapters"], "to_child", i, z_parent, z_child, metrics)
+            phi_parent = self._mix(params["adapters"], "to_parent", i, z_child, z_parent, metrics)
+            z_child, _ = apply_stage(self.child, child_vars, i + 1, phi_child, train=train)
+            z_parent, _ = apply_stage(self.parent, frozen_parent, i + 1, phi_parent, train=False)
+        outputs = {"native": z_native, "backbone": z_child, "head": z_parent}
+        return outputs, {"child": new_stats}, metrics
+
+    # -- loss -------------------------------------------------------------------------------------
+
+    def loss(self, params, batch_stats, parent_variables, batch, *, train: bool = True):
+        """L = a1 L1 + a2 L2 + a3 L3. Returns (loss, aux) with aux = {"batch_stats",
+        "metrics" (loss, l1, l2, l3, GA diagnostics), "logits" (native)}.
+
+        All three terms are always computed and logged; a term with weight 0
+        is left out of the sum, so it contributes no gradient (not even 0 * NaN).
+        """
+        outputs, new_stats, metrics = self.forward(
+            {"params": params, "batch_stats": batch_stats}, parent_variables, batch["image"], train=train
+        )
+        a1, a2, a3 = self.config.alphas
+        l1 = self.inherit_loss(outputs["backbone"], batch)
+        l2 = self.task_loss(outputs["native"], batch)
+        l3 = self.inherit_loss(outputs["head"], batch)
+        total = sum(a * l for a, l in ((a1, l1), (a2, l2), (a3, l3)) if a != 0.0)
+        metrics.update(loss=total, l1=l1, l2=l2, l3=l3)
+        return total, {"batch_stats": new_stats, "metrics": metrics, "logits": outputs["native"]}

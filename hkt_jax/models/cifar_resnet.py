@@ -1,0 +1,147 @@
+"""CIFAR ResNets (He et al. 2016, Sec. 4.2): depth 6n+2, three groups of n basic blocks.
+
+The layout follows the common pretrained PyTorch CIFAR ResNets (16/32/64
+channels, 3x3 convs with symmetric padding 1, option-A shortcuts) so their
+weights convert one-to-one. Staged two ways:
+
+* ``stage_split="paper"``: ("features", "head") - pooled 64-d vector, then the
+  linear classifier: the paper's 2HKT inheritance point.
+* ``stage_split="groups"``: ("group1", "group2", "group3", "head") - after each
+  residual group (spatial features, for nHKT with softmax GA), then pool + fc.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+STAGE_SPLITS = {
+    "paper": ("features", "head"),
+    "groups": ("group1", "group2", "group3", "head"),
+}
+GROUP_WIDTHS = (16, 32, 64)
+
+conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # torch kaiming_normal_
+
+
+def _conv(features: int, kernel: int, stride: int, name: str, dtype) -> nn.Conv:
+    pad = kernel // 2
+    return nn.Conv(
+        features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+        use_bias=False, kernel_init=conv_init, dtype=dtype, name=name,
+    )
+
+
+def _bn(name: str, dtype) -> nn.BatchNorm:
+    # PyTorch BatchNorm2d defaults: momentum 0.1 (= 0.9 here), eps 1e-5.
+    return nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)
+
+
+def option_a_shortcut(x: jax.Array, out_channels: int, stride: int) -> jax.Array:
+    """Parameter-free shortcut: subsample by ``stride``, zero-pad channels equally on both sides."""
+    if stride != 1:
+        x = x[:, ::stride, ::stride, :]
+    extra = out_channels - x.shape[-1]
+    if extra:
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+    return x
+
+
+class BasicBlock(nn.Module):
+    features: int
+    stride: int = 1
+    shortcut: Literal["A", "B"] = "A"
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.conv1 = _conv(self.features, 3, self.stride, "conv1", self.dtype)
+        self.bn1 = _bn("bn1", self.dtype)
+        self.conv2 = _conv(self.features, 3, 1, "conv2", self.dtype)
+        self.bn2 = _bn("bn2", self.dtype)
+        if self.shortcut == "B":
+            self.shortcut_conv = _conv(self.features, 1, self.stride, "shortcut_conv", self.dtype)
+            self.shortcut_bn = _bn("shortcut_bn", self.dtype)
+
+    def __call__(self, x, *, train: bool):
+        y = nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
+        y = self.bn2(self.conv2(y), use_running_average=not train)
+        needs_projection = self.stride != 1 or x.shape[-1] != self.features
+        if not needs_projection:
+            residual = x
+        elif self.shortcut == "A":
+            residual = option_a_shortcut(x, self.features, self.stride)
+        else:
+            residual = self.shortcut_bn(self.shortcut_conv(x), use_running_average=not train)
+        return nn.relu(y + residual)
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32x32 inputs. ``apply(v, x_nhwc, train=False)`` -> logits."""
+
+    depth: int = 20
+    num_classes: int = 10
+    shortcut: Literal["A", "B"] = "A"
+    stage_split: Literal["paper", "groups"] = "paper"
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        if self.depth < 8 or (self.depth - 2) % 6:
+            raise ValueError(f"CifarResNet: `depth` must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...), got {self.depth}")
+        if self.shortcut not in ("A", "B"):
+            raise ValueError(f"CifarResNet: `shortcut` must be 'A' or 'B', got {self.shortcut!r}")
+        if self.stage_split not in STAGE_SPLITS:
+            raise ValueError(f"CifarResNet: `stage_split` must be one of {tuple(STAGE_SPLITS)}, got {self.stage_split!r}")
+        blocks_per_group = (self.depth - 2) // 6
+        self.conv1 = _conv(GROUP_WIDTHS[0], 3, 1, "conv1", self.dtype)
+        self.bn1 = _bn("bn1", self.dtype)
+        self.groups = [
+            [
+                BasicBlock(width, stride=(2 if g > 0 and b == 0 else 1), shortcut=self.shortcut,
+                           dtype=self.dtype, name=f"layer{g + 1}_{b}")
+                for b in range(blocks_per_group)
+            ]
+            for g, width in enumerate(GROUP_WIDTHS)
+        ]
+        self.fc = nn.Dense(self.num_classes, kernel_init=conv_init, dtype=self.dtype, name="fc")
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        return STAGE_SPLITS[self.stage_split]
+
+    def _stem(self, x, train):
+        return nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
+
+    def _group(self, g, x, train):
+        for block in self.groups[g]:
+            x = block(x, train=train)
+        return x
+
+    def _head(self, x):
+        return self.fc(x).astype(jnp.float32)
+
+    def stage(self, index: int, x, *, train: bool):
+        names = self.stage_names
+        if not 0 <= index < len(names):
+            raise ValueError(f"CifarResNet: stage index {index} out of range for stages {names}")
+        name = names[index]
+        if name == "features":
+            x = self._stem(x, train)
+            for g in range(len(GROUP_WIDTHS)):
+                x = self._group(g, x, train)
+            return jnp.mean(x, axis=(1, 2))
+        if name == "head":
+            if self.stage_split == "groups":
+                x = jnp.mean(x, axis=(1, 2))
+            return self._head(x)
+        g = int(name[-1]) - 1
+        if g == 0:
+            x = self._stem(x, train)
+        return self._group(g, x, train)
+
+    def __call__(self, x, train: bool = False):
+        for index in range(len(self.stage_names)):
+            x = self.stage(index, x, train=train)
+        return x

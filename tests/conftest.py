@@ -1,0 +1,23 @@
+"""Shared test helpers: where the real data lives, and a skip when it is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """``$HKT_SHARED_DATA``, else ``<repo>/../shared/data`` (where this workplace keeps it)."""
+    return Path(os.environ.get("HKT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def require_shared(*relative: str) -> Path:
+    """The shared-data path, or skip the test saying exactly what is missing."""
+    path = shared_data_dir().joinpath(*relative)
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (set HKT_SHARED_DATA to the shared data folder)")
+    return path
