@@ -51,3 +51,41 @@ def load_model(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     with ocp.StandardCheckpointer() as ckptr:
         variables = ckptr.restore(directory / VARIABLES_ITEM)
     return variables, spec
+
+
+# -- resumable training state ------------------------------------------------------------------
+
+
+def training_manager(workdir: str | os.PathLike, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
+    """Checkpoints of (train state, data-iterator position) under ``workdir/checkpoints``.
+
+    The parent is never in here: it is an input of the run, not its state.
+    """
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(
+        Path(workdir).absolute() / "checkpoints", options=options, item_names=("state", "data")
+    )
+
+
+def save_training(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict[str, Any]) -> None:
+    manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+        force=True,
+    )
+    manager.wait_until_finished()
+
+
+def restore_training(manager: ocp.CheckpointManager, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
+    """(state, data-iterator state) of the latest checkpoint, or None for a fresh run.
+
+    ``abstract_state`` (shapes, dtypes, shardings) says where each array goes.
+    """
+    step = manager.latest_step()
+    if step is None:
+        return None
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
+    )
+    return restored["state"], restored["data"]

@@ -1,0 +1,177 @@
+"""Experiment configuration: nested frozen dataclasses plus ``key=value`` overrides.
+
+A config file (``experiments/configs/NAME.py``) defines ``get_config()``
+returning an ``ExperimentConfig``; the command line then overrides any field
+by its dotted path, e.g. ``train.steps=200 hkt.lam=0.5 hkt.alphas=0.2,0.6,0.2``.
+Values are parsed by the type of the field they replace, and a path that does
+not exist is an error listing the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import types
+import typing
+from typing import Any, Literal, Sequence
+
+from hkt_jax.data.pipeline import DataConfig
+
+METHODS = ("hkt", "child", "kd", "parent")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "cifar_resnet"
+    depth: int = 20
+    shortcut: Literal["A", "B"] = "A"
+    widths: tuple[int, ...] = (8, 16)  # toy nets only
+    strides: tuple[int, ...] = (1, 1)  # toy nets only
+
+    def kwargs(self, num_classes: int) -> dict[str, Any]:
+        if self.arch == "toy":
+            return {"widths": tuple(self.widths), "strides": tuple(self.strides), "num_classes": num_classes}
+        return {"depth": self.depth, "shortcut": self.shortcut, "num_classes": num_classes}
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    schedule: Literal["multistep", "cosine", "constant"] = "multistep"
+    milestones: tuple[float, ...] = (100.0, 150.0)  # in epochs (multistep)
+    decay_factor: float = 0.1
+    warmup_epochs: float = 0.0  # cosine only
+
+
+@dataclasses.dataclass(frozen=True)
+class HKTSettings:
+    lam: float = 0.6
+    mode: Literal["auto", "softmax", "gate"] = "auto"
+    chunk_size: int | None = None
+    alphas: tuple[float, float, float] = (0.25, 0.5, 0.25)
+    inherit_loss: Literal["mae", "ce"] = "mae"
+    stage_split: Literal["paper", "groups"] = "paper"
+    # Per boundary on/off (empty = on at every boundary).
+    backbone: tuple[bool, ...] = ()
+    head: tuple[bool, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class KDSettings:
+    temperature: float = 4.0
+    weight: float = 0.9  # weight of the distillation term; 1 - weight goes to cross-entropy
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    batch_size: int = 128  # global batch
+    epochs: float = 200.0
+    steps: int | None = None  # overrides epochs when set
+    log_every_steps: int = 50
+    eval_every_steps: int | None = None  # None = once per epoch
+    checkpoint_every_steps: int = 1000
+    seed: int = 0
+    half_precision: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSettings:
+    data: int = -1  # -1 = all devices not used by `model`
+    model: int = 1  # > 1 shards the frozen parent's parameters
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    method: Literal["hkt", "child", "kd", "parent"] = "hkt"
+    child: ModelConfig = ModelConfig(depth=20)
+    parent: ModelConfig = ModelConfig(depth=110)
+    parent_ckpt: str | None = None  # model checkpoint dir; None = train the parent first
+    parent_epochs: float | None = None  # epochs for that parent run (None = train.epochs)
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    hkt: HKTSettings = HKTSettings()
+    kd: KDSettings = KDSettings()
+    train: TrainSettings = TrainSettings()
+    mesh: MeshSettings = MeshSettings()
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}: expected one of {METHODS}")
+
+
+def load_config(name: str) -> ExperimentConfig:
+    """``get_config()`` of ``experiments/configs/<name>.py``."""
+    try:
+        module = importlib.import_module(f"experiments.configs.{name}")
+    except ModuleNotFoundError as err:
+        if err.name != f"experiments.configs.{name}":
+            raise
+        raise ValueError(f"unknown config {name!r}: no experiments/configs/{name}.py") from None
+    return module.get_config()
+
+
+def _field_paths(config: Any, prefix: str = "") -> list[str]:
+    paths = []
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            paths += _field_paths(value, f"{prefix}{field.name}.")
+        else:
+            paths.append(prefix + field.name)
+    return paths
+
+
+def _parse_value(text: str, annotation: Any, current: Any, path: str) -> Any:
+    """Parse ``text`` as the type the field is annotated with (falls back to the current value's type)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _parse_value(text, non_none[0], current, path)
+    if origin is Literal:
+        if text not in args:
+            raise ValueError(f"override {path}={text!r}: expected one of {args}")
+        return text
+    if origin is tuple:
+        item_type = args[0] if args else str
+        items = [t for t in text.strip("()[] ").split(",") if t.strip()]
+        return tuple(_parse_value(t.strip(), item_type, None, path) for t in items)
+    if annotation is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"override {path}={text!r}: expected true/false")
+    if annotation in (int, float, str):
+        try:
+            return annotation(text)
+        except ValueError:
+            raise ValueError(f"override {path}={text!r}: expected {annotation.__name__}") from None
+    return type(current)(text) if current is not None else text
+
+
+def _replace(config: Any, parts: Sequence[str], text: str, path: str) -> Any:
+    hints = typing.get_type_hints(type(config))
+    name = parts[0]
+    if len(parts) == 1:
+        value = _parse_value(text, hints[name], getattr(config, name), path)
+        return dataclasses.replace(config, **{name: value})
+    return dataclasses.replace(config, **{name: _replace(getattr(config, name), parts[1:], text, path)})
+
+
+def apply_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
+    """Apply ``a.b=value`` overrides (also accepts ``--a.b=value``)."""
+    valid = _field_paths(config)
+    for item in overrides:
+        key, sep, text = item.lstrip("-").partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like key=value (e.g. train.steps=100)")
+        if key not in valid:
+            raise ValueError(f"override {item!r}: unknown key {key!r}; valid keys: {', '.join(valid)}")
+        config = _replace(config, key.split("."), text, key)
+    return config

@@ -1,0 +1,41 @@
+"""The whole job behind ``python -m experiments.cifar_hkt``.
+
+HKT and KD need a pretrained parent. Given ``parent_ckpt`` it is loaded;
+without one the parent is first trained from scratch in ``workdir/parent``
+(itself resumable, and reused once finished), then the child is trained with
+it - so the bare command reproduces the paper's pipeline end to end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from hkt_jax.config import ExperimentConfig
+from hkt_jax.train import train_and_evaluate
+
+PARENT_SUBDIR = "parent"
+
+
+def parent_run_config(config: ExperimentConfig) -> ExperimentConfig:
+    epochs = config.parent_epochs if config.parent_epochs is not None else config.train.epochs
+    return dataclasses.replace(config, method="parent", train=dataclasses.replace(config.train, epochs=epochs))
+
+
+def ensure_parent(config: ExperimentConfig, workdir: Path) -> Path:
+    """A model checkpoint of the parent: the given one, or one trained here."""
+    if config.parent_ckpt:
+        return Path(config.parent_ckpt)
+    parent_workdir = workdir / PARENT_SUBDIR
+    exported = parent_workdir / "export" / "child"
+    if not (parent_workdir / "summary.json").exists():
+        print(f"No parent_ckpt given: training the parent ({config.parent.arch}-{config.parent.depth}) "
+              f"in {parent_workdir} first")
+        train_and_evaluate(parent_run_config(config), parent_workdir)
+    return exported
+
+
+def run(config: ExperimentConfig, workdir: str | Path) -> dict:
+    workdir = Path(workdir)
+    parent_dir = ensure_parent(config, workdir) if config.method in ("hkt", "kd") else None
+    return train_and_evaluate(config, workdir, parent_dir)
