@@ -23,11 +23,18 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _EXTRACTION_MARKER = ".hkt_extracted.json"
 _LAYOUT = "expected <data.path>/<split>/<class_name>/*.png|jpg|jpeg (or a .tar.gz of that tree)"
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def default_cache_dir() -> Path:
     """`data/extracted` under the repository root: git-ignored and kept between runs."""
-    return Path(__file__).resolve().parents[2] / "data" / "extracted"
+    return _REPO_ROOT / "data" / "extracted"
+
+
+def shared_cifar10_archive() -> Path:
+    """The shared lossy CIFAR-10 JPEG archive: under $HKT_SHARED_DATA, else `<repo>/../shared/data`."""
+    shared = Path(os.environ.get("HKT_SHARED_DATA", _REPO_ROOT.parent / "shared" / "data"))
+    return shared / "cifar10-q75" / "cifar10-q75-imagefolder.tar.gz"
 
 
 def is_archive(path: str | Path) -> bool:
@@ -82,6 +89,7 @@ def extract_archive(archive: str | Path, cache_dir: str | Path | None = None) ->
         except (tarfile.TarError, OSError, EOFError) as error:
             raise ValueError(f"data.path={str(archive)!r}: cannot extract archive ({error}).") from error
         (staging / _EXTRACTION_MARKER).write_text(json.dumps(fingerprint))
+        staging.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
         if _read_marker(target) == fingerprint:  # a concurrent run finished first
             return target
         if target.exists():  # stale or unfinished extraction of an older archive
@@ -170,7 +178,9 @@ def _load_decoded_cache(cache_file: Path, key: dict[str, object]) -> ImageSet | 
 
 def _save_decoded_cache(cache_file: Path, key: dict[str, object], images: ImageSet) -> None:
     """Written to a temp file and renamed, so readers never see a partial cache."""
-    with tempfile.NamedTemporaryFile(dir=cache_file.parent, prefix=f".{cache_file.name}.", suffix=".npz", delete=False) as file:
+    with tempfile.NamedTemporaryFile(
+        dir=cache_file.parent, prefix=f".{cache_file.name}.", suffix=".npz", delete=False
+    ) as file:
         np.savez(
             file,
             key=np.asarray(json.dumps(key)),
@@ -178,6 +188,7 @@ def _save_decoded_cache(cache_file: Path, key: dict[str, object], images: ImageS
             labels=images.labels,
             class_names=np.asarray(images.class_names),
         )
+    os.chmod(file.name, 0o644)
     os.replace(file.name, cache_file)
 
 
@@ -192,11 +203,13 @@ def load_image_folder(
     if not is_archive(path):
         return decode_split_dir(find_split_dir(Path(path), split), class_names)
     root = extract_archive(path, cache_dir)
+    split_dir = find_split_dir(root, split)
+    class_names = resolve_class_names([d.name for d in _visible_subdirs(split_dir)], class_names, split_dir)
     cache_file = root.parent / f"{root.name}.{split}.npz"
-    key = {**_read_marker(root), "split": split, "class_names": list(class_names) if class_names else None}
+    key = {**_read_marker(root), "split": split, "class_names": list(class_names)}
     cached = _load_decoded_cache(cache_file, key)
     if cached is not None:
         return cached
-    images = decode_split_dir(find_split_dir(root, split), class_names)
+    images = decode_split_dir(split_dir, class_names)
     _save_decoded_cache(cache_file, key, images)
     return images

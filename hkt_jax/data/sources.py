@@ -83,17 +83,17 @@ def _check_name(name: str, source: str) -> None:
         )
 
 
-def load_tfds(name: str, split: str, data_dir: str | None = None) -> ImageSet:
-    """Reads a prepared TFDS dataset through its random-access (ArrayRecord) source.
+def open_tfds(name: str, split: str, data_dir: str | None = None):
+    """The random-access (ArrayRecord) source of a prepared TFDS dataset.
 
     `tfds.data_source` works without TensorFlow, but it cannot download or
     prepare data here, so a missing dataset is reported with the ways out.
     """
-    import tensorflow_datasets as tfds  # deferred: tfds import is slow-ish
+    import tensorflow_datasets as tfds  # deferred: only this source needs it
 
     _check_name(name, "tfds")
     try:
-        records = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as error:  # tfds raises several unrelated types here
         location = data_dir or "the default TFDS data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
         raise FileNotFoundError(
@@ -103,6 +103,11 @@ def load_tfds(name: str, split: str, data_dir: str | None = None) -> ImageSet:
             f"--file_format=array_record --data_dir=DIR` and set data.path=DIR, or "
             f"use another data.source. {SHARED_ARCHIVE_HINT}"
         ) from error
+
+
+def load_tfds(name: str, split: str, data_dir: str | None = None) -> ImageSet:
+    """Reads a whole split of a prepared TFDS dataset into memory."""
+    records = open_tfds(name, split, data_dir)
     origin = f"tfds {name}/{split} in {data_dir or 'the default data_dir'}"
     if len(records) == 0:
         raise ValueError(f"{origin}: the split holds no images.")
