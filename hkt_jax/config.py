@@ -155,23 +155,33 @@ def _parse_value(text: str, annotation: Any, current: Any, path: str) -> Any:
     return type(current)(text) if current is not None else text
 
 
-def _replace(config: Any, parts: Sequence[str], text: str, path: str) -> Any:
+def _replace_all(config: Any, updates: dict[str, Any], prefix: str = "") -> Any:
+    """One ``dataclasses.replace`` per nested config, so fields that are only
+    valid together (``data.source`` + ``data.path``) are checked together."""
     hints = typing.get_type_hints(type(config))
-    name = parts[0]
-    if len(parts) == 1:
-        value = _parse_value(text, hints[name], getattr(config, name), path)
-        return dataclasses.replace(config, **{name: value})
-    return dataclasses.replace(config, **{name: _replace(getattr(config, name), parts[1:], text, path)})
+    changes = {}
+    for name, update in updates.items():
+        path = prefix + name
+        if isinstance(update, dict):
+            changes[name] = _replace_all(getattr(config, name), update, path + ".")
+        else:
+            changes[name] = _parse_value(update, hints[name], getattr(config, name), path)
+    return dataclasses.replace(config, **changes)
 
 
 def apply_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
-    """Apply ``a.b=value`` overrides (also accepts ``--a.b=value``)."""
+    """Apply ``a.b=value`` overrides (also accepts ``--a.b=value``); later ones win."""
     valid = _field_paths(config)
+    updates: dict[str, Any] = {}
     for item in overrides:
         key, sep, text = item.lstrip("-").partition("=")
         if not sep:
             raise ValueError(f"override {item!r} must look like key=value (e.g. train.steps=100)")
         if key not in valid:
             raise ValueError(f"override {item!r}: unknown key {key!r}; valid keys: {', '.join(valid)}")
-        config = _replace(config, key.split("."), text, key)
-    return config
+        *parents, leaf = key.split(".")
+        node = updates
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = text
+    return _replace_all(config, updates) if updates else config
