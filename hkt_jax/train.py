@@ -291,6 +291,8 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, parent_dir
     for step in range(start_step, run.total_steps):
         batch = sharding.global_batch(next(run.datasets.train), run.mesh)
         state, metrics = train_step(state, parent_variables, batch)
+        if window:  # keep one step in flight, so the progress bar shows real speed
+            jax.block_until_ready(window[-1])
         window.append(metrics)
         done = step + 1
         if done % config.train.log_every_steps == 0 or done == run.total_steps:
