@@ -12,7 +12,8 @@ from hkt_jax.hkt import validate_alphas
 def test_shipped_configs_are_valid(name):
     config = load_config(name)
     validate_alphas(config.hkt.alphas)
-    assert config.train.batch_size % 8 == 0 or name != "smoke"
+    if name == "smoke":  # runs unchanged on 1 or 8 (simulated) devices
+        assert config.train.batch_size % 8 == 0
 
 
 def test_reference_config_is_the_released_code():
