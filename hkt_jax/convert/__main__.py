@@ -1,0 +1,119 @@
+"""``python -m hkt_jax.convert``: pretrained PyTorch parents in, trained Flax children out.
+
+  resnet        PyTorch CIFAR ResNet checkpoint -> model checkpoint dir (for --parent_ckpt)
+  export-torch  model checkpoint dir or training workdir -> PyTorch .pt file
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from hkt_jax.checkpoint import MODEL_SPEC_FILE, load_model, save_model
+from hkt_jax.convert.resnet import (
+    load_torch_checkpoint, require_torch, resnet_config, resnet_from_torch, resnet_to_torch,
+)
+from hkt_jax.models.registry import model_spec
+
+# Fields training scripts store next to the weights to say how good they are (akamaster, RepDistiller).
+ACCURACY_FIELDS = ("best_prec1", "best_acc")
+# Where a training run's workdir keeps its exported child.
+WORKDIR_CHILD = Path("export") / "child"
+
+
+def convert_resnet(args: argparse.Namespace) -> None:
+    checkpoint = load_torch_checkpoint(args.src)
+    variables = resnet_from_torch(checkpoint, args.depth, num_classes=args.num_classes)
+    config = resnet_config(variables)
+    spec = model_spec("cifar_resnet", **config)
+    metadata = {"converted_from": str(Path(args.src).absolute())}
+    accuracy = {field: float(checkpoint[field]) for field in ACCURACY_FIELDS if field in checkpoint}
+    spec["metadata"] = {**metadata, **accuracy}
+    out = save_model(args.out, variables, spec)
+
+    parameter_count = sum(int(np.size(leaf)) for leaf in jax.tree.leaves(variables["params"]))
+    print(f"converted {args.src} -> CifarResNet(depth={config['depth']}, num_classes={config['num_classes']}, "
+          f"shortcut={config['shortcut']!r})")
+    print(f"  parameters:     {parameter_count:,}")
+    params, batch_stats = (len(jax.tree.leaves(variables[c])) for c in ("params", "batch_stats"))
+    print(f"  tensors mapped: {params + batch_stats} ({params} params, {batch_stats} batch_stats)")
+    for field, value in accuracy.items():
+        print(f"  source {field}: {value:g}")
+    print(f"  written to:     {out}")
+
+
+def resolve_model_dir(src: Path) -> Path:
+    """A model checkpoint dir as given, or the exported child inside a training workdir."""
+    for candidate in (src, src / WORKDIR_CHILD):
+        if (candidate / MODEL_SPEC_FILE).is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"{src} is neither a model checkpoint dir nor a training workdir: "
+        f"no {src / MODEL_SPEC_FILE} and no {src / WORKDIR_CHILD / MODEL_SPEC_FILE}"
+    )
+
+
+def export_torch(args: argparse.Namespace) -> None:
+    torch = require_torch()
+    model_dir = resolve_model_dir(Path(args.src))
+    variables, spec = load_model(model_dir)
+    if spec.get("arch") != "cifar_resnet":
+        raise ValueError(f"{model_dir} holds a {spec.get('arch')!r} model; export-torch converts 'cifar_resnet' only")
+    state_dict = resnet_to_torch(variables)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": state_dict, "spec": spec}, out)
+    print(f"exported {model_dir} ({spec['kwargs']}) -> {out}")
+    print(f"  tensors: {len(state_dict)} (PyTorch akamaster layout, loads with strict=True)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hkt_jax.convert",
+        description="Convert model weights between PyTorch checkpoints and hkt_jax model checkpoints.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    resnet = commands.add_parser(
+        "resnet", help="PyTorch CIFAR ResNet checkpoint -> hkt_jax model checkpoint dir",
+        description="Convert a PyTorch CIFAR ResNet (akamaster option A, or option B with shortcut.0/1) into a "
+                    "model checkpoint dir usable as --parent_ckpt. Fails listing every key that does not fit.",
+    )
+    resnet.add_argument("--src", required=True, help="PyTorch checkpoint file (.th/.pt): a state dict, or a dict "
+                        "holding one under 'state_dict', 'model' or 'net'; 'module.' prefixes are stripped")
+    resnet.add_argument("--depth", required=True, type=int, help="ResNet depth 6n+2 the checkpoint was trained with "
+                        "(20, 32, 44, 56, 110, ...)")
+    resnet.add_argument("--out", required=True, help="output model checkpoint directory (model.json + variables/; "
+                        "overwritten)")
+    resnet.add_argument("--num_classes", type=int, default=None, help="classifier outputs; default: read from the "
+                        "checkpoint's classifier")
+    resnet.set_defaults(run=convert_resnet)
+
+    export = commands.add_parser(
+        "export-torch", help="hkt_jax model checkpoint (or training workdir) -> PyTorch .pt",
+        description="Write a CifarResNet model checkpoint as {'state_dict', 'spec'} in the akamaster PyTorch "
+                    "layout, loadable with load_state_dict(strict=True).",
+    )
+    export.add_argument("--src", required=True, help="model checkpoint dir, or a training workdir (its "
+                        f"{WORKDIR_CHILD} is used)")
+    export.add_argument("--out", required=True, help="output .pt file (parent dirs are created)")
+    export.set_defaults(run=export_torch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"python -m hkt_jax.convert {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
