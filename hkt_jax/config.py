@@ -51,6 +51,7 @@ class HKTSettings:
     lam: float = 0.6
     mode: Literal["auto", "softmax", "gate"] = "auto"
     chunk_size: int | None = None
+    impl: Literal["auto", "plain", "chunked", "dot_product_attention"] = "auto"
     alphas: tuple[float, float, float] = (0.25, 0.5, 0.25)
     inherit_loss: Literal["mae", "ce"] = "mae"
     stage_split: Literal["paper", "groups"] = "paper"

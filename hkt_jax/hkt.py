@@ -62,6 +62,7 @@ class HKTConfig:
     lam: float = 0.6
     mode: ga.Mode = "auto"
     chunk_size: int | None = None
+    impl: ga.Impl = "auto"  # softmax GA implementation (see hkt_jax.ga.resolve_impl)
     alphas: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
     inherit_loss: Literal["mae", "ce"] = "ce"
     # One entry per boundary (n - 1 of them); None = every boundary, both directions.
@@ -132,6 +133,8 @@ class HKT:
             raise ValueError(f"HKT needs at least 2 stages (one boundary), got {tuple(child.stage_names)}")
         ga.check_lam(config.lam)
         ga.resolve_mode(config.mode, 3)
+        if config.impl not in ga.IMPLS:
+            raise ValueError(f"`impl` must be one of {ga.IMPLS}, got {config.impl!r}")
         validate_alphas(config.alphas)
         if inherit_loss is None:
             if config.inherit_loss not in INHERIT_LOSSES:
@@ -195,7 +198,7 @@ class HKT:
             tau = self._transfer.apply({"params": adapters[key]} if adapters[key] else {}, z, target)
             mixed, diagnostic = ga.etm_mix_with_diagnostic(
                 target, tau.astype(target.dtype), lam=self.config.lam, mode=self.config.mode,
-                chunk_size=self.config.chunk_size,
+                chunk_size=self.config.chunk_size, impl=self.config.impl,
             )
             is_gate = ga.resolve_mode(self.config.mode, target.ndim) == "gate"
             metrics[f"{'gate' if is_gate else 'ga_ratio'}/{key}"] = diagnostic
