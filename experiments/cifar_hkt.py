@@ -12,8 +12,11 @@ import argparse
 import json
 import sys
 
+import jax
+
 from hkt_jax.config import apply_overrides, load_config
 from hkt_jax.experiment import run
+from hkt_jax.sharding import initialize_distributed
 
 
 def parse_args(argv):
@@ -22,6 +25,12 @@ def parse_args(argv):
     parser.add_argument("--workdir", default=None, help="run directory (default: workdirs/<config>)")
     parser.add_argument("--parent_ckpt", default=None, help="parent model checkpoint dir (from python -m hkt_jax.convert)")
     parser.add_argument("overrides", nargs="*", help="config overrides as key=value, e.g. train.steps=100 hkt.lam=0.5")
+    multihost = parser.add_argument_group("multi-host (jax.distributed); a single process needs none of these")
+    multihost.add_argument("--distributed", action="store_true",
+                           help="jax.distributed.initialize() with cluster auto-detection (TPU pod slice, SLURM, ...)")
+    multihost.add_argument("--coordinator_address", default=None, help="manual launch: HOST:PORT of process 0")
+    multihost.add_argument("--num_processes", type=int, default=None, help="manual launch: number of processes")
+    multihost.add_argument("--process_id", type=int, default=None, help="manual launch: this process's index")
     return parser.parse_args(argv)
 
 
@@ -30,11 +39,13 @@ def main(argv=None) -> int:
     overrides = list(args.overrides) + ([f"parent_ckpt={args.parent_ckpt}"] if args.parent_ckpt else [])
     try:
         config = apply_overrides(load_config(args.config), overrides)
+        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id, auto=args.distributed)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     summary = run(config, args.workdir or f"workdirs/{args.config}")
-    print(json.dumps(summary, indent=2))
+    if jax.process_index() == 0:
+        print(json.dumps(summary, indent=2))
     return 0
 
 

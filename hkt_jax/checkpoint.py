@@ -30,7 +30,8 @@ def save_model(directory: str | os.PathLike, variables: Any, spec: dict[str, Any
     host_vars = jax.tree.map(np.asarray, jax.device_get(dict(variables)))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory / VARIABLES_ITEM, host_vars, force=True)
-    (directory / MODEL_SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    if jax.process_index() == 0:  # multi-host: every process calls save_model (orbax syncs them)
+        (directory / MODEL_SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
     return directory
 
 

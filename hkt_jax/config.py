@@ -82,6 +82,7 @@ class TrainSettings:
 class MeshSettings:
     data: int = -1  # -1 = all devices not used by `model`
     model: int = 1  # > 1 shards the frozen parent's parameters
+    shard_trainable: bool = False  # shard child params + optimizer state instead of replicating them
 
 
 @dataclasses.dataclass(frozen=True)

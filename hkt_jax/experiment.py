@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import jax
+
 from hkt_jax.config import ExperimentConfig
 from hkt_jax.train import train_and_evaluate
 
@@ -29,8 +31,9 @@ def ensure_parent(config: ExperimentConfig, workdir: Path) -> Path:
     parent_workdir = workdir / PARENT_SUBDIR
     exported = parent_workdir / "export" / "child"
     if not (parent_workdir / "summary.json").exists():
-        print(f"No parent_ckpt given: training the parent ({config.parent.arch}-{config.parent.depth}) "
-              f"in {parent_workdir} first")
+        if jax.process_index() == 0:
+            print(f"No parent_ckpt given: training the parent ({config.parent.arch}-{config.parent.depth}) "
+                  f"in {parent_workdir} first")
         train_and_evaluate(parent_run_config(config), parent_workdir)
     return exported
 

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from hkt_jax import checkpoint, sharding
+from hkt_jax import checkpoint, fold, sharding
 from hkt_jax.config import ExperimentConfig, OptimConfig
 from hkt_jax.data import make_datasets
 from hkt_jax.hkt import HKT, Boundary, HKTConfig
@@ -146,7 +146,7 @@ def hkt_engine_config(config: ExperimentConfig, num_stages: int) -> HKTConfig:
         flags[name] = values
     boundaries = tuple(Boundary(backbone=b, head=h) for b, h in zip(flags["backbone"], flags["head"]))
     return HKTConfig(
-        lam=settings.lam, mode=settings.mode, chunk_size=settings.chunk_size, alphas=tuple(settings.alphas),
+        lam=settings.lam, mode=settings.mode, chunk_size=settings.chunk_size, impl=settings.impl, alphas=tuple(settings.alphas),
         inherit_loss=settings.inherit_loss, boundaries=boundaries,
     )
 
@@ -203,6 +203,8 @@ def build_run(config: ExperimentConfig, parent_dir: str | Path | None = None) ->
         if parent_dir is None:
             raise ValueError(f"method={config.method!r} needs a parent: set parent_ckpt=DIR")
         parent, parent_variables = load_parent(parent_dir, stage_split, num_classes)
+        # Frozen and always in inference mode: fold its BatchNorm into the convs (same function, fewer ops).
+        parent, parent_variables = fold.fold_parent(parent, parent_variables)
     if config.method == "hkt":
         engine = HKT(model, parent, hkt_engine_config(config, len(model.stage_names)))
         init_variables = engine.init(rng, sample, parent_variables)
@@ -232,15 +234,20 @@ def initial_state(run: Run, seed: int) -> TrainState:
     )
 
 
-def compile_steps(run: Run, state: TrainState):
-    """jit the train and eval steps over the mesh: batch split on ``data``, the
-    rest replicated; the train state is donated (updated in place)."""
+def compile_steps(run: Run, state: TrainState, *, shard_trainable: bool = False):
+    """jit the train and eval steps over the mesh: batch split over the devices,
+    trainable state replicated (or sharded, ``shard_trainable``), the parent
+    replicated (or FSDP-sharded over ``model``); the train state is donated."""
     repl, data = sharding.replicated(run.mesh), sharding.batch_sharding(run.mesh)
+    state_sh = sharding.state_shardings(state, run.mesh, shard_trainable=shard_trainable)
+    parent_sh = sharding.parent_shardings(run.parent_variables, run.mesh)
     train_step = jax.jit(
-        make_train_step(run.loss_fn, run.tx, run.schedule),
-        in_shardings=(repl, repl, data), out_shardings=(repl, repl), donate_argnums=(0,),
+        make_train_step(sharding.gather_inside(run.loss_fn, run.mesh), run.tx, run.schedule),
+        in_shardings=(state_sh, parent_sh, data), out_shardings=(state_sh, repl), donate_argnums=(0,),
     )
-    eval_step = jax.jit(make_eval_step(run.model), in_shardings=(repl, repl, data), out_shardings=repl)
+    # Eval also takes the best exported network (child params only): sharded params keep their own layout.
+    eval_in = {} if shard_trainable else {"in_shardings": (repl, repl, data)}
+    eval_step = jax.jit(make_eval_step(run.model), out_shardings=repl, **eval_in)
     return train_step, eval_step
 
 
@@ -249,8 +256,8 @@ def compile_steps(run: Run, state: TrainState):
 
 def _export(directory: Path, run: Run, state: TrainState, metadata: dict[str, Any]) -> None:
     variables = jax.device_get(child_variables(state.params, state.batch_stats))
-    if jax.process_index() == 0:
-        checkpoint.save_model(directory, variables, {**run.spec, "metadata": metadata})
+    # Every process calls orbax (its save is a collective); only process 0 writes files.
+    checkpoint.save_model(directory, variables, {**run.spec, "metadata": metadata})
 
 
 def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, parent_dir: str | Path | None = None) -> dict:
@@ -260,17 +267,17 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, parent_dir
     run = build_run(config, parent_dir)
     state = initial_state(run, config.train.seed)
     manager = checkpoint.training_manager(workdir)
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(run.mesh)), state
-    )
+    shard_trainable = config.mesh.shard_trainable
+    state_sh = sharding.state_shardings(state, run.mesh, shard_trainable=shard_trainable)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
     restored = checkpoint.restore_training(manager, abstract)
     if restored is not None:
         state, data_state = restored
         run.datasets.train.set_state(data_state)
     else:
-        state = sharding.put_replicated(state, run.mesh)
-    parent_variables = sharding.put_replicated(run.parent_variables, run.mesh)
-    train_step, eval_step = compile_steps(run, state)
+        state = sharding.put(state, state_sh)
+    parent_variables = sharding.put(run.parent_variables, sharding.parent_shardings(run.parent_variables, run.mesh))
+    train_step, eval_step = compile_steps(run, state, shard_trainable=shard_trainable)
     start_step = int(state.step)
     is_main = jax.process_index() == 0
     if is_main:

@@ -1,0 +1,482 @@
+"""Training-step benchmark: ``python -m experiments.bench_train [--quick] [--json FILE] [...]``.
+
+On the devices present, median ms per step and img/s of
+
+  (a) the child's plain training step (cross-entropy, SGD),
+  (b) the parent's forward pass in inference mode (as HKT uses it: BatchNorm folded
+      unless ``--no_fold``; the unfolded forward is timed too),
+  (c) the full HKT step (three streams, three losses, SGD on child + adapters),
+
+the overhead ratio (c) / ((a) + (b)), the bytes all-reduced per step read from
+the compiled HKT step's HLO (on one device: compiled for a simulated 8-device
+mesh in a subprocess), and side by side, when torch is installed, the same
+three measurements written in plain PyTorch eager (CIFAR ResNets with option-A
+shortcuts, the parent in eval mode under ``no_grad``, gate GA on the pooled
+features, SGD). Every step sees the same batch; the four programs are timed in
+interleaved rounds, so load from other processes hits them alike.
+
+Default: ResNet-110 -> ResNet-20, batch 128, the ``default`` config's HKT
+settings (2HKT after pooling, gate GA, lambda 0.6, MAE/CE/MAE, alphas
+0.25/0.5/0.25). ``--quick``: ResNet-20 -> ResNet-8, batch 32, 3 rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hkt_jax import fold, sharding, train
+from hkt_jax.config import apply_overrides, load_config
+from hkt_jax.hkt import HKT
+from hkt_jax.methods import hkt_loss, plain_loss
+from hkt_jax.models import CifarResNet
+
+NUM_CLASSES = 10
+
+
+# -- JAX side -----------------------------------------------------------------------------------------
+
+
+def _parent_variables(parent: CifarResNet, seed: int) -> Any:
+    """Random weights with non-trivial running statistics (as a trained parent has)."""
+    variables = parent.init(jax.random.key(seed), jnp.zeros((2, 32, 32, 3), jnp.float32))
+    rng = np.random.default_rng(seed)
+
+    def stats(path, x):
+        key = jax.tree_util.keystr(path)
+        if key.endswith("['var']"):
+            return jnp.asarray(rng.uniform(0.5, 1.5, x.shape).astype(np.float32))
+        if key.endswith("['mean']"):
+            return jnp.asarray(rng.normal(0, 0.1, x.shape).astype(np.float32))
+        return x
+
+    return {"params": variables["params"],
+            "batch_stats": jax.tree_util.tree_map_with_path(stats, variables["batch_stats"])}
+
+
+@dataclasses.dataclass
+class JaxPrograms:
+    child_step: Callable
+    parent_forward: Callable
+    parent_forward_unfolded: Callable
+    hkt_step: Callable
+    info: dict[str, Any]
+
+
+def build_jax(args, mesh) -> JaxPrograms:
+    config = apply_overrides(load_config(args.config), [
+        f"child.depth={args.child_depth}", f"parent.depth={args.parent_depth}",
+        f"train.batch_size={args.batch_size}", "train.steps=1000", *args.override,
+    ])
+    child = CifarResNet(depth=args.child_depth, num_classes=NUM_CLASSES, stage_split=config.hkt.stage_split)
+    raw_parent = CifarResNet(depth=args.parent_depth, num_classes=NUM_CLASSES, stage_split=config.hkt.stage_split)
+    raw_parent_vars = _parent_variables(raw_parent, seed=1)
+    parent, parent_vars = (raw_parent, raw_parent_vars) if args.no_fold else fold.fold_parent(raw_parent, raw_parent_vars)
+    engine = HKT(child, parent, train.hkt_engine_config(config, len(child.stage_names)))
+    sample = jnp.zeros((2, 32, 32, 3), jnp.float32)
+    schedule = train.make_schedule(config.optim, 390, 1000)
+    tx = train.make_optimizer(config.optim, schedule)
+
+    def make(loss_fn, init_variables):
+        run = train.Run(model=child, spec={}, loss_fn=loss_fn, parent_variables=parent_vars,
+                        init_variables=init_variables, datasets=None, mesh=mesh, steps_per_epoch=390,
+                        total_steps=1000, schedule=schedule, tx=tx)
+        state = train.initial_state(run, seed=0)
+        state = sharding.put(state, sharding.state_shardings(state, mesh))
+        step, _ = train.compile_steps(run, state)
+        return step, state
+
+    hkt_vars = engine.init(jax.random.key(2), sample, parent_vars)
+    child_vars = child.init(jax.random.key(2), sample, train=False)
+    plain_vars = {"params": {"child": child_vars["params"]}, "batch_stats": {"child": child_vars["batch_stats"]}}
+    hkt_step, hkt_state = make(hkt_loss(engine), hkt_vars)
+    child_step, child_state = make(plain_loss(child), plain_vars)
+
+    repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    forward = jax.jit(lambda v, x: parent.apply(v, x, train=False), in_shardings=(repl, data), out_shardings=data)
+    forward_raw = jax.jit(lambda v, x: raw_parent.apply(v, x, train=False), in_shardings=(repl, data),
+                          out_shardings=data)
+    parent_vars = sharding.put(parent_vars, sharding.parent_shardings(parent_vars, mesh))
+    raw_parent_vars = sharding.put_replicated(raw_parent_vars, mesh)
+
+    rng = np.random.default_rng(0)
+    batch = sharding.global_batch({
+        "image": rng.normal(size=(args.batch_size, 32, 32, 3)).astype(np.float32),
+        "label": rng.integers(0, NUM_CLASSES, args.batch_size).astype(np.int32),
+    }, mesh)
+    states = {"hkt": hkt_state, "child": child_state}
+
+    def run_hkt():
+        states["hkt"], metrics = hkt_step(states["hkt"], parent_vars, batch)
+        return metrics["loss"]
+
+    def run_child():
+        states["child"], metrics = child_step(states["child"], parent_vars, batch)
+        return metrics["loss"]
+
+    info = {
+        "config": args.config,
+        "hkt": dataclasses.asdict(config.hkt),
+        "optim": dataclasses.asdict(config.optim),
+        "parent_folded": parent is not raw_parent,
+        "trainable_bytes": sharding.tree_bytes(hkt_vars["params"]),
+        "child_bytes": sharding.tree_bytes(hkt_vars["params"]["child"]),
+        "adapter_bytes": sharding.tree_bytes(hkt_vars["params"]["adapters"]),
+        "child_later_stage_bytes": _later_stage_bytes(child, hkt_vars["params"]["child"]),
+        "bn_channels": int(sum(x.size for x in jax.tree.leaves(hkt_vars["batch_stats"])) // 2),
+        "parent_bytes": sharding.tree_bytes(raw_parent_vars),
+        "hlo_hkt_step": lambda: hkt_step.lower(states["hkt"], parent_vars, batch).compile().as_text(),
+        "hlo_child_step": lambda: child_step.lower(states["child"], parent_vars, batch).compile().as_text(),
+        "hlo_parent_forward": lambda: forward.lower(parent_vars, batch["image"]).compile().as_text(),
+    }
+    return JaxPrograms(run_child, lambda: forward(parent_vars, batch["image"]),
+                       lambda: forward_raw(raw_parent_vars, batch["image"]), run_hkt, info)
+
+
+def _later_stage_bytes(child: CifarResNet, params: Any) -> int:
+    """Bytes of the child's parameters used only after its first stage (the fc layer
+    for the paper split): they get one gradient contribution per child stream."""
+    if child.stage_split == "paper":
+        return sharding.tree_bytes(params["fc"])
+    return sharding.tree_bytes({k: v for k, v in params.items() if k.startswith(("layer2", "layer3", "fc"))})
+
+
+# -- PyTorch side -------------------------------------------------------------------------------------
+
+
+def build_torch(args, config_hkt: dict[str, Any]):
+    """(child step, parent forward, HKT step) in plain PyTorch eager, or None without torch."""
+    try:
+        import torch
+        import torch.nn as tnn
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    torch.manual_seed(0)
+
+    class Block(tnn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.conv1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = tnn.BatchNorm2d(cout)
+            self.conv2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = tnn.BatchNorm2d(cout)
+            self.stride, self.extra = stride, cout - cin
+
+        def forward(self, x):
+            y = F.relu(self.bn1(self.conv1(x)))
+            y = self.bn2(self.conv2(y))
+            r = x
+            if self.stride != 1 or self.extra:  # option A: subsample, zero-pad channels
+                r = F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+            return F.relu(y + r)
+
+    class ResNet(tnn.Module):
+        def __init__(self, depth):
+            super().__init__()
+            n = (depth - 2) // 6
+            self.conv1 = tnn.Conv2d(3, 16, 3, 1, 1, bias=False)
+            self.bn1 = tnn.BatchNorm2d(16)
+            layers, cin = [], 16
+            for g, width in enumerate((16, 32, 64)):
+                for b in range(n):
+                    layers.append(Block(cin, width, 2 if g > 0 and b == 0 else 1))
+                    cin = width
+            self.layers = tnn.Sequential(*layers)
+            self.fc = tnn.Linear(64, NUM_CLASSES)
+
+        def features(self, x):
+            return self.layers(F.relu(self.bn1(self.conv1(x)))).mean(dim=(2, 3))
+
+        def forward(self, x):
+            return self.fc(self.features(x))
+
+    channels_last = torch.channels_last if args.torch_channels_last else torch.contiguous_format
+    child = ResNet(args.child_depth).to(memory_format=channels_last).train()
+    parent = ResNet(args.parent_depth).to(memory_format=channels_last).eval()
+    for p in parent.parameters():
+        p.requires_grad_(False)
+    optim = config_hkt["optim"]
+
+    def sgd(params):
+        return torch.optim.SGD(params, lr=optim["learning_rate"], momentum=optim["momentum"],
+                               weight_decay=optim["weight_decay"])
+
+    opt_hkt, opt_child = sgd(child.parameters()), sgd(child.parameters())
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(args.batch_size, 3, 32, 32)).astype(np.float32))
+    x = x.contiguous(memory_format=channels_last)
+    y = torch.from_numpy(rng.integers(0, NUM_CLASSES, args.batch_size).astype(np.int64))
+    lam = config_hkt["hkt"]["lam"]
+    a1, a2, a3 = config_hkt["hkt"]["alphas"]
+
+    def inherit(logits):
+        if config_hkt["hkt"]["inherit_loss"] == "ce":
+            return F.cross_entropy(logits, y)
+        return (F.softmax(logits, -1) - F.one_hot(y, NUM_CLASSES).float()).abs().mean()
+
+    def gate_mix(receiver, giver):  # receiver + lam * (1 - a) (giver - receiver), a = sigmoid(<.,.>/sqrt(C))
+        a = torch.sigmoid((receiver * giver).sum(-1, keepdim=True) / math.sqrt(receiver.shape[-1]))
+        return receiver + lam * (1 - a) * (giver - receiver)
+
+    def child_step():
+        opt_child.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(child(x), y)
+        loss.backward()
+        opt_child.step()
+        return loss
+
+    def parent_forward():
+        with torch.no_grad():
+            return parent(x)
+
+    def hkt_step():
+        opt_hkt.zero_grad(set_to_none=True)
+        feat_c = child.features(x)
+        with torch.no_grad():
+            feat_p = parent.features(x)
+        z_native = child.fc(feat_c)
+        z_backbone = child.fc(gate_mix(feat_c, feat_p))  # parent -> child (L1)
+        z_head = parent.fc(gate_mix(feat_p, feat_c))  # child -> parent, through the frozen head (L3)
+        loss = a1 * inherit(z_backbone) + a2 * F.cross_entropy(z_native, y) + a3 * inherit(z_head)
+        loss.backward()
+        opt_hkt.step()
+        return loss
+
+    if config_hkt["hkt"]["stage_split"] != "paper" or config_hkt["hkt"]["mode"] == "softmax":
+        return None  # the PyTorch twin covers the paper's 2HKT (pooled vectors, gate GA) only
+    return {"child_step": child_step, "parent_forward": parent_forward, "hkt_step": hkt_step,
+            "info": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                     "channels_last": bool(args.torch_channels_last),
+                     "mkldnn": bool(torch.backends.mkldnn.is_available())}}
+
+
+# -- timing -------------------------------------------------------------------------------------------
+
+
+def _sync(out):
+    if hasattr(out, "block_until_ready") or isinstance(out, (dict, list, tuple)):
+        jax.block_until_ready(out)
+    return out
+
+
+def time_interleaved(programs: dict[str, Callable], rounds: int, warmup: int) -> dict[str, dict[str, Any]]:
+    """Run each program once per round, in turn; median / min / all times in ms.
+    The first call (compilation, allocator warm-up) and ``warmup`` more are not timed."""
+    compile_ms = {}
+    for name, fn in programs.items():
+        start = time.perf_counter()
+        _sync(fn())
+        compile_ms[name] = 1000 * (time.perf_counter() - start)
+        for _ in range(warmup):
+            _sync(fn())
+    times: dict[str, list[float]] = {name: [] for name in programs}
+    for _ in range(rounds):
+        for name, fn in programs.items():
+            start = time.perf_counter()
+            _sync(fn())
+            times[name].append(1000 * (time.perf_counter() - start))
+    return {name: {"median_ms": statistics.median(t), "min_ms": min(t), "all_ms": [round(v, 2) for v in t],
+                   "first_call_ms": compile_ms[name]} for name, t in times.items()}
+
+
+# -- all-reduce volume --------------------------------------------------------------------------------
+
+
+def allreduce_report(args, programs: JaxPrograms | None) -> dict[str, Any]:
+    """HLO-parsed all-reduce bytes per step of the HKT step (on this mesh if it has > 1
+    device, else compiled in a subprocess for a simulated ``--allreduce_devices`` mesh)."""
+    if programs is not None and jax.device_count() > 1:
+        text = programs.info["hlo_hkt_step"]()
+        ops = sharding.collective_ops(text)
+        return {"devices": jax.device_count(), "simulated": False, "allreduce_bytes": sharding.allreduce_bytes(text),
+                "num_allreduce_ops": sum(1 for k, _ in ops if k == "all-reduce"),
+                "other_collectives": sorted({k for k, _ in ops if k != "all-reduce"})}
+    if args.allreduce_devices <= 1:
+        return {"devices": 1, "simulated": False, "allreduce_bytes": 0, "note": "one device: nothing to reduce"}
+    cmd = [sys.executable, "-m", "experiments.bench_train", "--allreduce_probe",
+           f"--parent_depth={args.parent_depth}", f"--child_depth={args.child_depth}",
+           f"--batch_size={args.batch_size}", f"--config={args.config}"]
+    cmd += [f"--override={o}" for o in args.override] + (["--no_fold"] if args.no_fold else [])
+    env = sharding.simulated_cpu_env(args.allreduce_devices)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800,
+                          cwd=Path(__file__).resolve().parents[1])
+    if proc.returncode != 0:
+        return {"devices": args.allreduce_devices, "simulated": True, "error": proc.stderr[-2000:]}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["simulated"] = True
+    return result
+
+
+def _probe(args) -> None:
+    """Subprocess body of ``allreduce_report``: compile only, print one JSON line."""
+    mesh = sharding.make_mesh()
+    programs = build_jax(args, mesh)
+    text = programs.info["hlo_hkt_step"]()
+    ops = sharding.collective_ops(text)
+    print(json.dumps({"devices": jax.device_count(), "allreduce_bytes": sharding.allreduce_bytes(text),
+                      "num_allreduce_ops": sum(1 for k, _ in ops if k == "all-reduce"),
+                      "other_collectives": sorted({k for k, _ in ops if k != "all-reduce"})}))
+
+
+def count_convolutions(hlo_text: str) -> int:
+    """Convolution instructions in a compiled module (inside library fusions too)."""
+    return len(re.findall(r"\s(?:convolution)\(", hlo_text))
+
+
+def recompute_check(programs: JaxPrograms) -> dict[str, int]:
+    """The HKT step should hold exactly the parent's forward convolutions plus the
+    child step's: the parent runs once and its stage outputs are shared by the streams."""
+    counts = {name: count_convolutions(programs.info[f"hlo_{name}"]())
+              for name in ("hkt_step", "child_step", "parent_forward")}
+    counts["parent_runs_once"] = counts["hkt_step"] == counts["child_step"] + counts["parent_forward"]
+    return counts
+
+
+# -- report -------------------------------------------------------------------------------------------
+
+
+def _fmt(ms: float | None, batch: int) -> tuple[str, str]:
+    if ms is None:
+        return f"{'-':>9s}", f"{'-':>8s}"
+    return f"{ms:9.1f}", f"{1000 * batch / ms:8.0f}"
+
+
+def render(result: dict[str, Any]) -> str:
+    b = result["batch_size"]
+    jx, th = result["jax"], result.get("torch") or {}
+    lines = [
+        f"HKT training step: ResNet-{result['parent_depth']} -> ResNet-{result['child_depth']}, global batch {b}, "
+        f"{result['devices']}; median of {result['rounds']} interleaved rounds",
+        f"{'':36s}{'JAX ms':>9s} {'img/s':>8s}   {'PyTorch ms':>10s} {'img/s':>8s}   {'JAX/PyTorch':>11s}",
+    ]
+    rows = [("(a) child train step", "child_step"), ("(b) parent forward (inference)", "parent_forward"),
+            ("(c) HKT step", "hkt_step")]
+    for label, key in rows:
+        j = jx[key]["median_ms"]
+        t = th.get(key, {}).get("median_ms") if th else None
+        ratio = f"{j / t:11.2f}" if t else f"{'-':>11s}"
+        lines.append(f"{label:36s}{_fmt(j, b)[0]} {_fmt(j, b)[1]}   {_fmt(t, b)[0]:>10s} {_fmt(t, b)[1]:>8s}   {ratio}")
+    if "parent_forward_unfolded" in jx:
+        j = jx["parent_forward_unfolded"]["median_ms"]
+        lines.append(f"{'    parent forward, BatchNorm unfolded':36s}{_fmt(j, b)[0]} {_fmt(j, b)[1]}")
+    lines.append(f"{'(a)+(b)':36s}{result['jax_a_plus_b_ms']:9.1f}"
+                 + (f"{'':12s}{result['torch_a_plus_b_ms']:9.1f}" if th else ""))
+    lines.append(f"{'overhead (c)/((a)+(b))':36s}{result['jax_overhead_ratio']:9.3f}"
+                 + (f"{'':12s}{result['torch_overhead_ratio']:9.3f}" if th else "")
+                 + "   target <= 1.15")
+    if th:
+        lines.append(f"{'HKT step JAX / PyTorch':36s}{result['hkt_jax_over_torch']:9.3f}   target <= 1.00")
+    conv = result["convolutions"]
+    lines.append(f"convolutions in the compiled HKT step: {conv['hkt_step']} = child step {conv['child_step']} + "
+                 f"parent forward {conv['parent_forward']}: "
+                 + ("the parent runs once" if conv["parent_runs_once"] else "MISMATCH (something is recomputed)"))
+    ar = result["allreduce"]
+    if "error" in ar:
+        lines.append(f"all-reduce: probe failed: {ar['error'][-300:]}")
+    else:
+        where = f"{ar['devices']}-device mesh" + (" (simulated, compiled only)" if ar.get("simulated") else "")
+        info = result["jax_info"]
+        expected = (info["trainable_bytes"] + info["child_later_stage_bytes"] + 12 * info["bn_channels"])
+        lines.append(f"bytes all-reduced per step, {where}: {ar['allreduce_bytes']:,} in "
+                     f"{ar.get('num_allreduce_ops', 0)} ops")
+        lines.append(f"  = trainable {info['trainable_bytes']:,} (child {info['child_bytes']:,} + adapters "
+                     f"{info['adapter_bytes']:,}) + later-stage grads reduced per stream "
+                     f"{info['child_later_stage_bytes']:,} + BN statistics {12 * info['bn_channels']:,} "
+                     f"+ scalars {ar['allreduce_bytes'] - expected:,}; frozen parent ({info['parent_bytes']:,} B): 0")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parent_depth", type=int, default=110)
+    parser.add_argument("--child_depth", type=int, default=20)
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10, help="timed rounds (each program once per round)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls after the first")
+    parser.add_argument("--quick", action="store_true", help="ResNet-20 -> ResNet-8, batch 32, 3 rounds")
+    parser.add_argument("--config", default="default", help="experiments/configs name for the HKT/optimizer settings")
+    parser.add_argument("--override", action="append", default=[], help="config override key=value (repeatable)")
+    parser.add_argument("--no_fold", action="store_true", help="run the parent with its BatchNorm (not folded)")
+    parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch twin")
+    parser.add_argument("--torch_threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    parser.add_argument("--torch_channels_last", action="store_true", help="PyTorch in channels-last memory format")
+    parser.add_argument("--allreduce_devices", type=int, default=8,
+                        help="on one device, simulate this many to read the all-reduce volume (<= 1: skip)")
+    parser.add_argument("--json", default=None, help="write the full result here")
+    parser.add_argument("--allreduce_probe", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.parent_depth, args.child_depth, args.batch_size = 20, 8, 32
+        args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.allreduce_probe:
+        _probe(args)
+        return 0
+    load_before = os.getloadavg()
+    mesh = sharding.make_mesh()
+    sharding.check_global_batch(args.batch_size, mesh)
+    jax_programs = build_jax(args, mesh)
+    programs = {"jax/child_step": jax_programs.child_step, "jax/parent_forward": jax_programs.parent_forward,
+                "jax/hkt_step": jax_programs.hkt_step}
+    if jax_programs.info["parent_folded"]:
+        programs["jax/parent_forward_unfolded"] = jax_programs.parent_forward_unfolded
+    twin = None if args.no_torch else build_torch(args, {"hkt": jax_programs.info["hkt"],
+                                                         "optim": jax_programs.info["optim"]})
+    if twin is not None:
+        programs.update({f"torch/{k}": v for k, v in twin.items() if k != "info"})
+    timings = time_interleaved(programs, args.steps, args.warmup)
+    info = {k: v for k, v in jax_programs.info.items() if not callable(v)}
+    jx = {k.split("/", 1)[1]: v for k, v in timings.items() if k.startswith("jax/")}
+    th = {k.split("/", 1)[1]: v for k, v in timings.items() if k.startswith("torch/")}
+    result: dict[str, Any] = {
+        "parent_depth": args.parent_depth, "child_depth": args.child_depth, "batch_size": args.batch_size,
+        "rounds": args.steps, "warmup": args.warmup,
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind} ({os.cpu_count()} CPU cores)",
+        "jax_version": jax.__version__, "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "platform": platform.platform(), "jax": jx, "torch": th or None,
+        "torch_info": twin["info"] if twin else None, "jax_info": info,
+    }
+    result["jax_a_plus_b_ms"] = jx["child_step"]["median_ms"] + jx["parent_forward"]["median_ms"]
+    result["jax_overhead_ratio"] = jx["hkt_step"]["median_ms"] / result["jax_a_plus_b_ms"]
+    for name, t in jx.items():
+        t["img_per_s"] = 1000 * args.batch_size / t["median_ms"]
+    if th:
+        for name, t in th.items():
+            t["img_per_s"] = 1000 * args.batch_size / t["median_ms"]
+        result["torch_a_plus_b_ms"] = th["child_step"]["median_ms"] + th["parent_forward"]["median_ms"]
+        result["torch_overhead_ratio"] = th["hkt_step"]["median_ms"] / result["torch_a_plus_b_ms"]
+        result["hkt_jax_over_torch"] = jx["hkt_step"]["median_ms"] / th["hkt_step"]["median_ms"]
+    result["allreduce"] = allreduce_report(args, jax_programs)
+    result["convolutions"] = recompute_check(jax_programs)
+    result["load_average_before_after"] = [list(load_before), list(os.getloadavg())]
+    print(render(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
