@@ -9,10 +9,8 @@ uses a batch of 20 (the reference images), so each architecture is jitted once.
 from __future__ import annotations
 
 import functools
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -28,19 +26,12 @@ from hkt_jax.convert import resnet_from_torch, resnet_to_torch  # noqa: E402
 from hkt_jax.convert.__main__ import build_parser, main  # noqa: E402
 from hkt_jax.models.cifar_resnet import CifarResNet  # noqa: E402
 from hkt_jax.models.registry import model_spec  # noqa: E402
+from tests.conftest import REPO_ROOT  # noqa: E402
+from tests.conftest import require_shared as shared_data  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 BATCH = 20
 MAX_LOGIT_ERROR = 1e-4
 REAL_CHECKPOINTS = {20: "resnet20-12fca82f.th", 56: "resnet56-4bfd9763.th"}
-
-
-def shared_data(*relative: str) -> Path:
-    """A path under ``$HKT_SHARED_DATA`` (default ``<repo>/../shared/data``), or skip saying what is missing."""
-    path = Path(os.environ.get("HKT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data")).joinpath(*relative)
-    if not path.exists():
-        pytest.skip(f"real data not found: {path} (set HKT_SHARED_DATA to the shared data folder)")
-    return path
 
 
 # --- PyTorch reference (akamaster/pytorch_resnet_cifar10 resnet.py) -------------------------------------------
