@@ -33,7 +33,7 @@ def test_folded_parent_matches_every_stage_output(shortcut, split):
     parent = CifarResNet(depth=8, shortcut=shortcut, stage_split=split)
     variables = _trained_like(parent)
     folded, folded_vars = fold.fold_parent(parent, variables)
-    assert isinstance(folded, fold.FoldedCifarResNet) and set(folded_vars) == {"params"}
+    assert isinstance(folded, CifarResNet) and folded.bn_folded and set(folded_vars) == {"params"}
     assert folded.stage_names == parent.stage_names
     x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 32, 32, 3)), jnp.float32)
     expected = run_all_stages(parent, variables, x, train=False)

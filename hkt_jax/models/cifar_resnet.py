@@ -8,6 +8,9 @@ weights convert one-to-one. Staged two ways:
   linear classifier: the paper's 2HKT inheritance point.
 * ``stage_split="groups"``: ("group1", "group2", "group3", "head") - after each
   residual group (spatial features, for nHKT with softmax GA), then pool + fc.
+
+``bn_folded=True`` is the inference-only form of a frozen network whose
+BatchNorms were folded into conv biases (``hkt_jax.fold``): same stages, no BN.
 """
 
 from __future__ import annotations
@@ -27,11 +30,11 @@ GROUP_WIDTHS = (16, 32, 64)
 conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # torch kaiming_normal_
 
 
-def _conv(features: int, kernel: int, stride: int, name: str, dtype) -> nn.Conv:
+def _conv(features: int, kernel: int, stride: int, name: str, dtype, use_bias: bool = False) -> nn.Conv:
     pad = kernel // 2
     return nn.Conv(
         features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-        use_bias=False, kernel_init=conv_init, dtype=dtype, name=name,
+        use_bias=use_bias, kernel_init=conv_init, dtype=dtype, name=name,
     )
 
 
@@ -55,26 +58,30 @@ class BasicBlock(nn.Module):
     stride: int = 1
     shortcut: Literal["A", "B"] = "A"
     dtype: Any = jnp.float32
+    bn_folded: bool = False
 
     def setup(self):
-        self.conv1 = _conv(self.features, 3, self.stride, "conv1", self.dtype)
-        self.bn1 = _bn("bn1", self.dtype)
-        self.conv2 = _conv(self.features, 3, 1, "conv2", self.dtype)
-        self.bn2 = _bn("bn2", self.dtype)
+        pairs = [("conv1", "bn1", 3, self.stride), ("conv2", "bn2", 3, 1)]
         if self.shortcut == "B":
-            self.shortcut_conv = _conv(self.features, 1, self.stride, "shortcut_conv", self.dtype)
-            self.shortcut_bn = _bn("shortcut_bn", self.dtype)
+            pairs.append(("shortcut_conv", "shortcut_bn", 1, self.stride))
+        self.convs = {conv: _conv(self.features, k, stride, conv, self.dtype, use_bias=self.bn_folded)
+                      for conv, _, k, stride in pairs}
+        self.norms = {} if self.bn_folded else {conv: _bn(bn, self.dtype) for conv, bn, _, _ in pairs}
+
+    def _conv_bn(self, name, x, train):
+        y = self.convs[name](x)
+        return y if self.bn_folded else self.norms[name](y, use_running_average=not train)
 
     def __call__(self, x, *, train: bool):
-        y = nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
-        y = self.bn2(self.conv2(y), use_running_average=not train)
+        y = nn.relu(self._conv_bn("conv1", x, train))
+        y = self._conv_bn("conv2", y, train)
         needs_projection = self.stride != 1 or x.shape[-1] != self.features
         if not needs_projection:
             residual = x
         elif self.shortcut == "A":
             residual = option_a_shortcut(x, self.features, self.stride)
         else:
-            residual = self.shortcut_bn(self.shortcut_conv(x), use_running_average=not train)
+            residual = self._conv_bn("shortcut_conv", x, train)
         return nn.relu(y + residual)
 
 
@@ -86,6 +93,7 @@ class CifarResNet(nn.Module):
     shortcut: Literal["A", "B"] = "A"
     stage_split: Literal["paper", "groups"] = "paper"
     dtype: Any = jnp.float32
+    bn_folded: bool = False  # inference-only: BatchNorm folded into conv biases (hkt_jax.fold)
 
     def setup(self):
         if self.depth < 8 or (self.depth - 2) % 6:
@@ -95,12 +103,13 @@ class CifarResNet(nn.Module):
         if self.stage_split not in STAGE_SPLITS:
             raise ValueError(f"CifarResNet: `stage_split` must be one of {tuple(STAGE_SPLITS)}, got {self.stage_split!r}")
         blocks_per_group = (self.depth - 2) // 6
-        self.conv1 = _conv(GROUP_WIDTHS[0], 3, 1, "conv1", self.dtype)
-        self.bn1 = _bn("bn1", self.dtype)
+        self.conv1 = _conv(GROUP_WIDTHS[0], 3, 1, "conv1", self.dtype, use_bias=self.bn_folded)
+        if not self.bn_folded:
+            self.bn1 = _bn("bn1", self.dtype)
         self.groups = [
             [
                 BasicBlock(width, stride=(2 if g > 0 and b == 0 else 1), shortcut=self.shortcut,
-                           dtype=self.dtype, name=f"layer{g + 1}_{b}")
+                           dtype=self.dtype, bn_folded=self.bn_folded, name=f"layer{g + 1}_{b}")
                 for b in range(blocks_per_group)
             ]
             for g, width in enumerate(GROUP_WIDTHS)
@@ -112,7 +121,8 @@ class CifarResNet(nn.Module):
         return STAGE_SPLITS[self.stage_split]
 
     def _stem(self, x, train):
-        return nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
+        y = self.conv1(x)
+        return nn.relu(y if self.bn_folded else self.bn1(y, use_running_average=not train))
 
     def _group(self, g, x, train):
         for block in self.groups[g]:
@@ -123,6 +133,9 @@ class CifarResNet(nn.Module):
         return self.fc(x).astype(jnp.float32)
 
     def stage(self, index: int, x, *, train: bool):
+        if train and self.bn_folded:
+            raise ValueError("CifarResNet(bn_folded=True) is inference-only (its BatchNorm is folded into the "
+                             "convolutions); fold only frozen networks and run them with train=False")
         names = self.stage_names
         if not 0 <= index < len(names):
             raise ValueError(f"CifarResNet: stage index {index} out of range for stages {names}")
