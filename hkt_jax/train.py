@@ -295,6 +295,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, parent_dir
     progress = tqdm(total=run.total_steps, initial=start_step, disable=not is_main, desc=config.method,
                     unit="step", dynamic_ncols=True)
     window, window_start = [], time.perf_counter()
+    final_validation = None  # the last step's validation accuracy, reused by the summary
     for step in range(start_step, run.total_steps):
         batch = sharding.global_batch(next(run.datasets.train), run.mesh)
         state, metrics = train_step(state, parent_variables, batch)
@@ -312,6 +313,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, parent_dir
             window, window_start = [], time.perf_counter()
         if has_validation and (done % eval_every == 0 or done == run.total_steps):
             accuracy = validate(done)["accuracy"]
+            final_validation = accuracy if done == run.total_steps else None
             if accuracy > best.get("validation_accuracy", -1.0):
                 best = {"validation_accuracy": accuracy, "step": done}
                 _export(workdir / "best", run, state, best)
@@ -322,7 +324,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, parent_dir
         progress.update(1)
     progress.close()
 
-    summary = _summarize(config, run, state, eval_step, workdir, best, has_validation)
+    summary = _summarize(config, run, state, eval_step, workdir, best, has_validation, final_validation)
     _export(workdir / "export" / "child", run, state, {"step": int(state.step), **summary})
     if is_main:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -331,25 +333,33 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, parent_dir
     return summary
 
 
-def _summarize(config, run, state, eval_step, workdir, best, has_validation) -> dict[str, Any]:
+def _summarize(config, run, state, eval_step, workdir, best, has_validation, final_validation) -> dict[str, Any]:
+    """Final numbers; evaluations the loop already made at the last step are reused,
+    and the best child is only re-evaluated when it is not the final one."""
     def test_accuracy(params, batch_stats):
         return evaluate(eval_step, params, batch_stats, run.datasets.eval_batches("test"), run.mesh)["accuracy"]
 
+    final_step = int(state.step)
     final_vars = child_variables(state.params, state.batch_stats)
     summary: dict[str, Any] = {
         "method": config.method,
-        "steps": int(state.step),
+        "steps": final_step,
         "final_test_accuracy": test_accuracy(state.params, state.batch_stats),
         "parameters": parameter_count(final_vars["params"]),
         "inference_ms_per_image": inference_ms_per_image(run.model, final_vars),
         "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
     }
     if has_validation:
-        final_val = evaluate(eval_step, state.params, state.batch_stats, run.datasets.eval_batches("validation"), run.mesh)
-        summary["final_validation_accuracy"] = final_val["accuracy"]
+        if final_validation is None:  # a finished run restarted: the loop did not run
+            final_validation = evaluate(
+                eval_step, state.params, state.batch_stats, run.datasets.eval_batches("validation"), run.mesh
+            )["accuracy"]
+        summary["final_validation_accuracy"] = final_validation
         summary["best_validation_accuracy"] = best.get("validation_accuracy")
         summary["best_step"] = best.get("step")
-        if best:
+        if best.get("step") == final_step:
+            summary["best_test_accuracy"] = summary["final_test_accuracy"]
+        elif best:
             best_vars, _ = checkpoint.load_model(workdir / "best")
             best_vars = sharding.put_replicated(best_vars, run.mesh)
             summary["best_test_accuracy"] = test_accuracy(
