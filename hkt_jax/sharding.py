@@ -297,12 +297,6 @@ def tree_bytes(tree: Any) -> int:
     return int(sum(np.size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
-def describe(mesh: Mesh) -> str:
-    kinds = sorted({d.device_kind for d in mesh.devices.flat})
-    return (f"mesh data={mesh.shape[DATA_AXIS]} x model={mesh.shape[MODEL_AXIS]} over {mesh.devices.size} "
-            f"{'/'.join(kinds)} device(s), {jax.process_count()} process(es)")
-
-
 def simulated_cpu_env(num_devices: int, env: dict[str, str] | None = None) -> dict[str, str]:
     """A copy of ``env`` whose XLA_FLAGS make the CPU backend show ``num_devices`` devices
     (for a subprocess: the flag must be set before jax is imported)."""
