@@ -31,7 +31,7 @@ from hkt_jax.data import make_datasets
 from hkt_jax.hkt import HKT, Boundary, HKTConfig
 from hkt_jax.methods import child_variables, hkt_loss, kd_loss, plain_loss
 from hkt_jax.metrics import MetricsWriter
-from hkt_jax.models import build_model, model_spec
+from hkt_jax.models import build_model, model_spec, parameter_count
 
 
 @flax.struct.dataclass
@@ -149,10 +149,6 @@ def hkt_engine_config(config: ExperimentConfig, num_stages: int) -> HKTConfig:
         lam=settings.lam, mode=settings.mode, chunk_size=settings.chunk_size, impl=settings.impl, alphas=tuple(settings.alphas),
         inherit_loss=settings.inherit_loss, boundaries=boundaries,
     )
-
-
-def parameter_count(tree: Any) -> int:
-    return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
 
 def inference_ms_per_image(model: nn.Module, variables: Any, batch_size: int = 128, repeats: int = 5) -> float:

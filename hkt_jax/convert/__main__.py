@@ -11,13 +11,12 @@ import sys
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from hkt_jax.checkpoint import MODEL_SPEC_FILE, load_model, save_model
 from hkt_jax.convert.resnet import (
     load_torch_checkpoint, require_torch, resnet_config, resnet_from_torch, resnet_to_torch,
 )
-from hkt_jax.models.registry import model_spec
+from hkt_jax.models.registry import model_spec, parameter_count
 
 # Fields training scripts store next to the weights to say how good they are (akamaster, RepDistiller).
 ACCURACY_FIELDS = ("best_prec1", "best_acc")
@@ -35,10 +34,9 @@ def convert_resnet(args: argparse.Namespace) -> None:
     spec["metadata"] = {**metadata, **accuracy}
     out = save_model(args.out, variables, spec)
 
-    parameter_count = sum(int(np.size(leaf)) for leaf in jax.tree.leaves(variables["params"]))
     print(f"converted {args.src} -> CifarResNet(depth={config['depth']}, num_classes={config['num_classes']}, "
           f"shortcut={config['shortcut']!r})")
-    print(f"  parameters:     {parameter_count:,}")
+    print(f"  parameters:     {parameter_count(variables['params']):,}")
     params, batch_stats = (len(jax.tree.leaves(variables[c])) for c in ("params", "batch_stats"))
     print(f"  tensors mapped: {params + batch_stats} ({params} params, {batch_stats} batch_stats)")
     for field, value in accuracy.items():

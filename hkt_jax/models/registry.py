@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
+import numpy as np
 
 from hkt_jax.models.cifar_resnet import CifarResNet
 from hkt_jax.models.toy import ToyStagedNet
@@ -28,3 +30,8 @@ def build_model(spec: dict[str, Any], **overrides: Any) -> nn.Module:
         raise ValueError(f"model spec names unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
     kwargs = {**spec.get("kwargs", {}), **overrides}
     return ARCHITECTURES[arch](**kwargs)
+
+
+def parameter_count(params: Any) -> int:
+    """Number of scalars in a parameter tree (as reported for every trained or converted model)."""
+    return int(sum(np.size(x) for x in jax.tree.leaves(params)))
