@@ -15,6 +15,10 @@ shortcuts, the parent in eval mode under ``no_grad``, gate GA on the pooled
 features, SGD). Every step sees the same batch; the four programs are timed in
 interleaved rounds, so load from other processes hits them alike.
 
+JAX convolutions: ``--conv_impl auto`` (default) runs the 3x3 convolutions through the CPU kernels
+of ``hkt_jax.kernels.cpu_conv`` on a one-device CPU run and through XLA otherwise; ``--conv_impl xla``
+times XLA's own convolutions.
+
 Default: ResNet-110 -> ResNet-20, batch 128, the ``default`` config's HKT
 settings (2HKT after pooling, gate GA, lambda 0.6, MAE/CE/MAE, alphas
 0.25/0.5/0.25). ``--quick``: ResNet-20 -> ResNet-8, batch 32, 3 rounds.
@@ -43,6 +47,7 @@ import numpy as np
 from hkt_jax import fold, sharding, train
 from hkt_jax.config import apply_overrides, load_config
 from hkt_jax.hkt import HKT
+from hkt_jax.kernels import cpu_conv
 from hkt_jax.methods import hkt_loss, plain_loss
 from hkt_jax.models import CifarResNet
 
@@ -83,8 +88,10 @@ def build_jax(args, mesh) -> JaxPrograms:
         f"child.depth={args.child_depth}", f"parent.depth={args.parent_depth}",
         f"train.batch_size={args.batch_size}", "train.steps=1000", *args.override,
     ])
-    child = CifarResNet(depth=args.child_depth, num_classes=NUM_CLASSES, stage_split=config.hkt.stage_split)
-    raw_parent = CifarResNet(depth=args.parent_depth, num_classes=NUM_CLASSES, stage_split=config.hkt.stage_split)
+    child = CifarResNet(depth=args.child_depth, num_classes=NUM_CLASSES, stage_split=config.hkt.stage_split,
+                        conv_impl=args.conv_impl)
+    raw_parent = CifarResNet(depth=args.parent_depth, num_classes=NUM_CLASSES, stage_split=config.hkt.stage_split,
+                             conv_impl=args.conv_impl)
     raw_parent_vars = _parent_variables(raw_parent, seed=1)
     parent, parent_vars = (raw_parent, raw_parent_vars) if args.no_fold else fold.fold_parent(raw_parent, raw_parent_vars)
     engine = HKT(child, parent, train.hkt_engine_config(config, len(child.stage_names)))
@@ -134,6 +141,7 @@ def build_jax(args, mesh) -> JaxPrograms:
         "hkt": dataclasses.asdict(config.hkt),
         "optim": dataclasses.asdict(config.optim),
         "parent_folded": parent is not raw_parent,
+        "conv_impl": cpu_conv.resolve_conv_impl(args.conv_impl),
         "trainable_bytes": sharding.tree_bytes(hkt_vars["params"]),
         "child_bytes": sharding.tree_bytes(hkt_vars["params"]["child"]),
         "adapter_bytes": sharding.tree_bytes(hkt_vars["params"]["adapters"]),
@@ -337,8 +345,10 @@ def _probe(args) -> None:
 
 
 def count_convolutions(hlo_text: str) -> int:
-    """Convolution instructions in a compiled module (inside library fusions too)."""
-    return len(re.findall(r"\s(?:convolution)\(", hlo_text))
+    """Convolution instructions in a compiled module (inside library fusions too), and calls of the
+    CPU convolution kernels (hkt_jax.kernels.cpu_conv) when those run them."""
+    xla = len(re.findall(r"\s(?:convolution)\(", hlo_text))
+    return xla + len(re.findall(r'custom_call_target="hkt_conv3x3_\w+"', hlo_text))
 
 
 def recompute_check(programs: JaxPrograms) -> dict[str, int]:
@@ -364,7 +374,8 @@ def render(result: dict[str, Any]) -> str:
     jx, th = result["jax"], result.get("torch") or {}
     lines = [
         f"HKT training step: ResNet-{result['parent_depth']} -> ResNet-{result['child_depth']}, global batch {b}, "
-        f"{result['devices']}; median of {result['rounds']} interleaved rounds",
+        f"{result['devices']}; median of {result['rounds']} interleaved rounds; "
+        f"JAX convolutions: {result['jax_info']['conv_impl']}",
         f"{'':36s}{'JAX ms':>9s} {'img/s':>8s}   {'PyTorch ms':>10s} {'img/s':>8s}   {'JAX/PyTorch':>11s}",
     ]
     rows = [("(a) child train step", "child_step"), ("(b) parent forward (inference)", "parent_forward"),
@@ -414,6 +425,8 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="ResNet-20 -> ResNet-8, batch 32, 3 rounds")
     parser.add_argument("--config", default="default", help="experiments/configs name for the HKT/optimizer settings")
     parser.add_argument("--override", action="append", default=[], help="config override key=value (repeatable)")
+    parser.add_argument("--conv_impl", default="auto", choices=cpu_conv.CONV_IMPLS,
+                        help="JAX convolutions: auto (CPU kernels on one CPU device), xla, cpu_kernel")
     parser.add_argument("--no_fold", action="store_true", help="run the parent with its BatchNorm (not folded)")
     parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch twin")
     parser.add_argument("--torch_threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")

@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hkt_jax.kernels import cpu_conv
+
 STAGE_SPLITS = {
     "paper": ("features", "head"),
     "groups": ("group1", "group2", "group3", "head"),
@@ -30,12 +32,33 @@ GROUP_WIDTHS = (16, 32, 64)
 conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # torch kaiming_normal_
 
 
-def _conv(features: int, kernel: int, stride: int, name: str, dtype, use_bias: bool = False) -> nn.Conv:
+def _conv(features: int, kernel: int, stride: int, name: str, dtype, use_bias: bool = False,
+          conv_impl: str = "auto") -> nn.Conv:
     pad = kernel // 2
+    impl = cpu_conv.conv_general_dilated if cpu_conv.resolve_conv_impl(conv_impl) == "cpu_kernel" else None
     return nn.Conv(
         features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-        use_bias=use_bias, kernel_init=conv_init, dtype=dtype, name=name,
+        use_bias=use_bias, kernel_init=conv_init, dtype=dtype, name=name, conv_general_dilated=impl,
     )
+
+
+class FoldedConv(nn.Module):
+    """3x3 conv + bias, then optionally + residual and ReLU: one pass when the CPU kernel applies.
+    Parameters as ``nn.Conv(use_bias=True)`` ("kernel", "bias"), so folded checkpoints are unchanged."""
+
+    features: int
+    stride: int = 1
+    dtype: Any = jnp.float32
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, residual=None, *, relu: bool = True):
+        kernel = self.param("kernel", conv_init, (3, 3, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+        if cpu_conv.resolve_conv_impl(self.conv_impl) == "cpu_kernel":
+            return cpu_conv.conv3x3_bias_act(x, kernel, bias, residual, stride=self.stride, relu=relu)
+        return cpu_conv.conv3x3_bias_act_reference(x, kernel, bias, residual, stride=self.stride, relu=relu)
 
 
 def _bn(name: str, dtype) -> nn.BatchNorm:
@@ -59,30 +82,38 @@ class BasicBlock(nn.Module):
     shortcut: Literal["A", "B"] = "A"
     dtype: Any = jnp.float32
     bn_folded: bool = False
+    conv_impl: str = "auto"
 
     def setup(self):
         pairs = [("conv1", "bn1", 3, self.stride), ("conv2", "bn2", 3, 1)]
         if self.shortcut == "B":
             pairs.append(("shortcut_conv", "shortcut_bn", 1, self.stride))
-        self.convs = {conv: _conv(self.features, k, stride, conv, self.dtype, use_bias=self.bn_folded)
-                      for conv, _, k, stride in pairs}
+        self.convs = {
+            conv: FoldedConv(self.features, stride, self.dtype, self.conv_impl, name=conv)
+            if self.bn_folded and k == 3 else
+            _conv(self.features, k, stride, conv, self.dtype, use_bias=self.bn_folded, conv_impl=self.conv_impl)
+            for conv, _, k, stride in pairs
+        }
         self.norms = {} if self.bn_folded else {conv: _bn(bn, self.dtype) for conv, bn, _, _ in pairs}
 
     def _conv_bn(self, name, x, train):
         y = self.convs[name](x)
         return y if self.bn_folded else self.norms[name](y, use_running_average=not train)
 
+    def _residual(self, x, train):
+        if self.stride == 1 and x.shape[-1] == self.features:
+            return x
+        if self.shortcut == "A":
+            return option_a_shortcut(x, self.features, self.stride)
+        return self._conv_bn("shortcut_conv", x, train)
+
     def __call__(self, x, *, train: bool):
+        if self.bn_folded:  # inference: conv + bias (+ residual) + ReLU fused per conv
+            y = self.convs["conv1"](x, relu=True)
+            return self.convs["conv2"](y, self._residual(x, train), relu=True)
         y = nn.relu(self._conv_bn("conv1", x, train))
         y = self._conv_bn("conv2", y, train)
-        needs_projection = self.stride != 1 or x.shape[-1] != self.features
-        if not needs_projection:
-            residual = x
-        elif self.shortcut == "A":
-            residual = option_a_shortcut(x, self.features, self.stride)
-        else:
-            residual = self._conv_bn("shortcut_conv", x, train)
-        return nn.relu(y + residual)
+        return nn.relu(y + self._residual(x, train))
 
 
 class CifarResNet(nn.Module):
@@ -94,6 +125,7 @@ class CifarResNet(nn.Module):
     stage_split: Literal["paper", "groups"] = "paper"
     dtype: Any = jnp.float32
     bn_folded: bool = False  # inference-only: BatchNorm folded into conv biases (hkt_jax.fold)
+    conv_impl: str = "auto"  # "xla" | "cpu_kernel" | "auto" (hkt_jax.kernels.cpu_conv): same parameters either way
 
     def setup(self):
         if self.depth < 8 or (self.depth - 2) % 6:
@@ -103,13 +135,15 @@ class CifarResNet(nn.Module):
         if self.stage_split not in STAGE_SPLITS:
             raise ValueError(f"CifarResNet: `stage_split` must be one of {tuple(STAGE_SPLITS)}, got {self.stage_split!r}")
         blocks_per_group = (self.depth - 2) // 6
-        self.conv1 = _conv(GROUP_WIDTHS[0], 3, 1, "conv1", self.dtype, use_bias=self.bn_folded)
+        self.conv1 = (FoldedConv(GROUP_WIDTHS[0], 1, self.dtype, self.conv_impl, name="conv1") if self.bn_folded
+                      else _conv(GROUP_WIDTHS[0], 3, 1, "conv1", self.dtype, conv_impl=self.conv_impl))
         if not self.bn_folded:
             self.bn1 = _bn("bn1", self.dtype)
         self.groups = [
             [
                 BasicBlock(width, stride=(2 if g > 0 and b == 0 else 1), shortcut=self.shortcut,
-                           dtype=self.dtype, bn_folded=self.bn_folded, name=f"layer{g + 1}_{b}")
+                           dtype=self.dtype, bn_folded=self.bn_folded, conv_impl=self.conv_impl,
+                           name=f"layer{g + 1}_{b}")
                 for b in range(blocks_per_group)
             ]
             for g, width in enumerate(GROUP_WIDTHS)
@@ -121,8 +155,9 @@ class CifarResNet(nn.Module):
         return STAGE_SPLITS[self.stage_split]
 
     def _stem(self, x, train):
-        y = self.conv1(x)
-        return nn.relu(y if self.bn_folded else self.bn1(y, use_running_average=not train))
+        if self.bn_folded:
+            return self.conv1(x, relu=True)
+        return nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
 
     def _group(self, g, x, train):
         for block in self.groups[g]:
