@@ -17,7 +17,9 @@ interleaved rounds, so load from other processes hits them alike.
 
 JAX convolutions: ``--conv_impl auto`` (default) runs the 3x3 convolutions through the CPU kernels
 of ``hkt_jax.kernels.cpu_conv`` on a one-device CPU run and through XLA otherwise; ``--conv_impl xla``
-times XLA's own convolutions.
+times XLA's own convolutions. ``--malloc_tuning`` first tells glibc to reuse freed memory, as
+``experiments.cifar_hkt`` does (``hkt_jax.malloc_tuning``); JAX and PyTorch share the process, so both
+run under it. Without it (the default) both use the default allocator.
 
 Default: ResNet-110 -> ResNet-20, batch 128, the ``default`` config's HKT
 settings (2HKT after pooling, gate GA, lambda 0.6, MAE/CE/MAE, alphas
@@ -48,6 +50,7 @@ from hkt_jax import fold, sharding, train
 from hkt_jax.config import apply_overrides, load_config
 from hkt_jax.hkt import HKT
 from hkt_jax.kernels import cpu_conv
+from hkt_jax.malloc_tuning import tune_malloc_for_xla
 from hkt_jax.methods import hkt_loss, plain_loss
 from hkt_jax.models import CifarResNet
 
@@ -375,7 +378,7 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         f"HKT training step: ResNet-{result['parent_depth']} -> ResNet-{result['child_depth']}, global batch {b}, "
         f"{result['devices']}; median of {result['rounds']} interleaved rounds; "
-        f"JAX convolutions: {result['jax_info']['conv_impl']}",
+        f"JAX convolutions: {result['jax_info']['conv_impl']}; malloc tuned: {result['malloc_tuned']}",
         f"{'':36s}{'JAX ms':>9s} {'img/s':>8s}   {'PyTorch ms':>10s} {'img/s':>8s}   {'JAX/PyTorch':>11s}",
     ]
     rows = [("(a) child train step", "child_step"), ("(b) parent forward (inference)", "parent_forward"),
@@ -427,6 +430,8 @@ def parse_args(argv=None):
     parser.add_argument("--override", action="append", default=[], help="config override key=value (repeatable)")
     parser.add_argument("--conv_impl", default="auto", choices=cpu_conv.CONV_IMPLS,
                         help="JAX convolutions: auto (CPU kernels on one CPU device), xla, cpu_kernel")
+    parser.add_argument("--malloc_tuning", action="store_true",
+                        help="tune glibc malloc as experiments.cifar_hkt does (for JAX and PyTorch alike)")
     parser.add_argument("--no_fold", action="store_true", help="run the parent with its BatchNorm (not folded)")
     parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch twin")
     parser.add_argument("--torch_threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
@@ -444,6 +449,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    malloc_tuned = tune_malloc_for_xla() if args.malloc_tuning else False
     if args.allreduce_probe:
         _probe(args)
         return 0
@@ -468,7 +474,7 @@ def main(argv=None) -> int:
         "rounds": args.steps, "warmup": args.warmup,
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind} ({os.cpu_count()} CPU cores)",
         "jax_version": jax.__version__, "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "platform": platform.platform(), "jax": jx, "torch": th or None,
+        "platform": platform.platform(), "malloc_tuned": malloc_tuned, "jax": jx, "torch": th or None,
         "torch_info": twin["info"] if twin else None, "jax_info": info,
     }
     result["jax_a_plus_b_ms"] = jx["child_step"]["median_ms"] + jx["parent_forward"]["median_ms"]

@@ -3,7 +3,8 @@
 Configs live in ``experiments/configs`` (default: the paper's setting,
 reference: the authors' released code, smoke: seconds on a CPU). Any config
 field can be overridden by its dotted path, e.g. ``method=child train.steps=500``.
-Rerunning with the same workdir resumes.
+Rerunning with the same workdir resumes. On CPU, glibc is told to reuse freed memory
+(``hkt_jax.malloc_tuning``; ``HKT_JAX_MALLOC_TUNING=0`` turns that off).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax
 
 from hkt_jax.config import apply_overrides, load_config
 from hkt_jax.experiment import run
+from hkt_jax.malloc_tuning import tune_malloc_for_xla
 from hkt_jax.sharding import initialize_distributed
 
 
@@ -36,6 +38,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    tune_malloc_for_xla()  # before JAX runs anything: reuse freed memory (see hkt_jax/malloc_tuning.py)
     overrides = list(args.overrides) + ([f"parent_ckpt={args.parent_ckpt}"] if args.parent_ckpt else [])
     try:
         config = apply_overrides(load_config(args.config), overrides)

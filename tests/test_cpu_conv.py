@@ -159,6 +159,15 @@ def test_resnet_with_kernels_matches_xla(folded):
     np.testing.assert_allclose(g_k["fc"]["kernel"], g_x["fc"]["kernel"], rtol=1e-4, atol=1e-6)
 
 
+def test_vmap_runs_the_kernel_per_example():
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(3, 2, 6, 6, 16)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(3, 3, 16, 16)), jnp.float32)
+    got = jax.vmap(lambda xb: cpu_conv.conv3x3(xb, k, 1))(x)
+    for i in range(3):
+        assert _rel(got[i], numpy_conv(np.asarray(x[i]), np.asarray(k), 1)) < 1e-5
+
+
 def test_resolve_conv_impl():
     assert cpu_conv.resolve_conv_impl("xla") == "xla"
     assert cpu_conv.resolve_conv_impl("cpu_kernel") == "cpu_kernel"

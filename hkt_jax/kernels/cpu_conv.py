@@ -15,6 +15,7 @@ call does not shard), it is plain XLA. ``resolve_conv_impl("auto")`` says which 
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import os
@@ -84,8 +85,6 @@ def load() -> None:
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64", "aarch64", "arm64"):
         raise RuntimeError(f"the CPU conv kernels are built for Linux x86-64/aarch64, not {platform.system()} "
                            f"{platform.machine()}")
-    import ctypes
-
     library = ctypes.cdll.LoadLibrary(str(build_library()))
     jax.ffi.register_ffi_target(FWD_TARGET, jax.ffi.pycapsule(library.HktConv3x3Fwd), platform="cpu")
     jax.ffi.register_ffi_target(DW_TARGET, jax.ffi.pycapsule(library.HktConv3x3WeightGrad), platform="cpu")
@@ -97,7 +96,7 @@ def kernels_available() -> bool:
     try:
         load()
         return True
-    except RuntimeError as err:
+    except (RuntimeError, OSError) as err:
         warnings.warn(f"hkt_jax: fast CPU convolutions unavailable, using XLA's ({err})", stacklevel=2)
         return False
 
@@ -132,13 +131,13 @@ def _output_struct(x: jax.Array, w: jax.Array, stride: int) -> jax.ShapeDtypeStr
 
 def _forward(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
     load()
-    return jax.ffi.ffi_call(FWD_TARGET, _output_struct(x, w, stride))(x, w, **_attrs(stride))
+    return jax.ffi.ffi_call(FWD_TARGET, _output_struct(x, w, stride), vmap_method="sequential")(x, w, **_attrs(stride))
 
 
 def _weight_grad(x: jax.Array, dy: jax.Array, stride: int) -> jax.Array:
     load()
     out = jax.ShapeDtypeStruct((3, 3, x.shape[-1], dy.shape[-1]), jnp.float32)
-    return jax.ffi.ffi_call(DW_TARGET, out)(x, dy, **_attrs(stride))
+    return jax.ffi.ffi_call(DW_TARGET, out, vmap_method="sequential")(x, dy, **_attrs(stride))
 
 
 def _xla_conv(x, w, stride):
@@ -178,7 +177,7 @@ def conv3x3_bias_act_reference(x, w, bias, residual=None, *, stride=1, relu=True
 def _bias_act(x, w, bias, residual, stride, relu):
     load()
     operands = (x, w, bias, jnp.zeros((0,), jnp.float32) if residual is None else residual)
-    return jax.ffi.ffi_call(FUSED_TARGET, _output_struct(x, w, stride))(
+    return jax.ffi.ffi_call(FUSED_TARGET, _output_struct(x, w, stride), vmap_method="sequential")(
         *operands, relu=np.int32(relu), has_residual=np.int32(residual is not None), **_attrs(stride))
 
 
