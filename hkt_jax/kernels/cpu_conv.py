@@ -69,13 +69,16 @@ def build_library() -> Path:
     target = cache_dir() / f"conv3x3_cpu-{_build_key(compiler, flags)}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        proc = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{proc.stderr[-4000:]}")
-        os.replace(built, target)  # atomic: concurrent builders (pytest-xdist workers) never see half a file
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            proc = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"compiling {SOURCE.name} failed:\n{proc.stderr[-4000:]}")
+            os.replace(built, target)  # atomic: concurrent builders (pytest-xdist workers) never see half a file
+    except OSError as err:
+        raise RuntimeError(f"cannot build {SOURCE.name} in {target.parent} (set HKT_JAX_KERNEL_CACHE): {err}") from err
     return target
 
 
