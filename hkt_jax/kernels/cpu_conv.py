@@ -25,7 +25,6 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +46,7 @@ def _compiler() -> str | None:
 
 
 def _build_key(compiler: str, flags: list[str]) -> str:
-    """Hash of everything the binary depends on: source, compiler, flags, jaxlib's FFI headers, host CPU."""
+    """Hash of everything the binary depends on: source, compiler and flags, jax version (its FFI headers), host CPU."""
     digest = hashlib.sha256(SOURCE.read_bytes())
     digest.update(" ".join([compiler, *flags, jax.__version__, platform.machine()]).encode())
     try:
@@ -123,8 +122,11 @@ def _threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _attrs(stride: int) -> dict[str, Any]:
-    return {"stride": np.int32(stride), "threads": np.int32(_threads())}
+def _call(target: str, out: jax.ShapeDtypeStruct, *operands, stride: int, **attrs) -> jax.Array:
+    """One kernel call; vmapped, it runs once per example."""
+    load()
+    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
+        *operands, stride=np.int32(stride), threads=np.int32(_threads()), **attrs)
 
 
 def _output_struct(x: jax.Array, w: jax.Array, stride: int) -> jax.ShapeDtypeStruct:
@@ -133,14 +135,12 @@ def _output_struct(x: jax.Array, w: jax.Array, stride: int) -> jax.ShapeDtypeStr
 
 
 def _forward(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
-    load()
-    return jax.ffi.ffi_call(FWD_TARGET, _output_struct(x, w, stride), vmap_method="sequential")(x, w, **_attrs(stride))
+    return _call(FWD_TARGET, _output_struct(x, w, stride), x, w, stride=stride)
 
 
 def _weight_grad(x: jax.Array, dy: jax.Array, stride: int) -> jax.Array:
-    load()
     out = jax.ShapeDtypeStruct((3, 3, x.shape[-1], dy.shape[-1]), jnp.float32)
-    return jax.ffi.ffi_call(DW_TARGET, out, vmap_method="sequential")(x, dy, **_attrs(stride))
+    return _call(DW_TARGET, out, x, dy, stride=stride)
 
 
 def _xla_conv(x, w, stride):
@@ -178,10 +178,9 @@ def conv3x3_bias_act_reference(x, w, bias, residual=None, *, stride=1, relu=True
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _bias_act(x, w, bias, residual, stride, relu):
-    load()
     operands = (x, w, bias, jnp.zeros((0,), jnp.float32) if residual is None else residual)
-    return jax.ffi.ffi_call(FUSED_TARGET, _output_struct(x, w, stride), vmap_method="sequential")(
-        *operands, relu=np.int32(relu), has_residual=np.int32(residual is not None), **_attrs(stride))
+    return _call(FUSED_TARGET, _output_struct(x, w, stride), *operands, stride=stride, relu=np.int32(relu),
+                 has_residual=np.int32(residual is not None))
 
 
 def _bias_act_fwd(x, w, bias, residual, stride, relu):
