@@ -202,10 +202,7 @@ def _label(row) -> str:
 
 
 def plot(report: dict, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from experiments.plot_metrics import plt, save_figure  # plot_metrics selects the Agg backend first
 
     rows = [r for r in report["rows"] if r["mode"] == "softmax"]
     cases = list(dict.fromkeys(r["case"] for r in rows))
@@ -230,10 +227,7 @@ def plot(report: dict, out: Path) -> Path:
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(labels), fontsize="small")
     fig.suptitle(f"Genetic Attention, {report['device_kind']} ({report['platform']})")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def main(argv=None) -> int:

@@ -42,6 +42,11 @@ def plot_runs(workdirs, out: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def save_figure(fig, out: Path) -> Path:
+    """Write ``fig`` as a PNG (creating its folder) and free it; the experiments' one way to save a plot."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
