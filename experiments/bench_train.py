@@ -51,8 +51,8 @@ from hkt_jax.config import apply_overrides, load_config
 from hkt_jax.hkt import HKT
 from hkt_jax.kernels import cpu_conv
 from hkt_jax.malloc_tuning import tune_malloc_for_xla
-from hkt_jax.methods import hkt_loss, plain_loss
-from hkt_jax.models import CifarResNet
+from hkt_jax.methods import hkt_loss, plain_loss, trainable_variables
+from hkt_jax.models import CifarResNet, parameter_count
 
 NUM_CLASSES = 10
 
@@ -112,8 +112,7 @@ def build_jax(args, mesh) -> JaxPrograms:
         return step, state
 
     hkt_vars = engine.init(jax.random.key(2), sample, parent_vars)
-    child_vars = child.init(jax.random.key(2), sample, train=False)
-    plain_vars = {"params": {"child": child_vars["params"]}, "batch_stats": {"child": child_vars["batch_stats"]}}
+    plain_vars = trainable_variables(child.init(jax.random.key(2), sample, train=False))
     hkt_step, hkt_state = make(hkt_loss(engine), hkt_vars)
     child_step, child_state = make(plain_loss(child), plain_vars)
 
@@ -149,7 +148,7 @@ def build_jax(args, mesh) -> JaxPrograms:
         "child_bytes": sharding.tree_bytes(hkt_vars["params"]["child"]),
         "adapter_bytes": sharding.tree_bytes(hkt_vars["params"]["adapters"]),
         "child_later_stage_bytes": _later_stage_bytes(child, hkt_vars["params"]["child"]),
-        "bn_channels": int(sum(x.size for x in jax.tree.leaves(hkt_vars["batch_stats"])) // 2),
+        "bn_channels": parameter_count(hkt_vars["batch_stats"]) // 2,
         "parent_bytes": sharding.tree_bytes(raw_parent_vars),
         "hlo_hkt_step": lambda: hkt_step.lower(states["hkt"], parent_vars, batch).compile().as_text(),
         "hlo_child_step": lambda: child_step.lower(states["child"], parent_vars, batch).compile().as_text(),

@@ -33,6 +33,12 @@ def child_variables(params: Any, batch_stats: Any) -> dict[str, Any]:
     return variables
 
 
+def trainable_variables(variables: Any) -> dict[str, Any]:
+    """A network's own variables -> the trainable form the losses and train state use (inverse of
+    ``child_variables``)."""
+    return {"params": {"child": variables["params"]}, "batch_stats": {"child": variables.get("batch_stats", {})}}
+
+
 def _forward_train(model: nn.Module, params, batch_stats, x):
     variables = child_variables(params, batch_stats)
     if "batch_stats" not in variables:

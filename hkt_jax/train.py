@@ -29,7 +29,7 @@ from hkt_jax import checkpoint, fold, sharding
 from hkt_jax.config import ExperimentConfig, OptimConfig
 from hkt_jax.data import make_datasets
 from hkt_jax.hkt import HKT, Boundary, HKTConfig
-from hkt_jax.methods import child_variables, hkt_loss, kd_loss, plain_loss
+from hkt_jax.methods import child_variables, hkt_loss, kd_loss, plain_loss, trainable_variables
 from hkt_jax.metrics import MetricsWriter
 from hkt_jax.models import build_model, model_spec, parameter_count
 
@@ -105,6 +105,11 @@ def make_eval_step(model: nn.Module):
         return {"correct": jnp.sum(correct * mask), "loss": jnp.sum(loss * mask), "count": jnp.sum(mask)}
 
     return eval_step
+
+
+def evaluate_split(run: "Run", eval_step, params, batch_stats, split: str) -> dict[str, float]:
+    """Accuracy and mean loss of the network on a whole eval split of the run's data."""
+    return evaluate(eval_step, params, batch_stats, run.datasets.eval_batches(split), run.mesh)
 
 
 def evaluate(eval_step, params, batch_stats, batches, mesh) -> dict[str, float]:
@@ -206,9 +211,7 @@ def build_run(config: ExperimentConfig, parent_dir: str | Path | None = None) ->
         init_variables = engine.init(rng, sample, parent_variables)
         loss_fn = hkt_loss(engine)
     else:
-        variables = model.init(rng, sample, train=False)
-        init_variables = {"params": {"child": variables["params"]},
-                          "batch_stats": {"child": variables.get("batch_stats", {})}}
+        init_variables = trainable_variables(model.init(rng, sample, train=False))
         if config.method == "kd":
             loss_fn = kd_loss(model, parent, temperature=config.kd.temperature, weight=config.kd.weight)
         else:
@@ -284,7 +287,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, parent_dir
     best = checkpoint.load_model_spec(workdir / "best").get("metadata", {}) if (workdir / "best").exists() else {}
 
     def validate(step):
-        result = evaluate(eval_step, state.params, state.batch_stats, run.datasets.eval_batches("validation"), run.mesh)
+        result = evaluate_split(run, eval_step, state.params, state.batch_stats, "validation")
         writer.write(step, {"eval_accuracy": result["accuracy"], "eval_loss": result["loss"], "split": "validation"})
         return result
 
@@ -333,7 +336,7 @@ def _summarize(config, run, state, eval_step, workdir, best, has_validation, fin
     """Final numbers; evaluations the loop already made at the last step are reused,
     and the best child is only re-evaluated when it is not the final one."""
     def test_accuracy(params, batch_stats):
-        return evaluate(eval_step, params, batch_stats, run.datasets.eval_batches("test"), run.mesh)["accuracy"]
+        return evaluate_split(run, eval_step, params, batch_stats, "test")["accuracy"]
 
     final_step = int(state.step)
     final_vars = child_variables(state.params, state.batch_stats)
@@ -347,9 +350,7 @@ def _summarize(config, run, state, eval_step, workdir, best, has_validation, fin
     }
     if has_validation:
         if final_validation is None:  # a finished run restarted: the loop did not run
-            final_validation = evaluate(
-                eval_step, state.params, state.batch_stats, run.datasets.eval_batches("validation"), run.mesh
-            )["accuracy"]
+            final_validation = evaluate_split(run, eval_step, state.params, state.batch_stats, "validation")["accuracy"]
         summary["final_validation_accuracy"] = final_validation
         summary["best_validation_accuracy"] = best.get("validation_accuracy")
         summary["best_step"] = best.get("step")
@@ -357,8 +358,6 @@ def _summarize(config, run, state, eval_step, workdir, best, has_validation, fin
             summary["best_test_accuracy"] = summary["final_test_accuracy"]
         elif best:
             best_vars, _ = checkpoint.load_model(workdir / "best")
-            best_vars = sharding.put_replicated(best_vars, run.mesh)
-            summary["best_test_accuracy"] = test_accuracy(
-                {"child": best_vars["params"]}, {"child": best_vars.get("batch_stats", {})}
-            )
+            best_trainable = trainable_variables(sharding.put_replicated(best_vars, run.mesh))
+            summary["best_test_accuracy"] = test_accuracy(best_trainable["params"], best_trainable["batch_stats"])
     return summary

@@ -57,7 +57,7 @@ def build(mesh, *, parent_widths=PARENT_WIDTHS, method="hkt", shard_trainable=Fa
 
     from hkt_jax import sharding, train
     from hkt_jax.config import OptimConfig
-    from hkt_jax.methods import hkt_loss, plain_loss
+    from hkt_jax.methods import hkt_loss, plain_loss, trainable_variables
 
     child, parent, engine = _models(parent_widths)
     sample = jnp.zeros((2, IMAGE, IMAGE, 3), jnp.float32)
@@ -70,8 +70,7 @@ def build(mesh, *, parent_widths=PARENT_WIDTHS, method="hkt", shard_trainable=Fa
         init_variables = engine.init(jax.random.key(2), sample, parent_variables)
         loss_fn = hkt_loss(engine)
     else:
-        variables = child.init(jax.random.key(2), sample)
-        init_variables = {"params": {"child": variables["params"]}, "batch_stats": {"child": variables["batch_stats"]}}
+        init_variables = trainable_variables(child.init(jax.random.key(2), sample))
         loss_fn = plain_loss(child)
     schedule = optax.constant_schedule(0.1)
     tx = train.make_optimizer(OptimConfig(learning_rate=0.1, momentum=0.9, weight_decay=1e-4), schedule)
@@ -187,6 +186,7 @@ def task_allreduce(args):
     import jax
 
     from hkt_jax import sharding
+    from hkt_jax.models import parameter_count
 
     mesh = sharding.make_mesh(-1, 1)
     result = {}
@@ -204,7 +204,7 @@ def task_allreduce(args):
             "trainable_bytes": sharding.tree_bytes(state.params),
             "child_later_stage_bytes": sharding.tree_bytes(later_stages),
             "adapter_bytes": sharding.tree_bytes(state.params.get("adapters", {})),
-            "bn_channels": int(sum(x.size for x in jax.tree.leaves(state.batch_stats)) // 2),
+            "bn_channels": parameter_count(state.batch_stats) // 2,
             "parent_bytes": sharding.tree_bytes(parent_variables),
         }
     return result
