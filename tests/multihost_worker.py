@@ -104,7 +104,6 @@ def local_rows(batch):
 
 def host_value(x):
     """A (possibly multi-process) global array as numpy."""
-    import jax
     import numpy as np
     from jax.experimental import multihost_utils
 
@@ -183,8 +182,6 @@ def _checkpoint_roundtrip(out, mesh, workdir):
 
 def task_allreduce(args):
     """All-reduce bytes of the compiled HKT step (two parent sizes) and of the plain child step."""
-    import jax
-
     from hkt_jax import sharding
     from hkt_jax.models import parameter_count
 
