@@ -1,0 +1,168 @@
+"""Variants x seeds of one experiment: the grid, each run's status, and the aggregated table.
+
+Why: one run per method (as the paper reports) cannot say whether HKT helps; the
+spread over seeds can. A grid names its variants as config overrides; every run
+lives in ``ROOT/<variant>/seed<k>`` and is an ordinary, resumable experiment
+workdir, so a half-finished grid carries on where it stopped. A run that failed
+is reported as failed and never averaged in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Sequence
+
+FAILED_FILE = "failed.json"
+SUMMARY_FILE = "summary.json"
+# Per-run summary numbers the table reports (keys of the experiment's summary.json).
+ACCURACY_KEYS = ("final_test_accuracy", "best_test_accuracy")
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """Variants (name -> config overrides) x seeds of one experiment config."""
+
+    experiment: str  # module run with ``python -m``, e.g. "experiments.cifar_hkt"
+    config: str  # its --config
+    variants: dict[str, tuple[str, ...]]
+    seeds: tuple[int, ...] = (0, 1, 2)
+    common: tuple[str, ...] = ()  # overrides every run gets
+    seed_key: str = "train.seed"
+    description: str = ""
+
+    def __post_init__(self):
+        if not self.variants:
+            raise ValueError("a grid needs at least one variant")
+        if len(set(self.seeds)) != len(self.seeds) or not self.seeds:
+            raise ValueError(f"grid seeds must be distinct and non-empty, got {self.seeds}")
+        for name in self.variants:
+            if not name or "/" in name or name.startswith("."):
+                raise ValueError(f"variant name {name!r} must be a plain folder name")
+
+
+def load_grid(name: str) -> Grid:
+    """``GRID`` of ``experiments/configs/grid_<name>.py``."""
+    module_name = f"experiments.configs.grid_{name}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise
+        raise ValueError(f"unknown grid {name!r}: no experiments/configs/grid_{name}.py") from None
+    return module.GRID
+
+
+def run_dir(root: Path, variant: str, seed: int) -> Path:
+    return Path(root) / variant / f"seed{seed}"
+
+
+def run_command(grid: Grid, root: Path, variant: str, seed: int, python: str = "python") -> list[str]:
+    """The exact command line of one run (rerunning it resumes the run)."""
+    return [python, "-m", grid.experiment, "--config", grid.config, "--workdir", str(run_dir(root, variant, seed)),
+            *grid.common, *grid.variants[variant], f"{grid.seed_key}={seed}"]
+
+
+def run_status(directory: Path) -> str:
+    """"done" (summary written), "failed" (last attempt exited non-zero), "partial" or "pending"."""
+    directory = Path(directory)
+    if (directory / SUMMARY_FILE).exists():
+        return "done"
+    if (directory / FAILED_FILE).exists():
+        return "failed"
+    return "partial" if directory.exists() else "pending"
+
+
+def record_failure(directory: Path, returncode: int, output_tail: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / FAILED_FILE).write_text(json.dumps({"returncode": returncode, "output_tail": output_tail}, indent=2))
+
+
+def clear_failure(directory: Path) -> None:
+    (Path(directory) / FAILED_FILE).unlink(missing_ok=True)
+
+
+def read_metrics(directory: Path) -> list[dict[str, Any]]:
+    path = Path(directory) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for a single value)."""
+    values = [float(v) for v in values]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def run_record(grid: Grid, root: Path, variant: str, seed: int) -> dict[str, Any]:
+    """One run's status and numbers, as the report's JSON keeps them."""
+    directory = run_dir(root, variant, seed)
+    record: dict[str, Any] = {"variant": variant, "seed": seed, "status": run_status(directory),
+                              "workdir": str(directory), "overrides": [*grid.common, *grid.variants[variant]]}
+    if record["status"] == "failed":
+        record["failure"] = json.loads((directory / FAILED_FILE).read_text())
+    if record["status"] != "done":
+        return record
+    record["summary"] = json.loads((directory / SUMMARY_FILE).read_text())
+    config_path = directory / "config.json"
+    record["config"] = json.loads(config_path.read_text()) if config_path.exists() else None
+    rows = read_metrics(directory)
+    speeds = [r["img_per_s"] for r in rows if "img_per_s" in r]
+    record["train_img_per_s"] = statistics.median(speeds) if speeds else None
+    record["validation_curve"] = [(r["step"], r["eval_accuracy"]) for r in rows
+                                  if "eval_accuracy" in r and r.get("split", "validation") == "validation"]
+    diagnostics = sorted({k for r in rows for k in r if k.startswith(("gate/", "ga_ratio/"))})
+    record["diagnostics"] = {k: [(r["step"], r[k]) for r in rows if k in r] for k in diagnostics}
+    return record
+
+
+def aggregate(records: Sequence[dict[str, Any]], variants: Sequence[str]) -> list[dict[str, Any]]:
+    """Per variant: mean ± std over the finished seeds of each accuracy, every seed's value,
+    and the seeds that failed or have not finished (never averaged in)."""
+    table = []
+    for variant in variants:
+        mine = [r for r in records if r["variant"] == variant]
+        done = sorted((r for r in mine if r["status"] == "done"), key=lambda r: r["seed"])
+        row: dict[str, Any] = {
+            "variant": variant, "n": len(done),
+            "failed_seeds": [r["seed"] for r in mine if r["status"] == "failed"],
+            "unfinished_seeds": [r["seed"] for r in mine if r["status"] in ("partial", "pending")],
+        }
+        for key in ACCURACY_KEYS:
+            values = {r["seed"]: r["summary"].get(key) for r in done if r["summary"].get(key) is not None}
+            mean, std = mean_std(list(values.values()))
+            row[key] = {"mean": mean, "std": std, "by_seed": values}
+        params = {r["summary"].get("parameters") for r in done}
+        row["parameters"] = params.pop() if len(params) == 1 else sorted(p for p in params if p is not None) or None
+        speeds = [r["train_img_per_s"] for r in done if r.get("train_img_per_s")]
+        row["train_img_per_s"] = statistics.median(speeds) if speeds else None
+        table.append(row)
+    return table
+
+
+def _pct(stat: dict[str, Any]) -> str:
+    if not stat["by_seed"]:
+        return "–"
+    seeds = ", ".join(f"{100 * v:.2f}" for _, v in sorted(stat["by_seed"].items()))
+    return f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f} ({seeds})"
+
+
+def markdown_table(table: Sequence[dict[str, Any]]) -> str:
+    lines = ["| variant | n | final test acc. % (mean ± std; per seed) | best-on-validation test acc. % "
+             "| child params | train img/s | failed / unfinished |",
+             "|---|---|---|---|---|---|---|"]
+    for row in table:
+        speed = f"{row['train_img_per_s']:.0f}" if row["train_img_per_s"] else "–"
+        params = f"{row['parameters']:,}" if isinstance(row["parameters"], int) else str(row["parameters"] or "–")
+        problems = ", ".join([f"seed {s} failed" for s in row["failed_seeds"]]
+                             + [f"seed {s} unfinished" for s in row["unfinished_seeds"]]) or "–"
+        lines.append(f"| {row['variant']} | {row['n']} | {_pct(row['final_test_accuracy'])} "
+                     f"| {_pct(row['best_test_accuracy'])} | {params} | {speed} | {problems} |")
+    return "\n".join(lines) + "\n"
