@@ -1,0 +1,266 @@
+"""RAFT's optical-flow augmentation (princeton-vl/RAFT core/utils/augmentor.py) in NumPy.
+
+Photometric jitter (shared by both frames, or per frame with probability
+``asymmetric_prob``), an eraser that pastes mean-colour boxes into frame 2
+(occlusion), random scale + stretch, flips and a random crop. The *sparse*
+variant (KITTI, HD1K) moves each valid flow point to its rounded position in
+the resized frame instead of interpolating the field, never stretches, and
+crops with RAFT's margins.
+
+Every random number comes from the ``np.random.Generator`` passed in, in a
+fixed order, so a seeded generator gives the same sample on every run.
+Samples are dicts of float32 ``image1``, ``image2`` (H, W, 3) in [0, 255],
+``flow`` (H, W, 2) and ``valid`` (H, W) in {0, 1}.
+
+Differences from RAFT: images stay float (no uint8 rounding between steps),
+resizing is cv2's INTER_LINEAR written in NumPy, a frame already at the crop
+size may be cropped at offset 0, frames too small for the crop are always
+resized, and sparse points land at ``round((x + 0.5) * s - 0.5)`` (the pixel
+grid of the resized images) rather than RAFT's ``round(x * s)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+# Dense flows beyond this are "unknown" (RAFT's FlowDataset rule).
+MAX_KNOWN_FLOW = 1000.0
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """RAFT's augmentation knobs; the defaults are its FlowAugmentor's."""
+
+    crop_size: tuple[int, int] = (368, 496)
+    min_scale: float = -0.2  # log2 of the random zoom range
+    max_scale: float = 0.5
+    spatial_prob: float = 0.8
+    stretch_prob: float = 0.8
+    max_stretch: float = 0.2
+    do_flip: bool = True
+    h_flip_prob: float = 0.5
+    v_flip_prob: float = 0.1
+    photometric: bool = True
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.5 / 3.14
+    asymmetric_prob: float = 0.2
+    eraser_prob: float = 0.5
+    eraser_size: tuple[int, int] = (50, 100)  # box side in [low, high) pixels
+    sparse: bool = False
+
+
+def raft_augment_config(dataset: str, crop_size: tuple[int, int]) -> AugmentConfig:
+    """The settings RAFT's ``fetch_dataloader`` uses for each training set."""
+    crop_size = tuple(crop_size)
+    dense = dict(crop_size=crop_size)
+    sparse = dict(crop_size=crop_size, sparse=True, brightness=0.3, contrast=0.3, saturation=0.3,
+                  hue=0.3 / 3.14, asymmetric_prob=0.0, stretch_prob=0.0, v_flip_prob=0.0)
+    presets = {
+        "chairs": AugmentConfig(**dense, min_scale=-0.1, max_scale=1.0),
+        "things": AugmentConfig(**dense, min_scale=-0.4, max_scale=0.8),
+        "sintel": AugmentConfig(**dense, min_scale=-0.2, max_scale=0.6),
+        "kitti": AugmentConfig(**sparse, min_scale=-0.2, max_scale=0.4, do_flip=False),
+        "hd1k": AugmentConfig(**sparse, min_scale=-0.5, max_scale=0.2, do_flip=True),
+    }
+    if dataset not in presets:
+        raise ValueError(f"no RAFT augmentation preset for {dataset!r}; expected one of {sorted(presets)}")
+    return presets[dataset]
+
+
+# ----------------------------------------------------------------------------- photometric
+
+
+def _grayscale(images: np.ndarray) -> np.ndarray:
+    return images @ np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def _rgb_to_hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    maximum, minimum = rgb.max(-1), rgb.min(-1)
+    delta = maximum - minimum
+    safe = np.where(delta > 0, delta, 1.0)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    hue = np.where(maximum == r, (g - b) / safe, np.where(maximum == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
+    hue = np.where(delta > 0, (hue / 6.0) % 1.0, 0.0)
+    saturation = np.where(maximum > 0, delta / np.where(maximum > 0, maximum, 1.0), 0.0)
+    return hue, saturation, maximum
+
+
+def _hsv_to_rgb(hue: np.ndarray, saturation: np.ndarray, value: np.ndarray) -> np.ndarray:
+    sector = np.floor(hue * 6.0)
+    fraction = hue * 6.0 - sector
+    p, q, t = value * (1 - saturation), value * (1 - saturation * fraction), value * (1 - saturation * (1 - fraction))
+    sector = sector.astype(np.int64) % 6
+    choices = [(value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value), (value, p, q)]
+    return np.stack([np.choose(sector, [c[channel] for c in choices]) for channel in range(3)], axis=-1)
+
+
+def color_jitter(images: np.ndarray, rng: np.random.Generator, config: AugmentConfig) -> np.ndarray:
+    """torchvision ColorJitter on a stack of frames sharing one draw (factors and order).
+
+    Contrast blends towards the mean gray of the whole stack, as RAFT's
+    jitter of the two frames concatenated into one picture does.
+    """
+    factors = [rng.uniform(max(0.0, 1 - v), 1 + v) for v in (config.brightness, config.contrast, config.saturation)]
+    hue_shift = rng.uniform(-config.hue, config.hue)
+    out = images.astype(np.float32)
+    for transform in rng.permutation(4):
+        if transform == 0:
+            out = out * factors[0]
+        elif transform == 1:
+            mean = _grayscale(out).mean()
+            out = factors[1] * out + (1 - factors[1]) * mean
+        elif transform == 2:
+            out = factors[2] * out + (1 - factors[2]) * _grayscale(out)[..., None]
+        else:
+            hue, saturation, value = _rgb_to_hsv(out / 255.0)
+            out = 255.0 * _hsv_to_rgb((hue + hue_shift) % 1.0, saturation, value)
+        out = np.clip(out, 0.0, 255.0)
+    return out.astype(np.float32)
+
+
+def photometric(image1: np.ndarray, image2: np.ndarray, rng: np.random.Generator, config: AugmentConfig):
+    """Same jitter for both frames, or (with ``asymmetric_prob``) one draw per frame."""
+    if rng.random() < config.asymmetric_prob:
+        return color_jitter(image1, rng, config), color_jitter(image2, rng, config)
+    jittered = color_jitter(np.stack([image1, image2]), rng, config)
+    return jittered[0], jittered[1]
+
+
+def eraser(image2: np.ndarray, rng: np.random.Generator, config: AugmentConfig) -> np.ndarray:
+    """With ``eraser_prob``, one or two boxes of frame 2 take its mean colour."""
+    if rng.random() >= config.eraser_prob:
+        return image2
+    image2 = image2.copy()
+    height, width = image2.shape[:2]
+    mean_color = image2.reshape(-1, 3).mean(axis=0)
+    for _ in range(rng.integers(1, 3)):
+        x0, y0 = rng.integers(0, width), rng.integers(0, height)
+        dx, dy = rng.integers(*config.eraser_size), rng.integers(*config.eraser_size)
+        image2[y0 : y0 + dy, x0 : x0 + dx] = mean_color
+    return image2
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def resize_bilinear(array: np.ndarray, scale_x: float, scale_y: float) -> np.ndarray:
+    """cv2.resize(fx, fy, INTER_LINEAR): size ``round(n * s)``, pixel centres mapped, edges clamped."""
+
+    def taps(size_in: int, scale: float):
+        size_out = int(round(size_in * scale))
+        source = np.clip((np.arange(size_out) + 0.5) / scale - 0.5, 0, size_in - 1)
+        low = np.floor(source).astype(np.int64)
+        return low, np.minimum(low + 1, size_in - 1), (source - low).astype(np.float32)
+
+    height, width = array.shape[:2]
+    y0, y1, fy = taps(height, scale_y)
+    x0, x1, fx = taps(width, scale_x)
+    values = array.reshape(height, width, -1).astype(np.float32)
+    rows = values[y0] * (1 - fy)[:, None, None] + values[y1] * fy[:, None, None]
+    out = rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
+    return out.reshape(out.shape[:2] + array.shape[2:])
+
+
+def resize_sparse_flow(flow: np.ndarray, valid: np.ndarray, scale_x: float, scale_y: float):
+    """Moves each valid point to its nearest pixel in the resized frame; its flow scales with it."""
+    height, width = flow.shape[:2]
+    out_height, out_width = int(round(height * scale_y)), int(round(width * scale_x))
+    ys, xs = np.nonzero(valid >= 0.5)
+    new_x = np.rint((xs + 0.5) * scale_x - 0.5).astype(np.int64)
+    new_y = np.rint((ys + 0.5) * scale_y - 0.5).astype(np.int64)
+    inside = (new_x >= 0) & (new_x < out_width) & (new_y >= 0) & (new_y < out_height)
+    out_flow = np.zeros((out_height, out_width, 2), np.float32)
+    out_valid = np.zeros((out_height, out_width), np.float32)
+    out_flow[new_y[inside], new_x[inside]] = flow[ys[inside], xs[inside]] * np.float32([scale_x, scale_y])
+    out_valid[new_y[inside], new_x[inside]] = 1.0
+    return out_flow, out_valid
+
+
+@dataclasses.dataclass(frozen=True)
+class SpatialParams:
+    """One draw of the geometric augmentation: zoom (if ``resize``), flips, crop offset."""
+
+    scale_x: float = 1.0
+    scale_y: float = 1.0
+    resize: bool = False
+    h_flip: bool = False
+    v_flip: bool = False
+    crop_y: int = 0
+    crop_x: int = 0
+
+
+def _crop_origin(rng: np.random.Generator, size: int, crop: int, margins: tuple[int, int] | None) -> int:
+    if margins:  # sparse: RAFT lets the offset overshoot by margins, then clamps it (crops touch the border more)
+        return int(np.clip(rng.integers(-margins[0], size - crop + margins[1]), 0, size - crop))
+    return int(rng.integers(0, size - crop + 1))
+
+
+def sample_spatial_params(
+    rng: np.random.Generator, image_shape: tuple[int, int], config: AugmentConfig
+) -> SpatialParams:
+    """Draws zoom, stretch, flips and crop for a frame of ``image_shape`` (H, W)."""
+    height, width = image_shape[:2]
+    crop_height, crop_width = config.crop_size
+    pad = 1 if config.sparse else 8
+    min_scale = max((crop_height + pad) / height, (crop_width + pad) / width)
+    scale = 2 ** rng.uniform(config.min_scale, config.max_scale)
+    scale_x = scale_y = scale
+    if rng.random() < config.stretch_prob:
+        scale_x *= 2 ** rng.uniform(-config.max_stretch, config.max_stretch)
+        scale_y *= 2 ** rng.uniform(-config.max_stretch, config.max_stretch)
+    scale_x, scale_y = max(scale_x, min_scale), max(scale_y, min_scale)
+    too_small = height < crop_height or width < crop_width
+    resize = bool(rng.random() < config.spatial_prob) or too_small
+    h_flip = v_flip = False
+    if config.do_flip:
+        h_flip = bool(rng.random() < config.h_flip_prob)
+        v_flip = bool(rng.random() < config.v_flip_prob)
+    if resize:
+        height, width = int(round(height * scale_y)), int(round(width * scale_x))
+    crop_y = _crop_origin(rng, height, crop_height, (0, 20) if config.sparse else None)
+    crop_x = _crop_origin(rng, width, crop_width, (50, 50) if config.sparse else None)
+    return SpatialParams(float(scale_x), float(scale_y), resize, h_flip, v_flip, crop_y, crop_x)
+
+
+def apply_spatial(sample: dict[str, np.ndarray], params: SpatialParams, config: AugmentConfig):
+    """Zooms, flips and crops both frames, the flow and its valid mask consistently."""
+    image1, image2, flow, valid = (sample[k] for k in ("image1", "image2", "flow", "valid"))
+    if params.resize:
+        image1 = resize_bilinear(image1, params.scale_x, params.scale_y)
+        image2 = resize_bilinear(image2, params.scale_x, params.scale_y)
+        if config.sparse:
+            flow, valid = resize_sparse_flow(flow, valid, params.scale_x, params.scale_y)
+        else:
+            flow = resize_bilinear(flow, params.scale_x, params.scale_y) * np.float32([params.scale_x, params.scale_y])
+            # A resized pixel is known only if every pixel it blends is known.
+            valid = (resize_bilinear(valid, params.scale_x, params.scale_y) > 0.999).astype(np.float32)
+    if params.h_flip:
+        image1, image2, valid = image1[:, ::-1], image2[:, ::-1], valid[:, ::-1]
+        flow = flow[:, ::-1] * np.float32([-1.0, 1.0])
+    if params.v_flip:
+        image1, image2, valid = image1[::-1], image2[::-1], valid[::-1]
+        flow = flow[::-1] * np.float32([1.0, -1.0])
+    crop_height, crop_width = config.crop_size
+    window = (slice(params.crop_y, params.crop_y + crop_height), slice(params.crop_x, params.crop_x + crop_width))
+    out = {k: np.ascontiguousarray(v[window], np.float32) for k, v in
+           (("image1", image1), ("image2", image2), ("flow", flow), ("valid", valid))}
+    if out["image1"].shape[:2] != (crop_height, crop_width):
+        raise ValueError(f"crop {config.crop_size} does not fit the {image1.shape[:2]} frame ({params})")
+    return out
+
+
+def augment(sample: dict[str, np.ndarray], rng: np.random.Generator, config: AugmentConfig) -> dict[str, np.ndarray]:
+    """RAFT's full augmentation: photometric, eraser, then zoom / flip / crop."""
+    image1, image2 = sample["image1"], sample["image2"]
+    if config.photometric:
+        image1, image2 = photometric(image1, image2, rng, config)
+    image2 = eraser(image2, rng, config)
+    params = sample_spatial_params(rng, image1.shape, config)
+    out = apply_spatial({**sample, "image1": image1, "image2": image2}, params, config)
+    if not config.sparse:  # RAFT marks huge dense flows unknown
+        out["valid"] *= np.all(np.abs(out["flow"]) < MAX_KNOWN_FLOW, axis=-1)
+    return out
