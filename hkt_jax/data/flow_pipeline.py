@@ -1,0 +1,199 @@
+"""grain pipelines for optical flow: an endless augmented train stream and padded eval passes.
+
+Like the CIFAR pipeline (``pipeline.py``): position ``i`` of the infinite
+train stream is example ``permutation(seed, epoch=i // N)[i % N]``; global
+batch ``s`` is positions ``[s*G, (s+1)*G)`` and process ``p`` of ``P`` builds
+only its contiguous ``G/P`` slice. Each position is augmented with
+``np.random.default_rng([augment_seed, position])``, so every batch is a pure
+function of (seed, step): the iterator state is grain's batch index, a killed
+run resumes on exactly the next batch, even with another process count.
+Flow samples are costly (file decoding, resizing), so batches are built
+per example and prefetched by grain's threads.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
+
+import grain
+import numpy as np
+
+from hkt_jax.data.flow_augment import AugmentConfig, augment
+from hkt_jax.data.pipeline import TrainIterator
+
+BATCH_KEYS = ("image1", "image2", "flow", "valid")
+_ENDLESS = 2**62  # positions in the train stream; effectively infinite
+# RAFT's InputPadder: "sintel" pads evenly on all sides, "kitti" left/right and bottom only.
+PAD_MODES = ("sintel", "kitti")
+
+
+class FlowSource(Protocol):
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]: ...
+
+
+def _slice_size(global_batch_size: int, process_count: int) -> int:
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} must be a positive multiple of the "
+            f"process count {process_count}, so each process gets an equal slice."
+        )
+    return global_batch_size // process_count
+
+
+def _stack(samples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    shapes = {s["image1"].shape for s in samples}
+    if len(shapes) > 1:
+        raise ValueError(f"flow batch of differently sized frames {sorted(shapes)}: set a crop size or pad")
+    return {key: np.stack([s[key] for s in samples]).astype(np.float32) for key in samples[0]}
+
+
+class _TrainExample:
+    """Local position ``k`` of this process's stream -> augmented sample of its global position."""
+
+    def __init__(self, source, config, shuffle_seed, augment_seed, global_batch_size, process_index, process_count):
+        self._source = source
+        self._config = config
+        self._shuffle_seed = shuffle_seed
+        self._augment_seed = augment_seed
+        self._global_batch_size = global_batch_size
+        self._per_process = _slice_size(global_batch_size, process_count)
+        self._process_index = process_index
+
+    @functools.lru_cache(maxsize=4)  # batches straddle epochs; threads read neighbouring ones
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self._shuffle_seed, epoch]).permutation(len(self._source))
+
+    def position(self, local_index: int) -> int:
+        step, within = divmod(local_index, self._per_process)
+        return step * self._global_batch_size + self._process_index * self._per_process + within
+
+    def __call__(self, local_index: int) -> dict[str, np.ndarray]:
+        position = self.position(int(local_index))
+        epoch, offset = divmod(position, len(self._source))
+        sample = self._source[int(self._epoch_order(epoch)[offset])]
+        if self._config is not None:
+            sample = augment(sample, np.random.default_rng([self._augment_seed, position]), self._config)
+        return {key: sample[key] for key in BATCH_KEYS}
+
+
+def make_flow_train_iterator(
+    source: FlowSource,
+    augment_config: AugmentConfig | None,
+    *,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_threads: int = 2,
+    prefetch_batches: int = 2,
+) -> TrainIterator:
+    """Endless batches ``{"image1", "image2", "flow", "valid"}`` of ``G / P`` examples, resumable.
+
+    Without augmentation the source's samples must all have one size.
+    """
+    if len(source) == 0:
+        raise ValueError("make_flow_train_iterator: the flow source is empty")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is outside [0, {process_count}).")
+    per_process = _slice_size(global_batch_size, process_count)
+    shuffle_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+    example = _TrainExample(
+        source, augment_config, shuffle_seed, augment_seed, global_batch_size, process_index, process_count
+    )
+    batches = grain.MapDataset.range(_ENDLESS).map(example).batch(per_process, batch_fn=_stack)
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches)
+    fingerprint: dict[str, Any] = {
+        "seed": seed,
+        "global_batch_size": global_batch_size,
+        "num_train": len(source),
+        "augment": repr(augment_config),
+    }
+    return TrainIterator(batches.to_iter_dataset(options), fingerprint)
+
+
+def pad_sample(sample: dict[str, np.ndarray], height: int, width: int, mode: str = "sintel") -> dict[str, np.ndarray]:
+    """RAFT's InputPadder on one sample: frames edge-replicated, flow 0 and ``valid`` 0 in the padding.
+
+    Adds ``region`` = (top, left, height, width) of the original frame.
+    """
+    if mode not in PAD_MODES:
+        raise ValueError(f"pad mode {mode!r}: expected one of {PAD_MODES}")
+    original_height, original_width = sample["image1"].shape[:2]
+    pad_height, pad_width = height - original_height, width - original_width
+    if pad_height < 0 or pad_width < 0:
+        raise ValueError(f"cannot pad a {original_height}x{original_width} frame to {height}x{width}")
+    top = pad_height // 2 if mode == "sintel" else 0
+    left = pad_width // 2
+    spatial = ((top, pad_height - top), (left, pad_width - left))
+    out = {
+        "image1": np.pad(sample["image1"], spatial + ((0, 0),), mode="edge"),
+        "image2": np.pad(sample["image2"], spatial + ((0, 0),), mode="edge"),
+        "flow": np.pad(sample["flow"], spatial + ((0, 0),)),
+        "valid": np.pad(sample["valid"], spatial),
+        "region": np.array([top, left, original_height, original_width], np.int32),
+    }
+    return out
+
+
+@functools.cache
+def _ceil8(value: int) -> int:
+    return 8 * math.ceil(value / 8)
+
+
+class _EvalBatch:
+    """This process's slice of padded global eval batch ``step``; ``mask`` marks real examples."""
+
+    def __init__(self, source, global_batch_size, process_index, process_count, pad_mode, pad_to):
+        self._source = source
+        self._global_batch_size = global_batch_size
+        self._per_process = _slice_size(global_batch_size, process_count)
+        self._process_index = process_index
+        self._pad_mode = pad_mode
+        self._pad_to = pad_to
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        start = int(step) * self._global_batch_size + self._process_index * self._per_process
+        positions = np.arange(start, start + self._per_process)
+        mask = positions < len(self._source)
+        samples = [self._source[int(min(p, len(self._source) - 1))] for p in positions]
+        if self._pad_to is not None:
+            height, width = self._pad_to
+        else:
+            height = _ceil8(max(s["image1"].shape[0] for s in samples))
+            width = _ceil8(max(s["image1"].shape[1] for s in samples))
+        padded = [pad_sample(s, height, width, self._pad_mode) for s in samples]
+        batch = {key: np.stack([p[key] for p in padded]) for key in padded[0]}
+        batch["valid"] = batch["valid"] * mask[:, None, None]
+        batch["mask"] = mask.astype(np.float32)
+        return batch
+
+
+def flow_eval_batches(
+    source: FlowSource,
+    *,
+    global_batch_size: int = 1,
+    process_index: int = 0,
+    process_count: int = 1,
+    pad_mode: str = "sintel",
+    pad_to: tuple[int, int] | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """One pass in fixed order; frames padded to multiples of 8 (or to ``pad_to``).
+
+    Batches: ``image1``, ``image2``, ``flow``, ``valid`` (0 in the padding and for
+    padded examples), ``region`` (per example: top, left, height, width) and
+    ``mask``. Summing masked metric sums over all batches and processes counts
+    every real pixel once. Multi-process runs need ``pad_to`` so all slices
+    share a shape.
+    """
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad mode {pad_mode!r}: expected one of {PAD_MODES}")
+    if len(source) == 0:
+        raise ValueError("flow_eval_batches: the flow source is empty")
+    builder = _EvalBatch(source, global_batch_size, process_index, process_count, pad_mode, pad_to)
+    steps = grain.MapDataset.range(math.ceil(len(source) / global_batch_size))
+    return iter(steps.map(builder).to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
