@@ -1,6 +1,7 @@
 """Staged Linen models: every model exposes ``stage_names`` and ``stage(i, x, train=...)``."""
 
 from hkt_jax.models.cifar_resnet import CifarResNet
+from hkt_jax.models.raft import RAFT
 from hkt_jax.models.registry import ARCHITECTURES, build_model, model_spec, parameter_count
 from hkt_jax.models.staged import StagedModel, apply_stage, check_staged, run_all_stages
 from hkt_jax.models.toy import ToyStagedNet
