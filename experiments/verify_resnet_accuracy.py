@@ -21,12 +21,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import torch
 from PIL import Image
 
 from hkt_jax.convert import resnet_from_torch
+from hkt_jax.convert.torch_models import CifarResNet as TorchCifarResNet  # the akamaster network (needs torch)
+from hkt_jax.convert.torch_models import torch
 from hkt_jax.models.cifar_resnet import CifarResNet
-from tests.test_convert_resnet import TorchCifarResNet  # the akamaster reference the checkpoints were trained with
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -68,7 +68,8 @@ def torch_predictions(checkpoint: Path, depth: int, images: np.ndarray, batch_si
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.verify_resnet_accuracy",
+                                     description=__doc__.split("\n\n")[0])
     default_data = Path(os.environ.get("HKT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
     parser.add_argument("--data", type=Path, default=default_data,
                         help="shared data folder (default: $HKT_SHARED_DATA or <repo>/../shared/data)")

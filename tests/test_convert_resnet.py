@@ -1,9 +1,11 @@
-"""hkt_jax.convert.resnet against an inline PyTorch reference model.
+"""hkt_jax.convert.resnet against the PyTorch reference model.
 
 The reference is akamaster/pytorch_resnet_cifar10's ``resnet.py`` (BSD-2-Clause,
-Copyright (c) 2018 Yerlan Idelbayev), with its option-B projection shortcut; the
-real checkpoints in the shared data were trained with it. Every Flax forward pass
-uses a batch of 20 (the reference images), so each architecture is jitted once.
+Copyright (c) 2018 Yerlan Idelbayev), with its option-B projection shortcut, as
+shipped in ``hkt_jax.convert.torch_models``: the real checkpoints in the shared
+data were trained with it, and it must reproduce the logits recorded with them.
+Every Flax forward pass uses a batch of 20 (the reference images), so each
+architecture is jitted once.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import pytest
 from flax import traverse_util
 
 torch = pytest.importorskip("torch", reason="the *_vs_reference converter tests need PyTorch (requirements-test.txt)")
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from hkt_jax.checkpoint import load_model, save_model  # noqa: E402
 from hkt_jax.convert import resnet_from_torch, resnet_to_torch  # noqa: E402
 from hkt_jax.convert.__main__ import build_parser, main  # noqa: E402
+from hkt_jax.convert.torch_models import CifarResNet as TorchCifarResNet  # noqa: E402
+from hkt_jax.convert.torch_models import load_exported  # noqa: E402
 from hkt_jax.models.cifar_resnet import CifarResNet  # noqa: E402
 from hkt_jax.models.registry import model_spec  # noqa: E402
 from tests.conftest import REPO_ROOT  # noqa: E402
@@ -32,69 +35,6 @@ from tests.conftest import require_shared as shared_data  # noqa: E402
 BATCH = 20
 MAX_LOGIT_ERROR = 1e-4
 REAL_CHECKPOINTS = {20: "resnet20-12fca82f.th", 56: "resnet56-4bfd9763.th"}
-
-
-# --- PyTorch reference (akamaster/pytorch_resnet_cifar10 resnet.py) -------------------------------------------
-
-
-class LambdaLayer(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
-
-
-class TorchBasicBlock(nn.Module):
-    def __init__(self, in_planes, planes, stride=1, option="A"):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes:
-            if option == "A":
-                self.shortcut = LambdaLayer(
-                    lambda x: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, planes // 4, planes // 4), "constant", 0))
-            else:
-                self.shortcut = nn.Sequential(
-                    nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(planes))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
-class TorchCifarResNet(nn.Module):
-    def __init__(self, depth=20, num_classes=10, option="A"):
-        super().__init__()
-        blocks = (depth - 2) // 6
-        self.in_planes = 16
-        self.conv1 = nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.layer1 = self._make_layer(16, blocks, 1, option)
-        self.layer2 = self._make_layer(32, blocks, 2, option)
-        self.layer3 = self._make_layer(64, blocks, 2, option)
-        self.linear = nn.Linear(64, num_classes)
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                nn.init.kaiming_normal_(module.weight)
-
-    def _make_layer(self, planes, blocks, stride, option):
-        layers = []
-        for block_stride in [stride] + [1] * (blocks - 1):
-            layers.append(TorchBasicBlock(self.in_planes, planes, block_stride, option))
-            self.in_planes = planes
-        return nn.Sequential(*layers)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer3(self.layer2(self.layer1(out)))
-        out = F.avg_pool2d(out, out.size()[3]).flatten(1)
-        return self.linear(out)
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------
@@ -344,30 +284,46 @@ def test_torch_is_optional():
         "import sys; sys.modules['torch'] = None\n"
         "import hkt_jax.convert as convert\n"
         "try:\n    convert.resnet_to_torch({})\nexcept ImportError as error:\n    print(error)\n"
+        "try:\n    import hkt_jax.convert.torch_models\nexcept ImportError as error:\n    print(error)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "pip install torch" in result.stdout
+    assert "read or write .pt/.th files: pip install -r requirements-torch.txt" in result.stdout
+    assert "torch_models defines PyTorch models and needs PyTorch: pip install -r requirements-torch.txt" in result.stdout
 
 
 # --- real pretrained checkpoints -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("depth", sorted(REAL_CHECKPOINTS))
-def test_real_checkpoint_vs_reference_logits(depth):
+def real_reference_images():
+    """The 20 lossless CIFAR-10 test images, normalised as recorded with the reference logits, and the record."""
     from PIL import Image
 
-    checkpoint = shared_data("resnet-cifar10-torch", REAL_CHECKPOINTS[depth])
     reference = np.load(shared_data("resnet-cifar10-torch", "reference_logits_cifar10_first20.npz"))
     pngs = sorted(shared_data("cifar-samples").glob("cifar10_*.png"))
     images = np.stack([np.asarray(Image.open(png).convert("RGB")) for png in pngs])
     np.testing.assert_array_equal(images, reference["images_uint8"])
-    normalised = ((images / 255.0 - reference["mean"]) / reference["std"]).astype(np.float32)
+    return ((images / 255.0 - reference["mean"]) / reference["std"]).astype(np.float32), reference
 
-    variables = resnet_from_torch(checkpoint, depth)
+
+@pytest.mark.parametrize("depth", sorted(REAL_CHECKPOINTS))
+def test_real_checkpoint_vs_reference_logits(depth):
+    normalised, reference = real_reference_images()
+    variables = resnet_from_torch(shared_data("resnet-cifar10-torch", REAL_CHECKPOINTS[depth]), depth)
     logits = flax_logits(variables, normalised, depth=depth)
     assert_logits_match(logits, reference[f"resnet{depth}"])
     assert np.mean(logits.argmax(-1) == reference["labels"]) >= 0.85
+
+
+def test_library_torch_resnet_reproduces_recorded_logits():
+    """torch_models.CifarResNet is the network the akamaster checkpoints were trained and recorded with."""
+    normalised, reference = real_reference_images()
+    checkpoint = torch.load(shared_data("resnet-cifar10-torch", REAL_CHECKPOINTS[20]), map_location="cpu",
+                            weights_only=True)
+    model = TorchCifarResNet(20).eval()
+    model.load_state_dict({key.removeprefix("module."): value for key, value in checkpoint["state_dict"].items()},
+                          strict=True)
+    assert_logits_match(torch_logits(model, normalised), reference["resnet20"])
 
 
 # --- CLI -----------------------------------------------------------------------------------------------------------
@@ -399,13 +355,17 @@ def test_cli_export_torch_round_trip_vs_reference(tmp_path):
     save_model(workdir / "export" / "child", variables, spec)
     exported = tmp_path / "out" / "child.pt"
 
-    assert main(["export-torch", "--src", str(workdir), "--out", str(exported)]) == 0
+    assert main(["export-torch", "--src", str(workdir), "--out", str(exported), "--normalization", "cifar"]) == 0
     saved = torch.load(exported, map_location="cpu", weights_only=True)
     assert saved["spec"]["kwargs"] == {"depth": 20, "num_classes": 10, "shortcut": "B"}
+    assert saved["preprocessing"]["std"] == [0.2470, 0.2435, 0.2616]
     model = TorchCifarResNet(20, 10, "B").eval()
     model.load_state_dict(saved["state_dict"], strict=True)
     images = random_images(3)
     assert_logits_match(torch_logits(model, images), flax_logits(variables, images, shortcut="B"))
+    loaded, preprocess = load_exported(exported)
+    assert preprocess.class_names == tuple(str(label) for label in range(10)), "no run config: labels as names"
+    assert_logits_match(torch_logits(loaded, images), flax_logits(variables, images, shortcut="B"))
 
     assert main(["resnet", "--src", str(exported), "--depth", "20", "--out", str(tmp_path / "back")]) == 0
     assert_trees_bit_identical(load_model(tmp_path / "back")[0], variables)
@@ -418,6 +378,9 @@ def test_cli_errors_list_the_problem_without_traceback(tmp_path, capsys):
     assert "checkpoint has 3 blocks per group (depth 20), asked for depth 32" in capsys.readouterr().err
     assert main(["export-torch", "--src", str(tmp_path), "--out", str(tmp_path / "x.pt")]) == 1
     assert "neither a model checkpoint dir nor a training workdir" in capsys.readouterr().err
+    save_model(tmp_path / "converted", random_flax_variables("A"), model_spec("cifar_resnet", depth=20))
+    assert main(["export-torch", "--src", str(tmp_path / "converted"), "--out", str(tmp_path / "x.pt")]) == 1
+    assert "cannot tell the input normalisation" in capsys.readouterr().err
 
 
 def test_cli_help_documents_every_flag():

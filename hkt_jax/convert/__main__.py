@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -16,12 +17,17 @@ from hkt_jax.checkpoint import MODEL_SPEC_FILE, load_model, save_model
 from hkt_jax.convert.resnet import (
     load_torch_checkpoint, require_torch, resnet_config, resnet_from_torch, resnet_to_torch,
 )
+from hkt_jax.data import CIFAR10_CLASSES
+from hkt_jax.data.pipeline import NORMALIZATIONS
 from hkt_jax.models.registry import model_spec, parameter_count
 
 # Fields training scripts store next to the weights to say how good they are (akamaster, RepDistiller).
 ACCURACY_FIELDS = ("best_prec1", "best_acc")
 # Where a training run's workdir keeps its exported child.
 WORKDIR_CHILD = Path("export") / "child"
+# The config a training run writes to its workdir; its data section says how inputs were normalised.
+RUN_CONFIG_FILE = "config.json"
+CIFAR_IMAGE_SIZE = (32, 32)
 
 
 def convert_resnet(args: argparse.Namespace) -> None:
@@ -55,18 +61,64 @@ def resolve_model_dir(src: Path) -> Path:
     )
 
 
+def _run_config(model_dir: Path) -> dict:
+    """The training run's config.json for a model dir a run wrote (WORKDIR/export/child, WORKDIR/best), else {}."""
+    model_dir = model_dir.absolute()
+    workdirs = [model_dir.parents[1]] if model_dir.parts[-2:] == WORKDIR_CHILD.parts else []
+    workdirs += [model_dir.parent] if model_dir.name == "best" else []
+    for workdir in workdirs:
+        if (workdir / RUN_CONFIG_FILE).is_file():
+            return json.loads((workdir / RUN_CONFIG_FILE).read_text())
+    return {}
+
+
+def export_preprocessing(data: dict, num_classes: int, normalization: str | None, model_dir: Path) -> dict:
+    """What the exported network expects as input: the training run's (``data``) normalisation and class names."""
+    from hkt_jax.convert.torch_models import preprocessing_record  # needs torch, like every export
+
+    normalization = normalization or data.get("normalization")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"{model_dir}: cannot tell the input normalisation the model was trained with (no "
+                         f"{RUN_CONFIG_FILE} of its training run next to it); pass --normalization, one of "
+                         f"{sorted(NORMALIZATIONS)}")
+    class_names = data.get("class_names") or (CIFAR10_CLASSES if data.get("name") == "cifar10" else None)
+    if class_names is None or len(class_names) != num_classes:
+        class_names = [str(label) for label in range(num_classes)]
+    mean, std = NORMALIZATIONS[normalization]
+    return {**preprocessing_record(mean, std, CIFAR_IMAGE_SIZE, class_names), "normalization": normalization}
+
+
 def export_torch(args: argparse.Namespace) -> None:
     torch = require_torch()
+    from hkt_jax.convert.torch_models import EXPORT_FORMAT
+
     model_dir = resolve_model_dir(Path(args.src))
     variables, spec = load_model(model_dir)
     if spec.get("arch") != "cifar_resnet":
         raise ValueError(f"{model_dir} holds a {spec.get('arch')!r} model; export-torch converts 'cifar_resnet' only")
     state_dict = resnet_to_torch(variables)
+    torch_kwargs = resnet_config(variables)  # depth, num_classes, shortcut: what torch_models.CifarResNet takes
+    data = _run_config(model_dir).get("data", {})
+    preprocessing = export_preprocessing(data, torch_kwargs["num_classes"], args.normalization, model_dir)
+    description = {
+        "format": EXPORT_FORMAT,
+        "torch_model": {"class": "hkt_jax.convert.torch_models.CifarResNet", "arch": "cifar_resnet",
+                        "kwargs": torch_kwargs},
+        "preprocessing": preprocessing,
+        "training_data": {key: data[key] for key in ("source", "name", "path") if key in data},
+        "spec": spec,
+        "exported_from": str(model_dir.absolute()),
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": state_dict, "spec": spec}, out)
+    torch.save({**description, "state_dict": state_dict}, out)
+    out.with_suffix(".json").write_text(json.dumps(description, indent=2) + "\n")
     print(f"exported {model_dir} ({spec['kwargs']}) -> {out}")
     print(f"  tensors: {len(state_dict)} (PyTorch akamaster layout, loads with strict=True)")
+    print(f"  input:   RGB uint8 -> (x / 255 - mean) / std ({preprocessing['normalization']}), NCHW float32, "
+          f"{preprocessing['image_size'][0]}x{preprocessing['image_size'][1]}, {torch_kwargs['num_classes']} classes")
+    print(f"  load it: model, preprocess = hkt_jax.convert.torch_models.load_exported({str(out)!r}) "
+          f"(same description in {out.with_suffix('.json')})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,12 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser(
         "export-torch", help="hkt_jax model checkpoint (or training workdir) -> PyTorch .pt",
-        description="Write a CifarResNet model checkpoint as {'state_dict', 'spec'} in the akamaster PyTorch "
-                    "layout, loadable with load_state_dict(strict=True).",
+        description="Write a CifarResNet model checkpoint in the akamaster PyTorch layout (state dict loadable "
+                    "with strict=True) together with the input preprocessing it was trained with, and the same "
+                    "description (without weights) as JSON next to it (OUT with .json). Load it with "
+                    "hkt_jax.convert.torch_models.load_exported(OUT) -> (model, preprocess); needs PyTorch.",
     )
     export.add_argument("--src", required=True, help="model checkpoint dir, or a training workdir (its "
                         f"{WORKDIR_CHILD} is used)")
     export.add_argument("--out", required=True, help="output .pt file (parent dirs are created)")
+    export.add_argument("--normalization", choices=sorted(NORMALIZATIONS), default=None,
+                        help="input mean/std the model was trained with; default: the training run's "
+                        f"data.normalization from its {RUN_CONFIG_FILE} (required for models without one)")
     export.set_defaults(run=export_torch)
     return parser
 

@@ -173,8 +173,8 @@ def require_torch():
         import torch
     except ImportError as error:
         raise ImportError(
-            "hkt_jax.convert needs PyTorch to read or write .pt/.th files: pip install torch "
-            "(CPU build is enough; see requirements-test.txt)"
+            "hkt_jax.convert needs PyTorch to read or write .pt/.th files: pip install -r requirements-torch.txt "
+            "(torch and torchvision; the CPU build is enough)"
         ) from error
     return torch
 
