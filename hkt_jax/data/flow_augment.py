@@ -98,6 +98,23 @@ def _hsv_to_rgb(hue: np.ndarray, saturation: np.ndarray, value: np.ndarray) -> n
     return np.stack([np.choose(sector, [c[channel] for c in choices]) for channel in range(3)], axis=-1)
 
 
+def adjust_colors(images: np.ndarray, order, brightness: float, contrast: float, saturation: float, hue: float):
+    """Brightness, contrast, saturation (factors) and hue (shift in turns) in the given order, clipping each."""
+    out = images.astype(np.float32)
+    for transform in order:
+        if transform == 0:
+            out = out * brightness
+        elif transform == 1:
+            out = contrast * out + (1 - contrast) * _grayscale(out).mean()
+        elif transform == 2:
+            out = saturation * out + (1 - saturation) * _grayscale(out)[..., None]
+        else:
+            hue_, saturation_, value = _rgb_to_hsv(out / 255.0)
+            out = 255.0 * _hsv_to_rgb((hue_ + hue) % 1.0, saturation_, value)
+        out = np.clip(out, 0.0, 255.0)
+    return out.astype(np.float32)
+
+
 def color_jitter(images: np.ndarray, rng: np.random.Generator, config: AugmentConfig) -> np.ndarray:
     """torchvision ColorJitter on a stack of frames sharing one draw (factors and order).
 
@@ -106,20 +123,7 @@ def color_jitter(images: np.ndarray, rng: np.random.Generator, config: AugmentCo
     """
     factors = [rng.uniform(max(0.0, 1 - v), 1 + v) for v in (config.brightness, config.contrast, config.saturation)]
     hue_shift = rng.uniform(-config.hue, config.hue)
-    out = images.astype(np.float32)
-    for transform in rng.permutation(4):
-        if transform == 0:
-            out = out * factors[0]
-        elif transform == 1:
-            mean = _grayscale(out).mean()
-            out = factors[1] * out + (1 - factors[1]) * mean
-        elif transform == 2:
-            out = factors[2] * out + (1 - factors[2]) * _grayscale(out)[..., None]
-        else:
-            hue, saturation, value = _rgb_to_hsv(out / 255.0)
-            out = 255.0 * _hsv_to_rgb((hue + hue_shift) % 1.0, saturation, value)
-        out = np.clip(out, 0.0, 255.0)
-    return out.astype(np.float32)
+    return adjust_colors(images, rng.permutation(4), *factors, hue_shift)
 
 
 def photometric(image1: np.ndarray, image2: np.ndarray, rng: np.random.Generator, config: AugmentConfig):

@@ -95,7 +95,7 @@ class SyntheticFlow:
     max_log_scale: float = 0.06
     max_shear: float = 0.03
     num_waves: int = 4
-    wavelength_px: tuple[float, float] = (6.0, 32.0)
+    wavelength_px: tuple[float, float] = (8.0, 32.0)
 
     def __post_init__(self):
         if self.height <= 0 or self.width <= 0 or self.height % 8 or self.width % 8:
@@ -118,11 +118,16 @@ class SyntheticFlow:
         wavelengths = rng.uniform(*self.wavelength_px, self.num_waves)
         directions = rng.uniform(0, 2 * np.pi, self.num_waves)
         frequencies = np.stack([np.cos(directions), np.sin(directions)], -1) / wavelengths[:, None]
+        base_color = rng.uniform(50, 205, 3)
+        weights = rng.uniform(-1, 1, (self.num_waves, 3)) * rng.uniform(15, 45, (self.num_waves, 1))
+        # Keep base +- the waves inside [0, 255]: no clipping, so textures stay smooth (bilinear-friendly).
+        headroom = np.minimum(base_color, 255 - base_color)
+        weights *= np.minimum(1.0, headroom / np.abs(weights).sum(axis=0))
         return dict(
-            base_color=rng.uniform(50, 205, 3),
+            base_color=base_color,
             frequencies=frequencies,
             phases=rng.uniform(0, 2 * np.pi, self.num_waves),
-            color_weights=rng.uniform(-1, 1, (self.num_waves, 3)) * rng.uniform(15, 45, (self.num_waves, 1)),
+            color_weights=weights,
         )
 
     def layers(self, index: int) -> list[_Layer]:
