@@ -1,4 +1,5 @@
-"""Optical-flow file formats: Middlebury ``.flo``, ``.pfm``, KITTI 16-bit PNG flow, frames (PNG/PPM/JPEG), colour-wheel pictures.
+"""Optical-flow file formats: Middlebury ``.flo``, ``.pfm``, KITTI 16-bit PNG flow,
+frames (PNG/PPM/JPEG), colour-wheel pictures.
 
 Flows are ``(H, W, 2)`` float32 arrays, channels-last, pixels (x, y), the layout
 RAFT and the flow datasets (FlyingChairs, Sintel) use. Readers fail with a
