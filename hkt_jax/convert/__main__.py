@@ -1,6 +1,7 @@
 """``python -m hkt_jax.convert``: pretrained PyTorch parents in, trained Flax children out.
 
   resnet        PyTorch CIFAR ResNet checkpoint -> model checkpoint dir (for --parent_ckpt)
+  raft          PyTorch RAFT / RAFT-small checkpoint (princeton-vl or torchvision) -> model checkpoint dir
   export-torch  model checkpoint dir or training workdir -> PyTorch .pt file
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import jax
 
-from hkt_jax.checkpoint import MODEL_SPEC_FILE, load_model, save_model
+from hkt_jax.checkpoint import MODEL_SPEC_FILE, load_model, load_model_spec, save_model
 from hkt_jax.convert.resnet import (
     load_torch_checkpoint, require_torch, resnet_config, resnet_from_torch, resnet_to_torch,
 )
@@ -93,6 +94,8 @@ def export_torch(args: argparse.Namespace) -> None:
     from hkt_jax.convert.torch_models import EXPORT_FORMAT
 
     model_dir = resolve_model_dir(Path(args.src))
+    if load_model_spec(model_dir).get("arch") == "raft":  # RAFT: its own layout and record
+        return export_raft_torch(model_dir, Path(args.out))
     variables, spec = load_model(model_dir)
     if spec.get("arch") != "cifar_resnet":
         raise ValueError(f"{model_dir} holds a {spec.get('arch')!r} model; export-torch converts 'cifar_resnet' only")
@@ -121,6 +124,36 @@ def export_torch(args: argparse.Namespace) -> None:
           f"(same description in {out.with_suffix('.json')})")
 
 
+def convert_raft(args: argparse.Namespace) -> None:
+    from hkt_jax.convert.raft import checkpoint_layout, load_checkpoint, raft_from_torch
+
+    checkpoint = load_checkpoint(args.src)
+    variables = raft_from_torch(checkpoint)  # raises before anything is written
+    layout, small = checkpoint_layout(checkpoint)
+    spec = {"arch": "raft", "kwargs": {"small": small},
+            "metadata": {"converted_from": str(Path(args.src).absolute()), "source_layout": layout}}
+    out = save_model(args.out, variables, spec)
+    print(f"converted {args.src} ({layout} layout) -> RAFT(small={small})")
+    print(f"  parameters:     {parameter_count(variables['params']):,}")
+    print(f"  written to:     {out}")
+
+
+def export_raft_torch(model_dir: Path, out: Path) -> None:
+    """A RAFT model checkpoint -> {'state_dict', 'spec', 'torchvision_builder'} (torchvision layout, strict)."""
+    from hkt_jax.convert.raft import raft_to_torch
+
+    torch = require_torch()
+    variables, spec = load_model(model_dir)
+    small = bool(spec.get("kwargs", {}).get("small", False))
+    state_dict = raft_to_torch(variables, small=small)
+    builder = "raft_small" if small else "raft_large"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": state_dict, "spec": spec, "torchvision_builder": builder}, out)
+    print(f"exported {model_dir} (RAFT small={small}) -> {out}")
+    print(f"  tensors: {len(state_dict)} (torchvision layout: torchvision.models.optical_flow.{builder}(weights=None)"
+          ".load_state_dict(..., strict=True); it takes images in [-1, 1])")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m hkt_jax.convert",
@@ -142,6 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     resnet.add_argument("--num_classes", type=int, default=None, help="classifier outputs; default: read from the "
                         "checkpoint's classifier")
     resnet.set_defaults(run=convert_resnet)
+
+    raft = commands.add_parser(
+        "raft", help="PyTorch RAFT / RAFT-small checkpoint -> hkt_jax model checkpoint dir",
+        description="Convert a princeton-vl (raft-things.pth, raft-small.pth, ...; 'module.' prefixes) or torchvision "
+                    "(raft_large / raft_small state dict) checkpoint; the size is detected. Fails listing every key "
+                    "that does not fit, and then writes nothing.",
+    )
+    raft.add_argument("--src", required=True, help="PyTorch checkpoint file (.pth/.pt): a state dict")
+    raft.add_argument("--out", required=True, help="output model checkpoint directory (model.json + variables/)")
+    raft.set_defaults(run=convert_raft)
 
     export = commands.add_parser(
         "export-torch", help="hkt_jax model checkpoint (or training workdir) -> PyTorch .pt",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pickle
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -174,6 +175,23 @@ def detect_layout(state_dict: Mapping[str, Any]) -> tuple[str, bool]:
     )
 
 
+def load_checkpoint(path: str | os.PathLike) -> Any:
+    """``torch.load(weights_only=True)`` on CPU; a file torch cannot read that way is a ``ValueError``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such checkpoint file: {path}")
+    try:
+        return load_torch_checkpoint(path)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path}: not a PyTorch checkpoint readable with torch.load(weights_only=True) ({reason})") \
+            from None
+
+
+def checkpoint_layout(checkpoint: Mapping[str, Any]) -> tuple[str, bool]:
+    """(layout, small) of a loaded PyTorch RAFT checkpoint, without converting it."""
+    return detect_layout(_unwrap(checkpoint))
+
+
 def _as_float32_numpy(value: Any) -> np.ndarray:
     if hasattr(value, "detach"):  # torch.Tensor; .float() also covers fp16/bf16
         value = value.detach().cpu().float().numpy()
@@ -200,7 +218,7 @@ def raft_from_torch(state_dict_or_path: Mapping[str, Any] | str | os.PathLike,
     error then lists every key that does not fit). ``batch_stats`` is empty for RAFT-S.
     """
     if isinstance(state_dict_or_path, (str, os.PathLike)):
-        state_dict_or_path = load_torch_checkpoint(state_dict_or_path)
+        state_dict_or_path = load_checkpoint(state_dict_or_path)
     state_dict = _unwrap(state_dict_or_path)
     layout, detected_small = detect_layout(state_dict)
     small = detected_small if small is None else small
