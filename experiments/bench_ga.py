@@ -231,7 +231,8 @@ def plot(report: dict, out: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench_ga", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes and 2 rounds, well under a minute on CPU")
     parser.add_argument("--reps", type=int, help="timed rounds per size (default 7, --quick 2)")
     parser.add_argument("--chunk-sizes", default="", help="comma-separated explicit chunk sizes to add as extra rows")

@@ -418,7 +418,8 @@ def render(result: dict[str, Any]) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench_train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parent_depth", type=int, default=110)
     parser.add_argument("--child_depth", type=int, default=20)
     parser.add_argument("--batch_size", type=int, default=128)

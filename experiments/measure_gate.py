@@ -24,7 +24,8 @@ CHECKPOINTS = {20: "resnet20-12fca82f.th", 56: "resnet56-4bfd9763.th"}
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m experiments.measure_gate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"),
                         help="the shared data folder (default: %(default)s)")
     folder = Path(parser.parse_args(argv).shared) / "resnet-cifar10-torch"

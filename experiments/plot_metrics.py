@@ -1,13 +1,18 @@
 """Plot training curves of one or more runs: ``python -m experiments.plot_metrics WORKDIR... [--out FILE.png]``.
 
-Reads each run's ``metrics.jsonl`` and draws, side by side: training loss,
-the three HKT loss terms (l1, l2, l3), and validation accuracy - so a
-baseline, a KD run and an HKT run can be compared at a glance.
+Reads each run's ``metrics.jsonl`` (and ``config.json`` for the method and loss
+kinds) and draws six panels, one scale each: the task loss L2, the inheritance
+terms L1/L3 (MAE ~0.03-0.2 would vanish next to a cross-entropy of ~2), the
+weighted objective, accuracy (training batches and validation), the GA
+diagnostics per boundary and the learning rate. Each run keeps one colour in
+every panel, so a baseline, a KD run and an HKT run compare at a glance.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -15,34 +20,141 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend first)
+from matplotlib.lines import Line2D  # noqa: E402
 
 from hkt_jax.metrics import read_metrics  # noqa: E402
 
+GA_KEY = re.compile(r"(?P<kind>gate|ga_ratio)/(?P<direction>to_child|to_parent)_(?P<boundary>\w+)")
+GA_UNITS = {"gate": "gate a (1 = nothing inherited)", "ga_ratio": "‖GA‖ / ‖x′‖"}
+IDENTICAL_GATES_NOTE = "to_child = to_parent (Transfer is the identity,\na is symmetric in x′ and τ): drawn once"
+STYLES = ("-", "--", ":", "-.")
 
-def _series(rows, key):
-    points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-    return [p[0] for p in points], [p[1] for p in points]
+
+def _series(rows, key, *, evaluation=False):
+    """(steps, values) of ``key``, the last value per step (eval rows: validation split only)."""
+    by_step = {}
+    for row in rows:
+        if row.get(key) is None or ("eval_accuracy" in row) != evaluation:
+            continue
+        if evaluation and row.get("split", "validation") != "validation":
+            continue
+        by_step[row["step"]] = row[key]
+    steps = sorted(by_step)
+    return steps, [by_step[step] for step in steps]
 
 
-def plot_runs(workdirs, out: Path) -> Path:
-    fig, (ax_loss, ax_terms, ax_acc) = plt.subplots(1, 3, figsize=(15, 4))
-    for workdir in workdirs:
+def _run_config(workdir: Path) -> dict:
+    path = workdir / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _inheritance_terms(rows, config: dict) -> list[tuple[str, tuple]]:
+    """The non-task loss terms a run really logged, named by what they are for its method."""
+    method = config.get("method", "hkt")
+    kind = {"mae": "MAE", "ce": "CE"}.get(config.get("hkt", {}).get("inherit_loss"), "")
+    names = {"l1": f"L1 backbone {kind}".rstrip(), "l3": f"L3 head {kind}".rstrip()}
+    if method == "kd":
+        names = {"l3": "KD term"}
+    terms = []
+    for key, name in names.items():
+        series = _series(rows, key)
+        if any(value != 0 for value in series[1]):  # child/parent runs log L1 = L3 = 0
+            terms.append((name, series))
+    return terms
+
+
+def _ga_diagnostics(rows) -> tuple[list[tuple[str, tuple]], list[str]]:
+    """GA series per boundary; a to_child/to_parent pair with identical values is drawn once (returned in notes)."""
+    keys = sorted({key for row in rows for key in row if GA_KEY.fullmatch(key)})
+    series = {key: _series(rows, key) for key in keys}
+    drawn, notes = [], []
+    for key in keys:
+        match = GA_KEY.fullmatch(key)
+        twin = f"{match['kind']}/to_child_{match['boundary']}"
+        if match["direction"] == "to_parent" and twin in series and series[twin] == series[key]:
+            continue
+        if match["direction"] == "to_child":
+            other = f"{match['kind']}/to_parent_{match['boundary']}"
+            if other in series and series[other] == series[key]:
+                drawn.append((f"{match['kind']}/{match['boundary']} (to_child = to_parent)", series[key]))
+                notes.append(match["boundary"])
+                continue
+        drawn.append((key, series[key]))
+    return drawn, notes
+
+
+def build_figure(workdirs):
+    """The figure (not saved); one colour per run across all panels."""
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    (ax_task, ax_inherit, ax_total), (ax_acc, ax_ga, ax_lr) = axes
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles_used = {ax: {} for ax in axes.flat}  # per panel: series name -> line style
+    ga_kinds, identical_boundaries = set(), set()
+
+    def draw(ax, name, steps, values, colour, **kwargs):
+        style = styles_used[ax].setdefault(name, STYLES[len(styles_used[ax]) % len(STYLES)])
+        ax.plot(steps, values, style, color=colour, linewidth=linewidth, **kwargs)
+
+    run_handles = []
+    for index, workdir in enumerate(workdirs):
+        workdir = Path(workdir)
         rows = read_metrics(workdir)
         if not rows:
             raise ValueError(f"{workdir}: no metrics.jsonl rows (is it a training run's workdir?)")
-        label = Path(workdir).name or str(workdir)
-        ax_loss.plot(*_series(rows, "loss"), label=label)
-        for term, style in (("l1", ":"), ("l2", "-"), ("l3", "--")):
-            ax_terms.plot(*_series(rows, term), style, label=f"{label} {term}")
-        ax_acc.plot(*_series(rows, "eval_accuracy"), marker="o", label=label)
-    for ax, title in ((ax_loss, "training loss"), (ax_terms, "L1 (backbone) / L2 (native) / L3 (head)"),
-                      (ax_acc, "validation accuracy")):
+        config = _run_config(workdir)
+        colour = colours[index % len(colours)]
+        linewidth = 1.5 + 1.5 * (len(workdirs) - 1 - index) / max(len(workdirs) - 1, 1)  # equal curves stay visible
+        label = f"{workdir.name or workdir} ({config['method']})" if "method" in config else (workdir.name or str(workdir))
+        run_handles.append(Line2D([], [], color=colour, lw=2, label=label))
+
+        task_key = "l2" if any(row.get("l2") is not None for row in rows) else "loss"
+        draw(ax_task, "L2 task (cross-entropy)", *_series(rows, task_key), colour)
+        for name, series in _inheritance_terms(rows, config):
+            draw(ax_inherit, name, *series, colour)
+        draw(ax_total, "L = sum of alpha_i L_i", *_series(rows, "loss"), colour)
+        steps, accuracy = _series(rows, "accuracy")
+        draw(ax_acc, "training batches", steps, [100 * a for a in accuracy], colour, alpha=0.5)
+        steps, accuracy = _series(rows, "eval_accuracy", evaluation=True)
+        draw(ax_acc, "validation", steps, [100 * a for a in accuracy], colour, marker="o")
+        drawn, identical = _ga_diagnostics(rows)
+        for name, series in drawn:
+            draw(ax_ga, name, *series, colour)
+            ga_kinds.add(name.split("/")[0])
+        identical_boundaries.update(identical)
+        draw(ax_lr, "learning rate", *_series(rows, "lr"), colour)
+
+    inherit_kinds = {name.split()[-1] for name in styles_used[ax_inherit]} & {"MAE", "CE"}
+    ga_unit = " or ".join(GA_UNITS[kind] for kind in sorted(ga_kinds)) or "-"
+    panels = (
+        (ax_task, "task loss L2 (native child)", "cross-entropy (nats)"),
+        (ax_inherit, "inheritance terms L1 / L3 (own scale)",
+         f"loss ({'/'.join(sorted(inherit_kinds))})" if inherit_kinds else "loss"),
+        (ax_total, "training objective", "weighted loss Σ αᵢ Lᵢ"),
+        (ax_acc, "accuracy", "top-1 accuracy (%)"),
+        (ax_ga, "Genetic Attention per boundary", ga_unit),
+        (ax_lr, "learning rate", "learning rate"),
+    )
+    empty_notes = {ax_inherit: "no L1/L3 logged (child or parent runs)", ax_ga: "no GA diagnostics (not an HKT run)"}
+    for ax, title, ylabel in panels:
         ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    fig.tight_layout()
-    return save_figure(fig, out)
+        if not styles_used[ax]:
+            ax.text(0.5, 0.5, empty_notes.get(ax, "nothing logged"), ha="center", va="center", transform=ax.transAxes)
+        elif len(styles_used[ax]) > 1 or ax in (ax_inherit, ax_ga):
+            note = IDENTICAL_GATES_NOTE if ax is ax_ga and identical_boundaries else None
+            ax.legend(handles=[Line2D([], [], color="grey", linestyle=style, label=name)
+                               for name, style in styles_used[ax].items()], fontsize="small", title=note,
+                      title_fontsize="x-small")
+    fig.legend(handles=run_handles, loc="upper center", ncol=min(len(run_handles), 4), title="run (colour)",
+               fontsize="small")
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    return fig
+
+
+def plot_runs(workdirs, out: Path) -> Path:
+    return save_figure(build_figure(workdirs), out)
 
 
 def save_figure(fig, out: Path) -> Path:
@@ -54,7 +166,8 @@ def save_figure(fig, out: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m experiments.plot_metrics", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workdirs", nargs="+", help="run directories holding metrics.jsonl")
     parser.add_argument("--out", default="metrics.png", help="output PNG (default: %(default)s)")
     args = parser.parse_args(argv)
