@@ -79,10 +79,10 @@ def _grayscale(images: np.ndarray) -> np.ndarray:
 
 
 def _rgb_to_hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    maximum, minimum = rgb.max(-1), rgb.min(-1)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    maximum, minimum = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
     delta = maximum - minimum
     safe = np.where(delta > 0, delta, 1.0)
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     hue = np.where(maximum == r, (g - b) / safe, np.where(maximum == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
     hue = np.where(delta > 0, (hue / 6.0) % 1.0, 0.0)
     saturation = np.where(maximum > 0, delta / np.where(maximum > 0, maximum, 1.0), 0.0)
@@ -90,12 +90,12 @@ def _rgb_to_hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _hsv_to_rgb(hue: np.ndarray, saturation: np.ndarray, value: np.ndarray) -> np.ndarray:
-    sector = np.floor(hue * 6.0)
-    fraction = hue * 6.0 - sector
-    p, q, t = value * (1 - saturation), value * (1 - saturation * fraction), value * (1 - saturation * (1 - fraction))
-    sector = sector.astype(np.int64) % 6
-    choices = [(value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value), (value, p, q)]
-    return np.stack([np.choose(sector, [c[channel] for c in choices]) for channel in range(3)], axis=-1)
+    """Closed form: channel n in (5, 3, 1) is ``v - v s clip(min(k, 4 - k), 0, 1)``, ``k = (n + 6 h) mod 6``."""
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = (n + 6.0 * hue) % 6.0
+        channels.append(value - value * saturation * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0))
+    return np.stack(channels, axis=-1)
 
 
 def adjust_colors(images: np.ndarray, order, brightness: float, contrast: float, saturation: float, hue: float):
@@ -109,8 +109,8 @@ def adjust_colors(images: np.ndarray, order, brightness: float, contrast: float,
         elif transform == 2:
             out = saturation * out + (1 - saturation) * _grayscale(out)[..., None]
         else:
-            hue_, saturation_, value = _rgb_to_hsv(out / 255.0)
-            out = 255.0 * _hsv_to_rgb((hue_ + hue) % 1.0, saturation_, value)
+            hue_, saturation_, value = _rgb_to_hsv(out / np.float32(255))
+            out = np.float32(255) * _hsv_to_rgb((hue_ + np.float32(hue)) % np.float32(1), saturation_, value)
         out = np.clip(out, 0.0, 255.0)
     return out.astype(np.float32)
 
@@ -151,18 +151,26 @@ def eraser(image2: np.ndarray, rng: np.random.Generator, config: AugmentConfig) 
 # ----------------------------------------------------------------------------- geometry
 
 
-def resize_bilinear(array: np.ndarray, scale_x: float, scale_y: float) -> np.ndarray:
-    """cv2.resize(fx, fy, INTER_LINEAR): size ``round(n * s)``, pixel centres mapped, edges clamped."""
+def resize_bilinear(
+    array: np.ndarray, scale_x: float, scale_y: float, window: tuple[int, int, int, int] | None = None
+) -> np.ndarray:
+    """cv2.resize(fx, fy, INTER_LINEAR): size ``round(n * s)``, pixel centres mapped, edges clamped.
 
-    def taps(size_in: int, scale: float):
-        size_out = int(round(size_in * scale))
-        source = np.clip((np.arange(size_out) + 0.5) / scale - 0.5, 0, size_in - 1)
+    ``window`` = (top, left, height, width) computes only that part of the resized array.
+    """
+    height, width = array.shape[:2]
+    out_height, out_width = int(round(height * scale_y)), int(round(width * scale_x))
+    top, left, rows_out, cols_out = window or (0, 0, out_height, out_width)
+    if top < 0 or left < 0 or top + rows_out > out_height or left + cols_out > out_width:
+        raise ValueError(f"window {window} is outside the {out_height}x{out_width} resized frame")
+
+    def taps(start: int, count: int, size_in: int, scale: float):
+        source = np.clip((np.arange(start, start + count) + 0.5) / scale - 0.5, 0, size_in - 1)
         low = np.floor(source).astype(np.int64)
         return low, np.minimum(low + 1, size_in - 1), (source - low).astype(np.float32)
 
-    height, width = array.shape[:2]
-    y0, y1, fy = taps(height, scale_y)
-    x0, x1, fx = taps(width, scale_x)
+    y0, y1, fy = taps(top, rows_out, height, scale_y)
+    x0, x1, fx = taps(left, cols_out, width, scale_x)
     values = array.reshape(height, width, -1).astype(np.float32)
     rows = values[y0] * (1 - fy)[:, None, None] + values[y1] * fy[:, None, None]
     out = rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
@@ -231,30 +239,46 @@ def sample_spatial_params(
 
 
 def apply_spatial(sample: dict[str, np.ndarray], params: SpatialParams, config: AugmentConfig):
-    """Zooms, flips and crops both frames, the flow and its valid mask consistently."""
+    """Zooms, flips and crops both frames, the flow and its valid mask consistently.
+
+    Same result as RAFT's resize -> flip -> crop, but only the kept window is resampled.
+    """
     image1, image2, flow, valid = (sample[k] for k in ("image1", "image2", "flow", "valid"))
+    height, width = image1.shape[:2]
     if params.resize:
-        image1 = resize_bilinear(image1, params.scale_x, params.scale_y)
-        image2 = resize_bilinear(image2, params.scale_x, params.scale_y)
-        if config.sparse:
-            flow, valid = resize_sparse_flow(flow, valid, params.scale_x, params.scale_y)
-        else:
-            flow = resize_bilinear(flow, params.scale_x, params.scale_y) * np.float32([params.scale_x, params.scale_y])
-            # A resized pixel is known only if every pixel it blends is known.
-            valid = (resize_bilinear(valid, params.scale_x, params.scale_y) > 0.999).astype(np.float32)
-    if params.h_flip:
-        image1, image2, valid = image1[:, ::-1], image2[:, ::-1], valid[:, ::-1]
-        flow = flow[:, ::-1] * np.float32([-1.0, 1.0])
-    if params.v_flip:
-        image1, image2, valid = image1[::-1], image2[::-1], valid[::-1]
-        flow = flow[::-1] * np.float32([1.0, -1.0])
+        height, width = int(round(height * params.scale_y)), int(round(width * params.scale_x))
     crop_height, crop_width = config.crop_size
-    window = (slice(params.crop_y, params.crop_y + crop_height), slice(params.crop_x, params.crop_x + crop_width))
-    out = {k: np.ascontiguousarray(v[window], np.float32) for k, v in
-           (("image1", image1), ("image2", image2), ("flow", flow), ("valid", valid))}
-    if out["image1"].shape[:2] != (crop_height, crop_width):
-        raise ValueError(f"crop {config.crop_size} does not fit the {image1.shape[:2]} frame ({params})")
-    return out
+    # Where the crop of the flipped frame lies in the unflipped one.
+    top = height - params.crop_y - crop_height if params.v_flip else params.crop_y
+    left = width - params.crop_x - crop_width if params.h_flip else params.crop_x
+    if top < 0 or left < 0 or top + crop_height > height or left + crop_width > width:
+        raise ValueError(f"crop {config.crop_size} does not fit the {height}x{width} frame ({params})")
+    window = (top, left, crop_height, crop_width)
+    inside = (slice(top, top + crop_height), slice(left, left + crop_width))
+    scale = np.float32([params.scale_x, params.scale_y])
+
+    def resample(array: np.ndarray) -> np.ndarray:
+        if params.resize:
+            return resize_bilinear(array, params.scale_x, params.scale_y, window)
+        return array[inside]
+
+    image1, image2 = resample(image1), resample(image2)
+    if params.resize and config.sparse:
+        flow, valid = resize_sparse_flow(flow, valid, params.scale_x, params.scale_y)
+        flow, valid = flow[inside], valid[inside]
+    elif params.resize:
+        flow = resample(flow) * scale
+        valid = (resample(valid) > 0.999).astype(np.float32)  # known only if every blended pixel is
+    else:
+        flow, valid = resample(flow), resample(valid)
+    sign = np.float32([-1.0 if params.h_flip else 1.0, -1.0 if params.v_flip else 1.0])
+    flips = (slice(None, None, -1 if params.v_flip else 1), slice(None, None, -1 if params.h_flip else 1))
+    return {
+        "image1": np.ascontiguousarray(image1[flips], np.float32),
+        "image2": np.ascontiguousarray(image2[flips], np.float32),
+        "flow": np.ascontiguousarray(flow[flips] * sign, np.float32),
+        "valid": np.ascontiguousarray(valid[flips], np.float32),
+    }
 
 
 def augment(sample: dict[str, np.ndarray], rng: np.random.Generator, config: AugmentConfig) -> dict[str, np.ndarray]:
