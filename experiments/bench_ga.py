@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hkt_jax import ga
+from hkt_jax import cpu_info, ga
 
 # name: (batch, spatial, channels); spatial () means pooled vectors (gate only).
 FULL_CASES = {
@@ -167,7 +167,7 @@ def format_row(row) -> str:
 def run(cases: dict, *, reps: int, chunk_sizes: tuple[int, ...], roofline_size: int) -> dict:
     device = jax.devices()[0]
     report = {
-        "platform": device.platform,
+        "platform": device.platform, "cpu": cpu_info.describe_cpu(),
         "device_kind": device.device_kind,
         "jax_version": jax.__version__,
         "reps": reps,
@@ -175,7 +175,7 @@ def run(cases: dict, *, reps: int, chunk_sizes: tuple[int, ...], roofline_size: 
         "auto_choice": {},
         "rows": [],
     }
-    print(f"# device: {device.device_kind} (platform {device.platform}), jax {jax.__version__}, "
+    print(f"# device: {device.device_kind} (platform {device.platform}), cpu {cpu_info.describe_cpu()}, jax {jax.__version__}, "
           f"median of <= {reps} interleaved rounds")
     print(HEADER)
     rng = np.random.default_rng(0)

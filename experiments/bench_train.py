@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hkt_jax import fold, sharding, train
+from hkt_jax import cpu_info, fold, sharding, train
 from hkt_jax.config import apply_overrides, load_config
 from hkt_jax.hkt import HKT
 from hkt_jax.kernels import cpu_conv
@@ -376,7 +376,7 @@ def render(result: dict[str, Any]) -> str:
     jx, th = result["jax"], result.get("torch") or {}
     lines = [
         f"HKT training step: ResNet-{result['parent_depth']} -> ResNet-{result['child_depth']}, global batch {b}, "
-        f"{result['devices']}; median of {result['rounds']} interleaved rounds; "
+        f"{result['devices']}, {result.get('cpu', 'CPU not recorded')}; median of {result['rounds']} interleaved rounds; "
         f"JAX convolutions: {result['jax_info']['conv_impl']}; malloc tuned: {result['malloc_tuned']}",
         f"{'':36s}{'JAX ms':>9s} {'img/s':>8s}   {'PyTorch ms':>10s} {'img/s':>8s}   {'JAX/PyTorch':>11s}",
     ]
@@ -472,7 +472,7 @@ def main(argv=None) -> int:
     result: dict[str, Any] = {
         "parent_depth": args.parent_depth, "child_depth": args.child_depth, "batch_size": args.batch_size,
         "rounds": args.steps, "warmup": args.warmup,
-        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind} ({os.cpu_count()} CPU cores)",
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind} ({os.cpu_count()} CPU cores)", "cpu": cpu_info.describe_cpu(),
         "jax_version": jax.__version__, "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "platform": platform.platform(), "malloc_tuned": malloc_tuned, "jax": jx, "torch": th or None,
         "torch_info": twin["info"] if twin else None, "jax_info": info,

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
 
-from hkt_jax.kernels import cpu_conv
+from hkt_jax.kernels import build, cpu_conv
 from hkt_jax.models import CifarResNet
+
+# Every instruction-set build this CPU can execute: native (AVX-512 here, if present), x86-64-v3 (the
+# AVX2 + FMA tiles), x86-64-v2 (the 4-float SSE tiles, as on NEON).
+MARCHES = build.runnable_marches()
 
 
 @pytest.fixture(scope="module", autouse=True)
 def kernels():
     try:
         cpu_conv.load()
+        with concurrent.futures.ThreadPoolExecutor(len(MARCHES)) as pool:  # first run: compile them side by side
+            libraries = list(pool.map(build.build_library, MARCHES))
     except RuntimeError as err:
         pytest.skip(f"CPU conv kernels cannot be built here: {err}")
+    return libraries
 
 
 def _taps(x64: np.ndarray, stride: int, out_hw: tuple[int, int]):
@@ -65,13 +74,15 @@ CASES = [  # (batch, H, W, Ci, Co, stride): CIFAR widths, the RGB stem, odd / no
 ]
 
 
+@pytest.mark.parametrize("march", MARCHES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}h{}w{}ci{}co{}s{}".format(*c))
-def test_forward_and_gradients_vs_numpy_float64(case):
+def test_forward_and_gradients_vs_numpy_float64(case, march):
     b, h, w, ci, co, stride = case
     rng = np.random.default_rng(sum(case))
     x = rng.normal(size=(b, h, w, ci)).astype(np.float32)
     k = rng.normal(size=(3, 3, ci, co)).astype(np.float32)
-    y, vjp = jax.vjp(lambda x_, k_: cpu_conv.conv3x3(x_, k_, stride), jnp.asarray(x), jnp.asarray(k))
+    policy = cpu_conv.Policy(tuned=False, march=march)
+    y, vjp = jax.vjp(lambda x_, k_: cpu_conv.conv3x3(x_, k_, stride, policy), jnp.asarray(x), jnp.asarray(k))
     dy = rng.normal(size=y.shape).astype(np.float32)
     dx, dk = vjp(jnp.asarray(dy))
     assert y.shape == (b, (h - 1) // stride + 1, (w - 1) // stride + 1, co)
@@ -80,9 +91,20 @@ def test_forward_and_gradients_vs_numpy_float64(case):
     assert _rel(dx, numpy_input_grad(x.shape, k, dy, stride)) < 1e-5
 
 
+def test_every_variant_runs_its_own_tiles():
+    """Each build registered its own targets and was compiled for the vector width its target has."""
+    libraries = [cpu_conv.load(m) for m in MARCHES]
+    assert len({lib.fwd for lib in libraries}) == len(libraries)
+    widths = {lib.march: lib.vector_floats for lib in libraries}
+    assert widths.get("x86-64-v3", 8) == 8 and widths.get("x86-64-v2", 4) == 4
+    if "avx512f" in build.cpu_info.cpu_flags() and build.default_march() == "native":
+        assert widths["native"] == 16
+
+
+@pytest.mark.parametrize("march", MARCHES)
 @pytest.mark.parametrize("residual,relu,stride", [(False, True, 1), (True, True, 1), (False, False, 2),
                                                   (True, False, 1)])
-def test_fused_bias_residual_relu_vs_numpy(residual, relu, stride):
+def test_fused_bias_residual_relu_vs_numpy(residual, relu, stride, march):
     rng = np.random.default_rng(7)
     x = rng.normal(size=(3, 10, 10, 16)).astype(np.float32)
     k = rng.normal(size=(3, 3, 16, 32)).astype(np.float32)
@@ -91,10 +113,12 @@ def test_fused_bias_residual_relu_vs_numpy(residual, relu, stride):
     res = rng.normal(size=want.shape).astype(np.float32) if residual else None
     want = want + (res if residual else 0)
     want = np.maximum(want, 0) if relu else want
-    got = jax.jit(lambda *a: cpu_conv.conv3x3_bias_act(*a, stride=stride, relu=relu))(x, k, bias, res)
-    assert "hkt_conv3x3_bias_act" in jax.jit(lambda *a: cpu_conv.conv3x3_bias_act(*a, stride=stride, relu=relu)
-                                             ).lower(x, k, bias, res).as_text()
-    assert _rel(got, want) < 1e-5
+    policy = cpu_conv.Policy(tuned=False, march=march)
+    fused = jax.jit(lambda *a: cpu_conv.conv3x3_bias_act(*a, stride=stride, relu=relu, policy=policy))
+    assert cpu_conv.load(march).fused in fused.lower(x, k, bias, res).as_text()
+    assert _rel(fused(x, k, bias, res), want) < 1e-5
+    if march != MARCHES[0]:
+        return  # the gradients below are XLA's whatever the build
     # gradients (not what the fused form is for, but they must be right when asked for)
     args = tuple(jnp.asarray(a) for a in (x, k, bias))
     f = lambda *a: jnp.sum(jnp.sin(cpu_conv.conv3x3_bias_act(*a, res, stride=stride, relu=relu)))

@@ -3,14 +3,19 @@
 // Why: XLA:CPU lowers the narrow convolutions of CIFAR ResNets (16-64 channels) to generic kernels that
 // run at a third of what the hardware does (and its weight-gradient convolutions far worse), which makes
 // a JAX training step on CPU several times slower than PyTorch's oneDNN. These kernels are register-tiled
-// loops the compiler vectorises for the host (-march=native): a tile of output pixels x 16 output channels
-// kept in vector registers, one broadcast multiply-add per input channel and tap. Exposed to JAX through
-// the XLA FFI (hkt_jax/kernels/cpu_conv.py builds, loads and differentiates them).
+// loops the compiler vectorises for the build target (-march=native, or $HKT_JAX_KERNEL_MARCH): a tile of
+// output pixels x 16 output channels kept in vector registers, one broadcast multiply-add per input channel
+// and tap. The tile sizes follow the target's register file (below): 16-float vectors and 32 registers on
+// AVX-512, 8-float vectors and 16 registers on AVX2 + FMA, 4-float vectors otherwise. Tiles that do not fit
+// the register file spill on every multiply-add, which is what made the AVX-512 tiles 2.5-10x slower than
+// XLA on AVX2-only CPUs. Exposed to JAX through the XLA FFI (hkt_jax/kernels/cpu_conv.py builds, loads,
+// differentiates them, and hkt_jax/kernels/conv_tuning.py times them against XLA per shape).
 //
 // Forward: y[b, oh, ow, co] = sum_{kh, kw, ci} x[b, oh*s + kh - 1, ow*s + kw - 1, ci] * w[kh, kw, ci, co]
 // Weight gradient: dw[kh, kw, ci, co] = sum_{b, oh, ow} x[b, oh*s + kh - 1, ow*s + kw - 1, ci] * dy[b, oh, ow, co]
 // Both need Co % 16 == 0 (the Python side checks and otherwise uses XLA's convolution).
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <thread>
@@ -20,10 +25,34 @@
 
 namespace ffi = xla::ffi;
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
+#if defined(__AVX512F__)
+constexpr int VL = 16, VREGS = 32;  // zmm0-31
+#elif defined(__AVX__)
+constexpr int VL = 8, VREGS = 16;   // ymm0-15 (AVX2 + FMA targets)
+#elif defined(__aarch64__)
+constexpr int VL = 4, VREGS = 32;   // NEON v0-31
+#else
+constexpr int VL = 4, VREGS = 16;   // SSE xmm0-15
+#endif
+constexpr int G = 16 / VL;          // vectors per group of 16 output channels
 
-static inline v16 load16(const float* p) { v16 v; std::memcpy(&v, p, 64); return v; }
-static inline void store16(float* p, v16 v) { std::memcpy(p, &v, 64); }
+typedef float vf __attribute__((vector_size(VL * 4)));  // what lives in a register
+// Unaligned loads and stores as plain vector moves. (A memcpy into `vf` made GCC build each vector from
+// two 16-byte halves through the stack for generic x86-64-v3 targets.)
+typedef float vf_unaligned __attribute__((vector_size(VL * 4), aligned(4), may_alias));
+
+static inline vf loadv(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
+static inline void storev(float* p, vf v) { *reinterpret_cast<vf_unaligned*>(p) = v; }
+
+// Forward tile: P output pixels x N groups of 16 channels = P * N * G accumulators, plus N * G weight
+// vectors and a broadcast must stay in registers. AVX-512 keeps the tuned 16x1 / 8x2 / 4x4 tiles.
+constexpr int fwd_pixels(int N) {
+  return VL == 16 ? (N == 1 ? 16 : N == 2 ? 8 : 4) : std::max(1, std::min(8, (VREGS - N * G - 2) / (N * G)));
+}
+// Weight-gradient tile: CB input channels x 16 output channels = CB * G accumulators + G vectors of dy.
+constexpr int DW_CHANNELS = VL == 16 ? 16 : std::max(1, (VREGS - G - 1) / G);
+// Remainder tiles of a row: P, then 8, 4, 2, 1 (as they are smaller than P).
+constexpr int next_pixels(int P) { return P > 8 ? 8 : P > 4 ? 4 : P / 2; }
 
 // Applied to each output vector before it is stored: + bias[co], + residual[b, oh, ow, co], max(., 0).
 struct Epilogue {
@@ -32,13 +61,17 @@ struct Epilogue {
   bool relu = false;
 };
 
+// f(i, t) for i < n on `threads` threads (t = thread index). Items are handed out one at a time, so a
+// thread slowed down by another process on its core does not hold the others back.
 template <typename F>
 static void parallel_for(int n, int threads, F&& f) {
   threads = std::max(1, std::min(threads, n));
   if (threads == 1) { for (int i = 0; i < n; ++i) f(i, 0); return; }
+  std::atomic<int> next{0};
+  auto work = [&](int t) { for (int i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) f(i, t); };
   std::vector<std::thread> pool;
-  for (int t = 0; t < threads; ++t)
-    pool.emplace_back([&, t] { for (int i = t; i < n; i += threads) f(i, t); });
+  for (int t = 1; t < threads; ++t) pool.emplace_back(work, t);
+  work(0);
   for (auto& th : pool) th.join();
 }
 
@@ -50,79 +83,81 @@ static void pad_image(const float* x, int H, int W, int C, float* out) {
     std::memcpy(out + ((h + 1) * Wp + 1) * C, x + (size_t)h * W * C, sizeof(float) * W * C);
 }
 
-// acc[p][n] += sum_{kh,kw,ci} xp[(oh*s+kh, (ow+p)*s+kw, ci)] * w[kh,kw,ci, co+16n]
+// acc[p][v] += sum_{kh,kw,ci} xp[(oh*s+kh, (ow+p)*s+kw, ci)] * w[kh,kw,ci, co + VL*v], v < N*G
 template <int P, int N, int S, int CI>
 static inline void fwd_tile(const float* xp, int Wp, int Ci_, const float* w, int Co, int oh, int ow, int co,
                             float* y, int Wo, const Epilogue& ep) {
+  constexpr int V = N * G;
   const int Ci = CI ? CI : Ci_;
   constexpr int s = S;
-  v16 acc[P][N];
+  vf acc[P][V];
   for (int p = 0; p < P; ++p)
-    for (int n = 0; n < N; ++n) acc[p][n] = ep.bias ? load16(ep.bias + co + 16 * n) : (v16){};
+    for (int v = 0; v < V; ++v) acc[p][v] = ep.bias ? loadv(ep.bias + co + VL * v) : (vf){};
   for (int kh = 0; kh < 3; ++kh)
     for (int kw = 0; kw < 3; ++kw) {
       const float* xrow = xp + ((size_t)(oh * s + kh) * Wp + ow * s + kw) * Ci;
       const float* wt = w + ((size_t)(kh * 3 + kw) * Ci) * Co + co;
       for (int ci = 0; ci < Ci; ++ci) {
-        v16 wv[N];
-#pragma GCC unroll 4
-        for (int n = 0; n < N; ++n) wv[n] = load16(wt + (size_t)ci * Co + 16 * n);
+        vf wv[V];
+#pragma GCC unroll 16
+        for (int v = 0; v < V; ++v) wv[v] = loadv(wt + (size_t)ci * Co + VL * v);
 #pragma GCC unroll 32
         for (int p = 0; p < P; ++p) {
           const float xs = xrow[(size_t)p * s * Ci + ci];
-#pragma GCC unroll 4
-          for (int n = 0; n < N; ++n) acc[p][n] += xs * wv[n];
+#pragma GCC unroll 16
+          for (int v = 0; v < V; ++v) acc[p][v] += xs * wv[v];
         }
       }
     }
-  const v16 zero = {};
+  const vf zero = {};
   for (int p = 0; p < P; ++p)
-    for (int n = 0; n < N; ++n) {
-      const size_t at = ((size_t)oh * Wo + ow + p) * Co + co + 16 * n;
-      v16 v = acc[p][n];
-      if (ep.residual) v += load16(ep.residual + at);
-      if (ep.relu) v = v > zero ? v : zero;
-      store16(y + at, v);
+    for (int v = 0; v < V; ++v) {
+      const size_t at = ((size_t)oh * Wo + ow + p) * Co + co + VL * v;
+      vf r = acc[p][v];
+      if (ep.residual) r += loadv(ep.residual + at);
+      if (ep.relu) r = r > zero ? r : zero;
+      storev(y + at, r);
     }
 }
 
+// Output pixels [ow, Wo) of row oh: tiles of P, the rest with the next smaller tiles.
 template <int P, int N, int S, int CI>
-static void fwd_image(const float* xp, int Wp, int Ci, const float* w, int Co, int Ho, int Wo, float* y,
-                      const Epilogue& ep) {
-  for (int oh = 0; oh < Ho; ++oh)
-    for (int co = 0; co < Co; co += 16 * N)
-      for (int ow = 0; ow < Wo; ow += P)  // the last tile overlaps the previous one when P does not divide Wo
-        fwd_tile<P, N, S, CI>(xp, Wp, Ci, w, Co, oh, std::min(ow, Wo - P), co, y, Wo, ep);
+static void fwd_row(const float* xp, int Wp, int Ci, const float* w, int Co, int oh, int ow, int co, float* y,
+                    int Wo, const Epilogue& ep) {
+  for (; ow + P <= Wo; ow += P) fwd_tile<P, N, S, CI>(xp, Wp, Ci, w, Co, oh, ow, co, y, Wo, ep);
+  if constexpr (P > 1)
+    if (ow < Wo) fwd_row<next_pixels(P), N, S, CI>(xp, Wp, Ci, w, Co, oh, ow, co, y, Wo, ep);
 }
 
 template <int N, int S, int CI>
-static void fwd_image_n(const float* xp, int Wp, int Ci, const float* w, int Co, int Ho, int Wo, float* y,
-                        const Epilogue& ep) {
-  constexpr int Pmax = N == 1 ? 16 : N == 2 ? 8 : 4;
-  if (Wo >= Pmax) fwd_image<Pmax, N, S, CI>(xp, Wp, Ci, w, Co, Ho, Wo, y, ep);
-  else if (Wo >= 8) fwd_image<8, N, S, CI>(xp, Wp, Ci, w, Co, Ho, Wo, y, ep);
-  else if (Wo >= 4) fwd_image<4, N, S, CI>(xp, Wp, Ci, w, Co, Ho, Wo, y, ep);
-  else fwd_image<1, N, S, CI>(xp, Wp, Ci, w, Co, Ho, Wo, y, ep);
+static void fwd_image(const float* xp, int Wp, int Ci, const float* w, int Co, int Ho, int Wo, float* y,
+                      const Epilogue& ep) {
+  constexpr int P = fwd_pixels(N);
+  for (int oh = 0; oh < Ho; ++oh)
+    for (int co = 0; co < Co; co += 16 * N) fwd_row<P, N, S, CI>(xp, Wp, Ci, w, Co, oh, 0, co, y, Wo, ep);
 }
 
 template <int N, int S>
 static void dispatch_ci(const float* xp, int Wp, int Ci, const float* w, int Co, int Ho, int Wo, float* y,
                         const Epilogue& ep) {
   switch (Ci) {
-    case 3: return fwd_image_n<N, S, 3>(xp, Wp, Ci, w, Co, Ho, Wo, y, ep);
-    case 16: return fwd_image_n<N, S, 16>(xp, Wp, Ci, w, Co, Ho, Wo, y, ep);
-    case 32: return fwd_image_n<N, S, 32>(xp, Wp, Ci, w, Co, Ho, Wo, y, ep);
-    case 64: return fwd_image_n<N, S, 64>(xp, Wp, Ci, w, Co, Ho, Wo, y, ep);
-    default: return fwd_image_n<N, S, 0>(xp, Wp, Ci, w, Co, Ho, Wo, y, ep);
+    case 3: return fwd_image<N, S, 3>(xp, Wp, Ci, w, Co, Ho, Wo, y, ep);
+    case 16: return fwd_image<N, S, 16>(xp, Wp, Ci, w, Co, Ho, Wo, y, ep);
+    case 32: return fwd_image<N, S, 32>(xp, Wp, Ci, w, Co, Ho, Wo, y, ep);
+    case 64: return fwd_image<N, S, 64>(xp, Wp, Ci, w, Co, Ho, Wo, y, ep);
+    default: return fwd_image<N, S, 0>(xp, Wp, Ci, w, Co, Ho, Wo, y, ep);
   }
 }
 
 template <int S>
 static void dispatch_n(const float* xp, int Wp, int Ci, const float* w, int Co, int Ho, int Wo, float* y,
                        const Epilogue& ep) {
-  if (Co % 64 == 0 && Wo < 16) dispatch_ci<4, S>(xp, Wp, Ci, w, Co, Ho, Wo, y, ep);
-  else if (Co % 32 == 0 && Wo < 16) dispatch_ci<2, S>(xp, Wp, Ci, w, Co, Ho, Wo, y, ep);
-  else dispatch_ci<1, S>(xp, Wp, Ci, w, Co, Ho, Wo, y, ep);
+  // Wider channel tiles for short rows, where they fit the register file (AVX-512 only).
+  if constexpr (VL == 16) {
+    if (Co % 64 == 0 && Wo < 16) return dispatch_ci<4, S>(xp, Wp, Ci, w, Co, Ho, Wo, y, ep);
+    if (Co % 32 == 0 && Wo < 16) return dispatch_ci<2, S>(xp, Wp, Ci, w, Co, Ho, Wo, y, ep);
+  }
+  dispatch_ci<1, S>(xp, Wp, Ci, w, Co, Ho, Wo, y, ep);
 }
 
 static void dispatch_fwd(const float* xp, int Wp, int Ci, int s, const float* w, int Co, int Ho, int Wo,
@@ -157,36 +192,47 @@ static void conv3x3_fwd(const float* x, const float* w, const Epilogue& epilogue
 template <int CB, int S>
 static inline void dw_tile(const float* xp, int Wp, int Ci, const float* dy, int Co, int Ho, int Wo,
                            int kh, int kw, int ci0, int co0, float* dw) {
-  v16 acc[CB] = {};
+  vf acc[CB][G] = {};
   for (int oh = 0; oh < Ho; ++oh) {
     const float* xr = xp + ((size_t)(oh * S + kh) * Wp + kw) * Ci + ci0;
     const float* dr = dy + (size_t)oh * Wo * Co + co0;
     for (int ow = 0; ow < Wo; ++ow) {
       const float* xs = xr + (size_t)ow * S * Ci;
-      const v16 d = load16(dr + (size_t)ow * Co);
+      vf d[G];
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) d[g] = loadv(dr + (size_t)ow * Co + VL * g);
 #pragma GCC unroll 16
-      for (int c = 0; c < CB; ++c) acc[c] += xs[c] * d;
+      for (int c = 0; c < CB; ++c)
+#pragma GCC unroll 4
+        for (int g = 0; g < G; ++g) acc[c][g] += xs[c] * d[g];
     }
   }
   float* out = dw + ((size_t)(kh * 3 + kw) * Ci + ci0) * Co + co0;
-  for (int c = 0; c < CB; ++c) store16(out + (size_t)c * Co, load16(out + (size_t)c * Co) + acc[c]);
+  for (int c = 0; c < CB; ++c)
+    for (int g = 0; g < G; ++g) {
+      float* at = out + (size_t)c * Co + VL * g;
+      storev(at, loadv(at) + acc[c][g]);
+    }
 }
 
+// Input channels [ci0, Ci) of one tap and channel group: tiles of CB, the rest with one exact-size tile.
 template <int CB, int S>
-static void dw_image(const float* xp, int Wp, int Ci, const float* dy, int Co, int Ho, int Wo, float* dw) {
-  for (int kh = 0; kh < 3; ++kh)
-    for (int kw = 0; kw < 3; ++kw)
-      for (int ci0 = 0; ci0 < Ci; ci0 += CB)
-        for (int co0 = 0; co0 < Co; co0 += 16) dw_tile<CB, S>(xp, Wp, Ci, dy, Co, Ho, Wo, kh, kw, ci0, co0, dw);
+static void dw_channels(const float* xp, int Wp, int Ci, const float* dy, int Co, int Ho, int Wo, int kh, int kw,
+                        int ci0, int co0, float* dw) {
+  for (; ci0 + CB <= Ci; ci0 += CB) dw_tile<CB, S>(xp, Wp, Ci, dy, Co, Ho, Wo, kh, kw, ci0, co0, dw);
+  if constexpr (CB > 1) {
+    const int rest = Ci - ci0;
+    if (rest >= 8 && CB > 8) return dw_channels<8, S>(xp, Wp, Ci, dy, Co, Ho, Wo, kh, kw, ci0, co0, dw);
+    if (rest > 0) return dw_channels<(CB > 8 ? 7 : CB - 1), S>(xp, Wp, Ci, dy, Co, Ho, Wo, kh, kw, ci0, co0, dw);
+  }
 }
 
 template <int S>
-static void dw_dispatch(const float* xp, int Wp, int Ci, const float* dy, int Co, int Ho, int Wo, float* dw) {
-  if (Ci % 16 == 0) dw_image<16, S>(xp, Wp, Ci, dy, Co, Ho, Wo, dw);
-  else if (Ci % 8 == 0) dw_image<8, S>(xp, Wp, Ci, dy, Co, Ho, Wo, dw);
-  else if (Ci % 4 == 0) dw_image<4, S>(xp, Wp, Ci, dy, Co, Ho, Wo, dw);
-  else if (Ci % 3 == 0) dw_image<3, S>(xp, Wp, Ci, dy, Co, Ho, Wo, dw);
-  else dw_image<1, S>(xp, Wp, Ci, dy, Co, Ho, Wo, dw);
+static void dw_image(const float* xp, int Wp, int Ci, const float* dy, int Co, int Ho, int Wo, float* dw) {
+  for (int kh = 0; kh < 3; ++kh)
+    for (int kw = 0; kw < 3; ++kw)
+      for (int co0 = 0; co0 < Co; co0 += 16)
+        dw_channels<DW_CHANNELS, S>(xp, Wp, Ci, dy, Co, Ho, Wo, kh, kw, 0, co0, dw);
 }
 
 static void conv3x3_dw(const float* x, const float* dy, float* dw, int B, int H, int W, int Ci, int Co, int s,
@@ -197,8 +243,8 @@ static void conv3x3_dw(const float* x, const float* dy, float* dw, int B, int H,
   std::vector<std::vector<float>> partial(threads, std::vector<float>(wsize, 0.0f));
   for_each_padded_image(x, B, H, W, Ci, threads, [&](int b, int t, const float* xp) {
     const float* dyb = dy + (size_t)b * Ho * Wo * Co;
-    if (s == 1) dw_dispatch<1>(xp, Wp, Ci, dyb, Co, Ho, Wo, partial[t].data());
-    else dw_dispatch<2>(xp, Wp, Ci, dyb, Co, Ho, Wo, partial[t].data());
+    if (s == 1) dw_image<1>(xp, Wp, Ci, dyb, Co, Ho, Wo, partial[t].data());
+    else dw_image<2>(xp, Wp, Ci, dyb, Co, Ho, Wo, partial[t].data());
   });
   for (size_t i = 0; i < wsize; ++i) {
     float sum = 0.0f;
@@ -206,6 +252,10 @@ static void conv3x3_dw(const float* x, const float* dy, float* dw, int B, int H,
     dw[i] = sum;
   }
 }
+
+// Vector width the library was built for (floats per vector): lets Python tests and benchmarks say which
+// variant they ran.
+extern "C" int HktConv3x3VectorFloats() { return VL; }
 
 // -- XLA FFI handlers -----------------------------------------------------------------------------------
 
