@@ -35,7 +35,7 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # torch k
 def _conv(features: int, kernel: int, stride: int, name: str, dtype, use_bias: bool = False,
           conv_impl: str = "auto") -> nn.Conv:
     pad = kernel // 2
-    impl = cpu_conv.conv_general_dilated if cpu_conv.resolve_conv_impl(conv_impl) == "cpu_kernel" else None
+    impl = cpu_conv.conv_fn(conv_impl)  # None: XLA; "auto": kernel or XLA per convolution, timed here
     return nn.Conv(
         features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
         use_bias=use_bias, kernel_init=conv_init, dtype=dtype, name=name, conv_general_dilated=impl,
@@ -56,8 +56,9 @@ class FoldedConv(nn.Module):
         kernel = self.param("kernel", conv_init, (3, 3, x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
-        if cpu_conv.resolve_conv_impl(self.conv_impl) == "cpu_kernel":
-            return cpu_conv.conv3x3_bias_act(x, kernel, bias, residual, stride=self.stride, relu=relu)
+        fused = cpu_conv.bias_act_fn(self.conv_impl)
+        if fused is not None:
+            return fused(x, kernel, bias, residual, stride=self.stride, relu=relu)
         return cpu_conv.conv3x3_bias_act_reference(x, kernel, bias, residual, stride=self.stride, relu=relu)
 
 
