@@ -386,7 +386,7 @@ def test_cli_errors_list_the_problem_without_traceback(tmp_path, capsys):
 def test_cli_help_documents_every_flag():
     parser = build_parser()
     subcommands = parser._subparsers._group_actions[0].choices
-    assert set(subcommands) == {"resnet", "export-torch"}
+    assert {"resnet", "export-torch"} <= set(subcommands)
     for name, subparser in subcommands.items():
         for action in subparser._actions:
             assert action.help, f"{name} {action.option_strings} has no --help text"
