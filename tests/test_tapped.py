@@ -152,7 +152,8 @@ def test_compiled_hkt_step_has_no_extra_convolutions(hkt_runs):
 
 
 def test_dead_work_of_a_stage_is_traced_and_then_removed():
-    """Stage 2 of a tapped ResNet-8 traces the stem and group 1 (5 convolutions); compiled, only group 3's two remain."""
+    """Stage 2 of a tapped ResNet-8 traces the stem and group 1 (5 convolutions);
+    compiled, only group 3's two remain, as in the hand-staged stage."""
     staged = CifarResNet(depth=8, stage_split="groups", conv_impl="xla")
     tapped = Tapped(CifarResNet(depth=8, conv_impl="xla"), CHILD_TAPS, names=GROUP_NAMES)
     x = _images(0, 2)
