@@ -67,7 +67,8 @@ def run(batch: int, rounds: int, march: str | None) -> dict:
                    "kernel_over_xla": round(ms["ratio"], 3), "auto": "kernel" if auto else "xla"}
             rows.append(row)
             print(f"{'x'.join(map(str, x_shape)):>16} {ci:>3}->{co:<3} s{stride} {direction:<15} "
-                  f"{row['kernel_ms']:9.2f} {row['xla_ms']:9.2f} {row['kernel_best_ms']:9.2f} {row['xla_best_ms']:9.2f} "
+                  f"{row['kernel_ms']:9.2f} {row['xla_ms']:9.2f} {row['kernel_best_ms']:9.2f} "
+                  f"{row['xla_best_ms']:9.2f} "
                   f"{row['kernel_over_xla']:7.2f}  {row['auto']}",
                   flush=True)
     return {"cpu": cpu_info.describe_cpu(), "cpu_flags_signature": cpu_info.cpu_signature(),
@@ -131,7 +132,8 @@ def main(argv=None) -> int:
     print(f"# cpu: {cpu_info.describe_cpu()}, kernels -march={library.march} ({library.vector_floats}-float "
           f"vectors), {conv_tuning._threads()} threads, jax {jax.__version__}, batch {args.batch}, "
           f"median of {args.rounds} interleaved rounds")
-    print(f"{'input':>16} {'ch':>7} {'':2} {'direction':<15} {'kernel ms':>9} {'XLA ms':>9} {'k best':>9} {'XLA best':>9} {'k/XLA':>7}  auto")
+    print(f"{'input':>16} {'ch':>7} {'':2} {'direction':<15} {'kernel ms':>9} {'XLA ms':>9} {'k best':>9} "
+          f"{'XLA best':>9} {'k/XLA':>7}  auto")
     result = run(args.batch, args.rounds, march)
     total = {k: result[f"{k}_best_ms_total"] for k in ("kernel", "xla", "auto")}
     print(f"# sum of best ms: kernel {total['kernel']}, XLA {total['xla']}, auto's picks {total['auto']} "

@@ -37,7 +37,7 @@ class FakeMeasure:
     def __call__(self, candidates, args):
         assert set(candidates) == {"kernel", "xla"}
         self.calls += 1
-        return {"kernel": self.ratio * 1e-3, "xla": 1e-3, "ratio": self.ratio}
+        return {"kernel": self.ratio * 1e-3, "xla": 1e-3, "ratio": self.ratio, "paired_ratio": self.ratio}
 
 
 X_SHAPE, W_SHAPE = (8, 32, 32, 16), (3, 3, 16, 16)  # 38 MFLOP: above the untimed threshold
@@ -63,9 +63,10 @@ def test_real_timing_never_picks_a_slower_candidate(slow_name):
 
 
 def test_margin_kernel_must_be_clearly_faster():
-    assert conv_tuning.choose({"kernel": 1.0, "xla": 1.0, "ratio": 0.95}) == "xla"
-    assert conv_tuning.choose({"kernel": 1.0, "xla": 1.0, "ratio": 1.5}) == "xla"
-    assert conv_tuning.choose({"kernel": 1.0, "xla": 1.0, "ratio": 0.85}) == "kernel"
+    choose = lambda best, paired: conv_tuning.choose({"ratio": best, "paired_ratio": paired})
+    assert choose(0.95, 0.9) == "xla" and choose(1.5, 0.8) == "xla"
+    assert choose(0.85, 0.95) == "kernel"
+    assert choose(0.5, 1.2) == "xla"  # one lucky call, slower in most rounds
 
 
 def test_choice_is_cached_on_disk_and_reused(fresh_choices, monkeypatch, tmp_path):
@@ -97,7 +98,8 @@ def test_a_foreign_signature_in_the_file_is_not_trusted(fresh_choices, monkeypat
     fake = FakeMeasure(3.0)
     monkeypatch.setattr(conv_tuning, "measure", fake)
     path = conv_tuning.cache_path(conv_tuning.signature(fresh_choices))
-    path.write_text(json.dumps({"signature": {"cpu": "other"}, "choices": {"forward x=a w=b s=1": {"choice": "kernel"}}}))
+    foreign = {"signature": {"cpu": "other"}, "choices": {"forward x=a w=b s=1": {"choice": "kernel"}}}
+    path.write_text(json.dumps(foreign))
     assert not _decide(fresh_choices) and fake.calls == 1
 
 
@@ -163,6 +165,7 @@ def test_tuning_inside_jit_gives_right_values_and_fills_the_cache(fresh_choices,
     (path,) = tmp_path.glob("conv_choices-*.json")
     choices = json.loads(path.read_text())["choices"]
     assert {k.split()[0] for k in choices} == {"forward", "input_grad", "weight_grad"}
-    assert all(c["choice"] == ("kernel" if c["kernel_over_xla"] <= conv_tuning.MARGIN else "xla")
+    assert all(c["choice"] == conv_tuning.choose({"ratio": c["kernel_over_xla"],
+                                                  "paired_ratio": c["paired_kernel_over_xla"]})
                for c in choices.values())
     assert "tuning CPU convolutions for" in capsys.readouterr().err

@@ -55,7 +55,8 @@ def build_key(march: str | None = None) -> str:
     digest = hashlib.sha256(SOURCE.read_bytes())
     digest.update(" ".join([compiler, *flags, jax.__version__, platform.machine(), cpu_info.cpu_signature()]).encode())
     try:
-        digest.update(subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout.encode())
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+        digest.update(version.encode())
     except (OSError, subprocess.SubprocessError):
         pass
     return digest.hexdigest()[:16]

@@ -4,14 +4,17 @@ Why: the kernels are several times faster than XLA on the CPUs they were tuned o
 slower on others (AVX2-only CPUs, before their tiles followed the register file). No static rule holds on
 every CPU, so ``conv_impl="auto"`` times both candidates once per convolution (shape, stride and direction:
 forward, input gradient, weight gradient, fused folded forward) on the machine that runs it, at trace time
-on random arrays of the traced shapes, and runs the kernel only where it is clearly faster (best of interleaved rounds <= ``MARGIN`` x XLA's). Choices are cached on disk beside the kernel build, in a file
-keyed by the CPU (model and flags), the kernel build hash, the thread count and the jax version, like
-cuDNN's autotuner; a corrupt or foreign file is ignored and rewritten. Convolutions under
-``MIN_TUNED_FLOPS`` go to XLA untimed: there the difference is below the noise and the timing would cost
-more than it saves.
+on random arrays of the traced shapes, and runs the kernel only where it is clearly faster (best of
+interleaved rounds <= ``MARGIN`` x XLA's, and not slower in the median round). Choices are cached on disk
+beside the kernel build, in a file keyed by the CPU (model and flags), the kernel build hash, the thread
+count and the jax version, like cuDNN's autotuner; a corrupt or foreign file is ignored and rewritten.
+Convolutions under ``MIN_TUNED_FLOPS`` go to XLA untimed: there the difference is below the noise and the
+timing would cost more than it saves. First-use cost: ~0.5 s per convolution (two compilations and up to
+``BUDGET_S`` of timing), ~13 s for the 24 of ResNet-20/110 at batch 128 on a 2-core machine.
 
 ``$HKT_JAX_CONV_AUTO``: ``tune`` (default), ``kernel`` (every convolution the kernels take, untimed) or
-``xla`` (none). ``$HKT_JAX_CONV_TUNE_ROUNDS`` bounds the timed rounds per choice (default 7).
+``xla`` (none). ``$HKT_JAX_CONV_TUNE_ROUNDS`` bounds the timed rounds per choice (default 15;
+at least 3, and no more once they took ``BUDGET_S``).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def mode() -> str:
 
 
 def _rounds() -> int:
-    return max(1, int(os.environ.get("HKT_JAX_CONV_TUNE_ROUNDS", "7")))
+    return max(1, int(os.environ.get("HKT_JAX_CONV_TUNE_ROUNDS", "15")))
 
 
 def _threads() -> int:
@@ -84,7 +87,8 @@ def read_choices(path: Path, sig: dict[str, Any]) -> dict[str, dict[str, Any]]:
         data = json.loads(path.read_text())
         if data.get("signature") != sig or not isinstance(data.get("choices"), dict):
             return {}
-        return {k: v for k, v in data["choices"].items() if isinstance(v, dict) and v.get("choice") in ("kernel", "xla")}
+        choices = data["choices"].items()
+        return {k: v for k, v in choices if isinstance(v, dict) and v.get("choice") in ("kernel", "xla")}
     except (OSError, ValueError, AttributeError):
         return {}
 
@@ -102,11 +106,11 @@ def write_choice(path: Path, sig: dict[str, Any], key: str, entry: dict[str, Any
 
 
 def measure(candidates: dict[str, Callable], args: tuple) -> dict[str, float]:
-    """Seconds per call of each jitted candidate on ``args`` -- median and best (``<name>_best``) -- and
-    ``ratio``, kernel / XLA of the best times. Compiled, warmed, then timed in interleaved rounds with
-    alternating order. Other processes only ever add time to a call, in bursts that can hit most rounds of
-    a few milliseconds on a busy 2-core machine; the best of several interleaved calls is the estimate
-    they disturb least, so the choice rests on it."""
+    """Seconds per call of each jitted candidate on ``args``, median and best (``<name>_best``), compiled,
+    warmed, then timed in interleaved rounds with alternating order; ``ratio``: kernel / XLA of the best
+    times; ``paired_ratio``: median over rounds of kernel / XLA within the round. Other processes only ever
+    add time, in bursts that on a busy 2-core machine hit most rounds of a few milliseconds: the best time
+    is the estimate they disturb least, and the paired median guards it against one lucky call."""
     compiled = {name: jax.jit(fn).lower(*args).compile() for name, fn in candidates.items()}
     for fn in compiled.values():
         jax.block_until_ready(fn(*args))
@@ -122,12 +126,15 @@ def measure(candidates: dict[str, Callable], args: tuple) -> dict[str, float]:
             break
     result = {name: statistics.median(times) for name, times in samples.items()}
     result.update({f"{name}_best": min(times) for name, times in samples.items()})
-    return {**result, "ratio": result["kernel_best"] / max(result["xla_best"], 1e-12)}
+    paired = [k / max(x, 1e-12) for k, x in zip(samples["kernel"], samples["xla"])]
+    return {**result, "ratio": result["kernel_best"] / max(result["xla_best"], 1e-12),
+            "paired_ratio": statistics.median(paired)}
 
 
 def choose(seconds: dict[str, float], margin: float = MARGIN) -> str:
-    """"kernel" only when clearly faster than XLA: best-time ratio <= ``margin``."""
-    return "kernel" if seconds["ratio"] <= margin else "xla"
+    """"kernel" only when clearly faster than XLA: best-time ratio <= ``margin`` and not slower in the
+    median round."""
+    return "kernel" if seconds["ratio"] <= margin and seconds.get("paired_ratio", 0.0) <= 1.0 else "xla"
 
 
 def random_operands(shapes: tuple[tuple[int, ...], ...], seed: int = 0) -> tuple[jax.Array, ...]:
@@ -168,6 +175,7 @@ def _tune(key, candidates, sig, path) -> dict[str, Any]:
         try:
             seconds = measure(fns, random_operands(shapes))
             entry = {"choice": choose(seconds), "kernel_over_xla": round(seconds["ratio"], 4),
+                     "paired_kernel_over_xla": round(seconds["paired_ratio"], 4),
                      "kernel_ms": round(seconds["kernel"] * 1e3, 4), "xla_ms": round(seconds["xla"] * 1e3, 4)}
         except Exception as err:  # noqa: BLE001 -- a kernel that cannot run here must not stop training
             entry = {"choice": "xla", "error": f"{type(err).__name__}: {err}"[:300]}
