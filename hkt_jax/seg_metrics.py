@@ -123,8 +123,8 @@ def class_regions(num_classes: int, names: tuple[str, ...] | None = None) -> Reg
     return tuple((name, (c,)) for c, name in enumerate(names))
 
 
-def _in_region(label_map: jax.Array, labels: tuple[int, ...]) -> jax.Array:
-    inside = jnp.zeros(label_map.shape, bool)
+def _in_region(xp, label_map, labels: tuple[int, ...]):
+    inside = xp.zeros(label_map.shape, bool)
     for label in labels:
         inside = inside | (label_map == label)
     return inside
@@ -132,20 +132,25 @@ def _in_region(label_map: jax.Array, labels: tuple[int, ...]) -> jax.Array:
 
 def dice_sums(predictions: jax.Array, labels: jax.Array, regions: Regions,
               valid: jax.Array | None = None) -> dict[str, jax.Array]:
-    """Per-example counts ``{"intersection", "predicted", "target"}``, each ``(B, R)`` int32.
+    """Per-example counts ``{"intersection", "predicted", "target"}``, each ``(B, R)``.
 
     ``predictions`` and ``labels`` are ``(B, ...)`` label maps (argmax of the logits
     for predictions); region r counts the pixels whose label is in ``regions[r][1]``.
-    Jit-able (works on NumPy arrays too); add them up per volume with ``DiceAccumulator``.
+    Jit-able (``regions`` static); NumPy inputs are counted in NumPy (int64), so host
+    evaluation of whole volumes needs no device. Add them up per volume with ``DiceAccumulator``.
     """
-    predictions, labels = jnp.asarray(predictions), jnp.asarray(labels)
-    pred = jnp.stack([_in_region(predictions, r) for _, r in regions], axis=-1).astype(jnp.int32)
-    true = jnp.stack([_in_region(labels, r) for _, r in regions], axis=-1).astype(jnp.int32)
-    axes = tuple(range(1, pred.ndim - 1))
-    sums = {"intersection": jnp.sum(pred * true, axis=axes), "predicted": jnp.sum(pred, axis=axes),
-            "target": jnp.sum(true, axis=axes)}
+    on_host = all(isinstance(a, np.ndarray) for a in (predictions, labels))
+    xp, dtype = (np, np.int64) if on_host else (jnp, jnp.int32)
+    sums = {name: [] for name in SUM_NAMES}
+    axes = tuple(range(1, np.ndim(labels)))
+    for _, region in regions:
+        pred, true = _in_region(xp, predictions, region), _in_region(xp, labels, region)
+        sums["intersection"].append(xp.sum(pred & true, axis=axes, dtype=dtype))
+        sums["predicted"].append(xp.sum(pred, axis=axes, dtype=dtype))
+        sums["target"].append(xp.sum(true, axis=axes, dtype=dtype))
+    sums = {name: xp.stack(values, axis=-1) for name, values in sums.items()}
     if valid is not None:
-        keep = jnp.asarray(valid).astype(jnp.int32)[:, None]
+        keep = xp.asarray(valid).astype(dtype)[:, None]
         sums = {name: value * keep for name, value in sums.items()}
     return sums
 
@@ -186,8 +191,9 @@ class DiceAccumulator:
         """A whole predicted volume (any shape) against its label volume."""
         if np.shape(prediction) != np.shape(label):
             raise ValueError(f"case {case_id}: prediction {np.shape(prediction)} and label {np.shape(label)} differ")
-        sums = dice_sums(np.reshape(prediction, (1, -1)), np.reshape(label, (1, -1)), self.regions)
-        self.add(jax.device_get(sums), [case_id])
+        sums = dice_sums(np.reshape(np.asarray(prediction), (1, -1)), np.reshape(np.asarray(label), (1, -1)),
+                         self.regions)
+        self.add(sums, [case_id])
 
     @property
     def num_cases(self) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,17 +40,18 @@ def test_cross_entropy_and_soft_dice_match_numpy():
     smooth = 1e-5
     dice = [(2 * (probs[..., c] * onehot[..., c]).sum() + smooth) / (probs[..., c].sum() + onehot[..., c].sum() + smooth)
             for c in range(3)]
-    np.testing.assert_allclose(seg_metrics.cross_entropy(jnp.asarray(logits, jnp.float32), batch), ce, rtol=1e-5)
-    np.testing.assert_allclose(seg_metrics.soft_dice_loss(jnp.asarray(logits, jnp.float32), batch),
+    np.testing.assert_allclose(jax.jit(seg_metrics.cross_entropy)(jnp.asarray(logits, jnp.float32), batch), ce, rtol=1e-5)
+    np.testing.assert_allclose(jax.jit(seg_metrics.soft_dice_loss)(jnp.asarray(logits, jnp.float32), batch),
                                1 - np.mean(dice[1:]), rtol=1e-5)
     np.testing.assert_allclose(
-        seg_metrics.soft_dice_loss(jnp.asarray(logits, jnp.float32), batch, include_background=True),
+        jax.jit(functools.partial(seg_metrics.soft_dice_loss, include_background=True))(
+            jnp.asarray(logits, jnp.float32), batch),
         1 - np.mean(dice), rtol=1e-5)
     loss = seg_metrics.make_segmentation_loss(ce_weight=0.3, dice_weight=2.0)
-    np.testing.assert_allclose(loss(jnp.asarray(logits, jnp.float32), batch), 0.3 * ce + 2.0 * (1 - np.mean(dice[1:])),
+    np.testing.assert_allclose(jax.jit(loss)(jnp.asarray(logits, jnp.float32), batch), 0.3 * ce + 2.0 * (1 - np.mean(dice[1:])),
                                rtol=1e-5)
     mae = np.mean(np.abs(probs - onehot))
-    np.testing.assert_allclose(seg_metrics.segmentation_mae(jnp.asarray(logits, jnp.float32), batch), mae, rtol=1e-5)
+    np.testing.assert_allclose(jax.jit(seg_metrics.segmentation_mae)(jnp.asarray(logits, jnp.float32), batch), mae, rtol=1e-5)
     with pytest.raises(ValueError, match="weights"):
         seg_metrics.make_segmentation_loss(ce_weight=0.0, dice_weight=0.0)
 
@@ -92,7 +95,7 @@ def _volumes(seed=0):
 
 
 def _numpy_lits(cases, regions):
-    per_case, pooled_pred, pooled_true = {}, {}, {}
+    per_case, pooled = {}, {}
     for name, labels in regions:
         scores = []
         for pred, true in cases.values():
@@ -100,8 +103,8 @@ def _numpy_lits(cases, regions):
         per_case[name] = np.mean(scores)
         all_pred = np.concatenate([np.isin(p, labels).ravel() for p, _ in cases.values()])
         all_true = np.concatenate([np.isin(t, labels).ravel() for _, t in cases.values()])
-        pooled_pred[name] = _numpy_dice(all_pred, all_true)
-    return per_case, pooled_pred
+        pooled[name] = _numpy_dice(all_pred, all_true)
+    return per_case, pooled
 
 
 def test_lits_dice_per_case_and_global_match_numpy_with_empty_conventions():
@@ -135,9 +138,10 @@ def test_lits_dice_per_case_and_global_match_numpy_with_empty_conventions():
 def test_class_regions_and_padding_in_dice_sums():
     pred = np.array([[[0, 1], [2, 2]], [[1, 1], [1, 1]]])
     true = np.array([[[0, 1], [1, 2]], [[0, 0], [0, 0]]])
-    sums = dice_sums(pred, true, class_regions(3), valid=np.array([1, 0]))
-    assert np.asarray(sums["intersection"]).tolist() == [[1, 1, 1], [0, 0, 0]]
-    assert np.asarray(sums["predicted"]).tolist() == [[1, 1, 2], [0, 0, 0]]
-    assert np.asarray(sums["target"]).tolist() == [[1, 2, 1], [0, 0, 0]]
+    for sums in (dice_sums(pred, true, class_regions(3), valid=np.array([1, 0])),  # NumPy path
+                 dice_sums(jnp.asarray(pred), jnp.asarray(true), class_regions(3), valid=jnp.array([1, 0]))):
+        assert np.asarray(sums["intersection"]).tolist() == [[1, 1, 1], [0, 0, 0]]
+        assert np.asarray(sums["predicted"]).tolist() == [[1, 1, 2], [0, 0, 0]]
+        assert np.asarray(sums["target"]).tolist() == [[1, 2, 1], [0, 0, 0]]
     with pytest.raises(ValueError, match="regions"):
         DiceAccumulator(LITS_REGIONS).add(jax.device_get(sums), [0, 1])

@@ -10,9 +10,8 @@ import pytest
 
 from hkt_jax.hkt import HKT, Boundary, HKTConfig, LeafLink
 from hkt_jax.models.registry import parameter_count
-from hkt_jax.models.staged import run_all_stages
 import hkt_jax.models.unet as unet_module
-from hkt_jax.models.unet import PocketNet, UNet
+from hkt_jax.models.unet import DenseUNet, PocketNet, UNet
 from hkt_jax.seg_metrics import segmentation_loss
 
 torch = pytest.importorskip("torch")
@@ -99,12 +98,17 @@ def _double_conv_params(cin, cout):
     return 9 * cin * cout + 9 * cout * cout + 4 * cout  # two bias-free convs + two BN (scale, bias)
 
 
-def _formula_count(widths, bottleneck, in_channels, num_classes):
+def _dense_block_params(cin, cout, growth=32, layers=4):
+    count = sum(2 * (cin + i * growth) + 9 * (cin + i * growth) * growth for i in range(layers))  # BN, conv
+    return count + (cin + layers * growth) * cout + 2 * cout  # 1x1 transition + BN
+
+
+def _formula_count(widths, bottleneck, in_channels, num_classes, encoder_block=_double_conv_params):
     count, cin = 0, in_channels
     for w in widths:
-        count += _double_conv_params(cin, w)
+        count += encoder_block(cin, w)
         cin = w
-    count += _double_conv_params(cin, bottleneck)
+    count += encoder_block(cin, bottleneck)
     below = bottleneck
     for w in reversed(widths):
         count += 4 * below * w + w + _double_conv_params(2 * w, w)  # transposed conv + decoder
@@ -127,6 +131,19 @@ def test_parameter_counts(model, widths, bottleneck):
     if isinstance(model, PocketNet):
         assert count < 1_000_000
     assert f"{count:,}" in unet_module.__doc__  # the documented count is the real one
+
+
+def test_dense_unet_parameter_count_and_stages():
+    model = DenseUNet()
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
+    count = parameter_count(shapes["params"])
+    assert count == _formula_count((64, 128, 256, 512), 1024, 1, 3, _dense_block_params)
+    assert f"{count:,}" in DenseUNet.__doc__
+    encoder, bottleneck, logits = _stage_shapes(DenseUNet(widths=(4, 8), growth=3, layers_per_block=2),
+                                                jnp.ones((2, 16, 16, 1)))
+    assert encoder == {"skips": ((2, 16, 16, 4), (2, 8, 8, 8)), "x": (2, 4, 4, 8)}
+    assert bottleneck == {"skips": encoder["skips"], "x": (2, 4, 4, 16)}
+    assert logits == (2, 16, 16, 3)
 
 
 def _random_variables(model, x, seed=0):
@@ -218,7 +235,7 @@ def test_converter_lists_every_unmatched_key():
         unet_from_torch(state, UNet(widths=(4, 8), num_classes=3))
     message = str(error.value)
     assert "up1.up.bias" in message and "extra.weight" in message and "outc.conv.weight" in message
-    with pytest.raises(ValueError, match="down3"):  # a depth-2 model does not take a depth-3 checkpoint
+    with pytest.raises(ValueError, match="checkpoint has depth 3 .*, the model 2"):
         unet_from_torch(TorchUNet((4, 8, 8), 16, 1, 3).state_dict(), UNet(widths=(4, 8), num_classes=3))
 
 

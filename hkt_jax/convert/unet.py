@@ -14,6 +14,7 @@ unexpected key and shape mismatch is listed in one ``ValueError``.
 from __future__ import annotations
 
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -61,6 +62,7 @@ DOUBLE_CONV_ROWS = (
     ("double_conv.4", "bn2", BATCHNORM),
 )
 STATE_DICT_PREFIX = "module."
+_DOWN = re.compile(r"^(?:module\.)?down(\d+)\.")
 
 
 def module_names(depth: int) -> tuple[tuple[str, str, str], ...]:
@@ -75,6 +77,11 @@ def module_names(depth: int) -> tuple[tuple[str, str, str], ...]:
         rows += [(f"up{k}.conv.{ts}", f"decoder_{level}/{fs}", kind) for ts, fs, kind in DOUBLE_CONV_ROWS]
     rows.append(("outc.conv", "head", CONV_BIAS))
     return tuple(rows)
+
+
+def _describe(model: StagedUNet) -> str:
+    return (f"{type(model).__name__}(levels {model.level_widths}, bottleneck {model.bottleneck_width}, "
+            f"in_channels {model.in_channels}, num_classes {model.num_classes})")
 
 
 def _expected_shapes(model: StagedUNet) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -108,7 +115,8 @@ def unet_from_torch(state_dict_or_path: Mapping[str, Any] | str | os.PathLike, m
     state_dict = _unwrap_state_dict(state_dict_or_path)
     expected = _expected_shapes(model)
     table = _key_table(model)
-    unknown_to_table = sorted("/".join(k) for k in expected if k not in {v[0] for v in table.values() if v})
+    named = {entry[0] for entry in table.values() if entry}
+    unknown_to_table = sorted("/".join(k) for k in expected if k not in named)
     if unknown_to_table:  # the model grew a layer the tables do not name
         raise LookupError(f"convert.unet tables have no PyTorch name for Flax variables {unknown_to_table}")
 
@@ -133,7 +141,11 @@ def unet_from_torch(state_dict_or_path: Mapping[str, Any] | str | os.PathLike, m
         flat[flax_key] = array
     missing = [f"{torch_key} (-> {'/'.join(entry[0])} {expected[entry[0]]})"
                for torch_key, entry in table.items() if entry is not None and entry[0] not in flat]
-    _raise_if_problems(repr(model), [], missing, unexpected, mismatched)
+    depth = len(model.level_widths)
+    found_depth = max((int(m.group(1)) for m in map(_DOWN.match, state_dict) if m), default=0)
+    notes = [f"checkpoint has depth {found_depth} (down1..down{found_depth}), the model {depth}"] \
+        if found_depth != depth else []
+    _raise_if_problems(_describe(model), notes, missing, unexpected, mismatched)
     return traverse_util.unflatten_dict(flat)
 
 
@@ -146,7 +158,7 @@ def unet_to_torch(variables: Mapping[str, Any], model: StagedUNet) -> "OrderedDi
     missing = [f"{'/'.join(k)} {shape}" for k, shape in expected.items() if k not in flat]
     mismatched = [f"{'/'.join(k)}: variables {tuple(np.shape(flat[k]))}, model expects {shape}"
                   for k, shape in expected.items() if k in flat and tuple(np.shape(flat[k])) != shape]
-    _raise_if_problems(repr(model), [], missing, unexpected, mismatched)
+    _raise_if_problems(_describe(model), [], missing, unexpected, mismatched)
     state_dict = OrderedDict()
     for torch_key, entry in _key_table(model).items():
         if entry is None:

@@ -136,7 +136,7 @@ def resize_linear(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def resize_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of the axes -2, -1: output pixel i reads floor((i + 0.5) * in / out)."""
+    """Nearest resize of the axes -2, -1: pixel i reads floor((i + 0.5) * in / out) (torch "nearest-exact")."""
     for axis, size_out in ((-2, size[0]), (-1, size[1])):
         size_in = labels.shape[axis]
         index = np.minimum(np.floor((np.arange(size_out) + 0.5) * size_in / size_out).astype(np.int64), size_in - 1)

@@ -23,7 +23,9 @@ tests/test_unet.py checks them against an independent formula and PyTorch):
 * ``PocketNet(width=32, depth=4)``: 211,587;  ``PocketNet(width=16, depth=4)``: 53,315
 
 PocketNet (Celaya et al. 2022) keeps one width at every level, which is why it
-stays far under 1M parameters (the paper's ~0.8M figure is for its 3D form).
+stays far under 1M parameters. (The HKT paper quotes 0.8M for its PocketNet
+without giving width, depth or dimensionality; this 2D form has 0.21M at width 32.)
+``DenseUNet`` swaps the encoder's double convs for dense blocks (count in its docstring).
 Module names are chosen so a PyTorch U-Net converts by a table
 (``hkt_jax.convert.unet``).
 """
@@ -85,6 +87,10 @@ class StagedUNet(nn.Module):
     def bottleneck_width(self) -> int:
         raise NotImplementedError
 
+    def encoder_block(self, features: int, name: str) -> nn.Module:
+        """The block of an encoder level and of the bottleneck (DenseUNet swaps it)."""
+        return DoubleConv(features, self.dtype, name=name)
+
     def setup(self):
         widths = self.level_widths
         if not widths or min(widths) < 1 or self.bottleneck_width < 1:
@@ -92,8 +98,8 @@ class StagedUNet(nn.Module):
                              f"and bottleneck {self.bottleneck_width}")
         if self.num_classes < 1:
             raise ValueError(f"{type(self).__name__}: num_classes must be >= 1, got {self.num_classes}")
-        self.encoders = [DoubleConv(w, self.dtype, name=f"encoder_{i}") for i, w in enumerate(widths)]
-        self.bottleneck = DoubleConv(self.bottleneck_width, self.dtype, name="bottleneck")
+        self.encoders = [self.encoder_block(w, f"encoder_{i}") for i, w in enumerate(widths)]
+        self.bottleneck = self.encoder_block(self.bottleneck_width, "bottleneck")
         # PyTorch ConvTranspose2d semantics (kernel stored as (kh, kw, out, in); see convert/unet.py).
         self.ups = [
             nn.ConvTranspose(w, (2, 2), strides=(2, 2), padding="VALID", transpose_kernel=True,
@@ -171,3 +177,41 @@ class PocketNet(StagedUNet):
     @property
     def bottleneck_width(self) -> int:
         return int(self.width)
+
+
+class DenseBlock(nn.Module):
+    """Densely connected block (Huang et al. 2017): ``layers`` x (BN - ReLU - 3x3 conv to ``growth``
+    channels, concatenated to its input), then a 1x1 conv - BN - ReLU transition to ``features``."""
+
+    features: int
+    growth: int = 16
+    layers: int = 4
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        for i in range(self.layers):
+            y = nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=self.dtype, name=f"bn{i}")(
+                x, use_running_average=not train)
+            y = nn.Conv(self.growth, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=conv_init,
+                        dtype=self.dtype, name=f"conv{i}")(nn.relu(y))
+            x = jnp.concatenate([x, y], axis=-1)
+        x = nn.Conv(self.features, (1, 1), use_bias=False, kernel_init=conv_init, dtype=self.dtype,
+                    name="transition")(x)
+        return nn.relu(nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=self.dtype, name="transition_bn")(
+            x, use_running_average=not train))
+
+
+class DenseUNet(UNet):
+    """2D DenseUNet (the 2D branch of H-DenseUNet, Li et al. 2018, at U-Net scale): dense blocks in the
+    encoder and bottleneck, the U-Net decoder. Same stages and pytree outputs as ``UNet``.
+
+    ``DenseUNet()`` (widths 64-128-256-512, bottleneck 1024, growth 32, 4 layers; 1 input
+    channel, 3 classes): 14,538,059 parameters.
+    """
+
+    growth: int = 32
+    layers_per_block: int = 4
+
+    def encoder_block(self, features: int, name: str) -> nn.Module:
+        return DenseBlock(features, self.growth, self.layers_per_block, self.dtype, name=name)
