@@ -8,72 +8,77 @@ import numpy as np
 import optax
 import pytest
 
+import hkt_jax.models.unet as unet_module
 from hkt_jax.hkt import HKT, Boundary, HKTConfig, LeafLink
 from hkt_jax.models.registry import parameter_count
-import hkt_jax.models.unet as unet_module
 from hkt_jax.models.unet import DenseUNet, PocketNet, UNet
 from hkt_jax.seg_metrics import segmentation_loss
 
-torch = pytest.importorskip("torch")
-tnn = torch.nn
+try:
+    import torch
+    from torch import nn as tnn
+except ImportError:  # only the PyTorch comparisons need it (requirements-torch.txt); the rest runs without
+    torch = None
+needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch not installed (pip install -r requirements-torch.txt)")
 
 
 # -- an independent PyTorch U-Net (module names as milesial/Pytorch-UNet, bilinear=False) ----------
 
+if torch is not None:
 
-class TorchDoubleConv(tnn.Module):
-    def __init__(self, cin, cout):
-        super().__init__()
-        self.double_conv = tnn.Sequential(
-            tnn.Conv2d(cin, cout, 3, padding=1, bias=False), tnn.BatchNorm2d(cout), tnn.ReLU(),
-            tnn.Conv2d(cout, cout, 3, padding=1, bias=False), tnn.BatchNorm2d(cout), tnn.ReLU(),
-        )
+    class TorchDoubleConv(tnn.Module):
+        def __init__(self, cin, cout):
+            super().__init__()
+            self.double_conv = tnn.Sequential(
+                tnn.Conv2d(cin, cout, 3, padding=1, bias=False), tnn.BatchNorm2d(cout), tnn.ReLU(),
+                tnn.Conv2d(cout, cout, 3, padding=1, bias=False), tnn.BatchNorm2d(cout), tnn.ReLU(),
+            )
 
-    def forward(self, x):
-        return self.double_conv(x)
-
-
-class TorchDown(tnn.Module):
-    def __init__(self, cin, cout):
-        super().__init__()
-        self.maxpool_conv = tnn.Sequential(tnn.MaxPool2d(2), TorchDoubleConv(cin, cout))
-
-    def forward(self, x):
-        return self.maxpool_conv(x)
+        def forward(self, x):
+            return self.double_conv(x)
 
 
-class TorchUp(tnn.Module):
-    def __init__(self, cin, skip):
-        super().__init__()
-        self.up = tnn.ConvTranspose2d(cin, skip, 2, stride=2)
-        self.conv = TorchDoubleConv(2 * skip, skip)
+    class TorchDown(tnn.Module):
+        def __init__(self, cin, cout):
+            super().__init__()
+            self.maxpool_conv = tnn.Sequential(tnn.MaxPool2d(2), TorchDoubleConv(cin, cout))
 
-    def forward(self, x, skip):
-        return self.conv(torch.cat([skip, self.up(x)], dim=1))
+        def forward(self, x):
+            return self.maxpool_conv(x)
 
 
-class TorchUNet(tnn.Module):
-    def __init__(self, widths, bottleneck, in_channels, num_classes):
-        super().__init__()
-        depth = len(widths)
-        self.inc = TorchDoubleConv(in_channels, widths[0])
-        chans = list(widths) + [bottleneck]
-        for k in range(1, depth + 1):
-            setattr(self, f"down{k}", TorchDown(chans[k - 1], chans[k]))
-        for k in range(1, depth + 1):
-            setattr(self, f"up{k}", TorchUp(chans[depth - k + 1], widths[depth - k]))
-        self.outc = tnn.Module()
-        self.outc.conv = tnn.Conv2d(widths[0], num_classes, 1)
-        self.depth = depth
+    class TorchUp(tnn.Module):
+        def __init__(self, cin, skip):
+            super().__init__()
+            self.up = tnn.ConvTranspose2d(cin, skip, 2, stride=2)
+            self.conv = TorchDoubleConv(2 * skip, skip)
 
-    def forward(self, x):
-        skips = [self.inc(x)]
-        for k in range(1, self.depth + 1):
-            skips.append(getattr(self, f"down{k}")(skips[-1]))
-        x = skips.pop()
-        for k in range(1, self.depth + 1):
-            x = getattr(self, f"up{k}")(x, skips.pop())
-        return self.outc.conv(x)
+        def forward(self, x, skip):
+            return self.conv(torch.cat([skip, self.up(x)], dim=1))
+
+
+    class TorchUNet(tnn.Module):
+        def __init__(self, widths, bottleneck, in_channels, num_classes):
+            super().__init__()
+            depth = len(widths)
+            self.inc = TorchDoubleConv(in_channels, widths[0])
+            chans = list(widths) + [bottleneck]
+            for k in range(1, depth + 1):
+                setattr(self, f"down{k}", TorchDown(chans[k - 1], chans[k]))
+            for k in range(1, depth + 1):
+                setattr(self, f"up{k}", TorchUp(chans[depth - k + 1], widths[depth - k]))
+            self.outc = tnn.Module()
+            self.outc.conv = tnn.Conv2d(widths[0], num_classes, 1)
+            self.depth = depth
+
+        def forward(self, x):
+            skips = [self.inc(x)]
+            for k in range(1, self.depth + 1):
+                skips.append(getattr(self, f"down{k}")(skips[-1]))
+            x = skips.pop()
+            for k in range(1, self.depth + 1):
+                x = getattr(self, f"up{k}")(x, skips.pop())
+            return self.outc.conv(x)
 
 
 def _randomise(module, seed):
@@ -125,9 +130,10 @@ def test_parameter_counts(model, widths, bottleneck):
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
     count = parameter_count(shapes["params"])
     assert count == _formula_count(widths, bottleneck, 1, 3)
-    with torch.device("meta"):
-        torch_model = TorchUNet(widths, bottleneck, 1, 3)
-    assert count == sum(p.numel() for p in torch_model.parameters())
+    if torch is not None:
+        with torch.device("meta"):
+            torch_model = TorchUNet(widths, bottleneck, 1, 3)
+        assert count == sum(p.numel() for p in torch_model.parameters())
     if isinstance(model, PocketNet):
         assert count < 1_000_000
     assert f"{count:,}" in unet_module.__doc__  # the documented count is the real one
@@ -203,6 +209,7 @@ def test_call_is_all_stages_in_order():
     np.testing.assert_array_equal(whole, staged)
 
 
+@needs_torch
 def test_forward_matches_pytorch_unet_with_same_weights():
     from hkt_jax.convert.unet import unet_from_torch, unet_to_torch
 
@@ -224,6 +231,7 @@ def test_forward_matches_pytorch_unet_with_same_weights():
             np.testing.assert_array_equal(exported[key].numpy(), value.numpy(), err_msg=key)
 
 
+@needs_torch
 def test_converter_lists_every_unmatched_key():
     from hkt_jax.convert.unet import unet_from_torch
 
