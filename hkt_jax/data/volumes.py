@@ -261,6 +261,9 @@ def split_by_case(case_ids: Sequence[str], validation_size: int | float, seed: i
 
 def select_cases(slice_set: SliceSet, case_ids: Sequence[str]) -> SliceSet:
     """The slices of the named cases only (how the by-case split is applied to a SliceSet)."""
+    unknown = sorted(set(case_ids) - set(slice_set.case_ids))
+    if unknown:
+        raise ValueError(f"cases {unknown} are not in this slice set (it has {len(slice_set.case_ids)} cases)")
     wanted = [slice_set.case_ids.index(c) for c in case_ids]
     rows = np.flatnonzero(np.isin(slice_set.case_index, wanted))
     remap = np.full(len(slice_set.case_ids), -1, np.int32)
@@ -364,6 +367,8 @@ def make_train_stream(slice_set: SliceSet, *, global_batch_size: int, seed: int,
 def eval_batches(slice_set: SliceSet, *, global_batch_size: int, process_index: int = 0,
                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
     """Every slice once, in order; the last batch padded, ``"valid"`` 1.0 for real slices."""
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of {process_count}")
     per_process = global_batch_size // process_count
 
     def build(step: int) -> dict[str, np.ndarray]:
