@@ -81,7 +81,7 @@ def run(batch: int, rounds: int, march: str | None) -> dict:
                                             for r in rows), 2)}
 
 
-def train_step_ms(depth: int, batch: int, rounds: int, impls=("auto", "xla")) -> dict[str, dict[str, float]]:
+def train_step_ms(depth: int, batch: int, rounds: int, impls=("auto", "xla", "cpu_kernel")) -> dict[str, dict]:
     """Median / best ms of a ResNet-``depth`` training step (cross-entropy, SGD, BatchNorm in training mode)
     per ``conv_impl``, same parameters and batch, timed in interleaved rounds."""
     import jax.numpy as jnp  # noqa: PLC0415
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds (median)")
     parser.add_argument("--march", default=None, help="kernel build target (default $HKT_JAX_KERNEL_MARCH or native)")
     parser.add_argument("--train_step", type=int, default=0, metavar="DEPTH",
-                        help="also time a ResNet-DEPTH training step (batch --batch) with conv_impl auto vs xla")
+                        help="also time a ResNet-DEPTH training step (batch --batch): conv_impl auto, xla, cpu_kernel")
     parser.add_argument("--json", type=Path, default=None, help="write the full result here")
     args = parser.parse_args(argv)
     march = args.march or os.environ.get("HKT_JAX_KERNEL_MARCH") or "native"
@@ -143,9 +143,9 @@ def main(argv=None) -> int:
         result["train_step"] = {"depth": args.train_step, **step,
                                 "auto_over_xla_median": round(step["auto"]["median_ms"] / step["xla"]["median_ms"], 3),
                                 "auto_over_xla_best": round(step["auto"]["best_ms"] / step["xla"]["best_ms"], 3)}
-        print(f"# ResNet-{args.train_step} train step, batch {args.batch}: auto {step['auto']['median_ms']} ms "
-              f"(best {step['auto']['best_ms']}), xla {step['xla']['median_ms']} ms (best {step['xla']['best_ms']}): "
-              f"auto / xla = {result['train_step']['auto_over_xla_median']} (median), "
+        print(f"# ResNet-{args.train_step} train step, batch {args.batch}, median (best) ms: "
+              + ", ".join(f"{impl} {t['median_ms']} ({t['best_ms']})" for impl, t in step.items())
+              + f"; auto / xla = {result['train_step']['auto_over_xla_median']} (median), "
               f"{result['train_step']['auto_over_xla_best']} (best)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

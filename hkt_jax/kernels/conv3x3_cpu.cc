@@ -215,24 +215,23 @@ static inline void dw_tile(const float* xp, int Wp, int Ci, const float* dy, int
     }
 }
 
-// Input channels [ci0, Ci) of one tap and channel group: tiles of CB, the rest with one exact-size tile.
+// Input channels [ci0, Ci) of one tap, every channel group: tiles of CB, the rest with one exact-size tile.
 template <int CB, int S>
 static void dw_channels(const float* xp, int Wp, int Ci, const float* dy, int Co, int Ho, int Wo, int kh, int kw,
-                        int ci0, int co0, float* dw) {
-  for (; ci0 + CB <= Ci; ci0 += CB) dw_tile<CB, S>(xp, Wp, Ci, dy, Co, Ho, Wo, kh, kw, ci0, co0, dw);
+                        int ci0, float* dw) {
+  for (; ci0 + CB <= Ci; ci0 += CB)
+    for (int co0 = 0; co0 < Co; co0 += 16) dw_tile<CB, S>(xp, Wp, Ci, dy, Co, Ho, Wo, kh, kw, ci0, co0, dw);
   if constexpr (CB > 1) {
     const int rest = Ci - ci0;
-    if (rest >= 8 && CB > 8) return dw_channels<8, S>(xp, Wp, Ci, dy, Co, Ho, Wo, kh, kw, ci0, co0, dw);
-    if (rest > 0) return dw_channels<(CB > 8 ? 7 : CB - 1), S>(xp, Wp, Ci, dy, Co, Ho, Wo, kh, kw, ci0, co0, dw);
+    if (rest >= 8 && CB > 8) return dw_channels<8, S>(xp, Wp, Ci, dy, Co, Ho, Wo, kh, kw, ci0, dw);
+    if (rest > 0) return dw_channels<(CB > 8 ? 7 : CB - 1), S>(xp, Wp, Ci, dy, Co, Ho, Wo, kh, kw, ci0, dw);
   }
 }
 
 template <int S>
 static void dw_image(const float* xp, int Wp, int Ci, const float* dy, int Co, int Ho, int Wo, float* dw) {
   for (int kh = 0; kh < 3; ++kh)
-    for (int kw = 0; kw < 3; ++kw)
-      for (int co0 = 0; co0 < Co; co0 += 16)
-        dw_channels<DW_CHANNELS, S>(xp, Wp, Ci, dy, Co, Ho, Wo, kh, kw, 0, co0, dw);
+    for (int kw = 0; kw < 3; ++kw) dw_channels<DW_CHANNELS, S>(xp, Wp, Ci, dy, Co, Ho, Wo, kh, kw, 0, dw);
 }
 
 static void conv3x3_dw(const float* x, const float* dy, float* dw, int B, int H, int W, int Ci, int Co, int s,
