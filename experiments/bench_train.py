@@ -46,13 +46,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hkt_jax import cpu_info, fold, sharding, train
+from hkt_jax import cpu_info, factories, fold, sharding, train
 from hkt_jax.config import apply_overrides, load_config
-from hkt_jax.hkt import HKT
 from hkt_jax.kernels import cpu_conv
 from hkt_jax.malloc_tuning import tune_malloc_for_xla
-from hkt_jax.methods import hkt_loss, plain_loss, trainable_variables
 from hkt_jax.models import CifarResNet, parameter_count
+from hkt_jax.tasks import Classification
 
 NUM_CLASSES = 10
 
@@ -91,30 +90,27 @@ def build_jax(args, mesh) -> JaxPrograms:
         f"child.depth={args.child_depth}", f"parent.depth={args.parent_depth}",
         f"train.batch_size={args.batch_size}", "train.steps=1000", *args.override,
     ])
-    child = CifarResNet(depth=args.child_depth, num_classes=NUM_CLASSES, stage_split=config.hkt.stage_split,
-                        conv_impl=args.conv_impl)
-    raw_parent = CifarResNet(depth=args.parent_depth, num_classes=NUM_CLASSES, stage_split=config.hkt.stage_split,
-                             conv_impl=args.conv_impl)
+    task = Classification()
+    classes = {"num_classes": NUM_CLASSES}
+    stage_split = config.hkt.stage_split
+    child, _ = factories.make_model(config.child, classes, stage_split=stage_split, conv_impl=args.conv_impl)
+    raw_parent, _ = factories.make_model(config.parent, classes, stage_split=stage_split, conv_impl=args.conv_impl)
     raw_parent_vars = _parent_variables(raw_parent, seed=1)
     parent, parent_vars = (raw_parent, raw_parent_vars) if args.no_fold else fold.fold_parent(raw_parent, raw_parent_vars)
-    engine = HKT(child, parent, train.hkt_engine_config(config, len(child.stage_names)))
     sample = jnp.zeros((2, 32, 32, 3), jnp.float32)
-    schedule = train.make_schedule(config.optim, 390, 1000)
-    tx = train.make_optimizer(config.optim, schedule)
+    tx, schedule = factories.make_optimization(config.optim, 390, 1000)
 
-    def make(loss_fn, init_variables):
-        run = train.Run(model=child, spec={}, loss_fn=loss_fn, parent_variables=parent_vars,
-                        init_variables=init_variables, datasets=None, mesh=mesh, steps_per_epoch=390,
-                        total_steps=1000, schedule=schedule, tx=tx)
-        state = train.initial_state(run, seed=0)
+    def make(method):
+        loss_fn, init_variables = factories.make_method(method, child, task, sample, jax.random.key(2), parent=parent,
+                                                        parent_variables=parent_vars, hkt=config.hkt, kd=config.kd)
+        state = train.initial_state(init_variables, tx)
         state = sharding.put(state, sharding.state_shardings(state, mesh))
-        step, _ = train.compile_steps(run, state)
-        return step, state
+        step, _ = train.compile_steps(task=task, model=child, loss_fn=loss_fn, tx=tx, schedule=schedule,
+                                      parent_variables=parent_vars, mesh=mesh, state=state)
+        return step, state, init_variables
 
-    hkt_vars = engine.init(jax.random.key(2), sample, parent_vars)
-    plain_vars = trainable_variables(child.init(jax.random.key(2), sample, train=False))
-    hkt_step, hkt_state = make(hkt_loss(engine), hkt_vars)
-    child_step, child_state = make(plain_loss(child), plain_vars)
+    hkt_step, hkt_state, hkt_vars = make("hkt")
+    child_step, child_state, _ = make("child")
 
     repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     forward = jax.jit(lambda v, x: parent.apply(v, x, train=False), in_shardings=(repl, data), out_shardings=data)

@@ -22,7 +22,8 @@ from hkt_jax.sharding import initialize_distributed
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m experiments.cifar_hkt", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="default", help="config name in experiments/configs (default: %(default)s)")
     parser.add_argument("--workdir", default=None, help="run directory (default: workdirs/<config>)")
     parser.add_argument("--parent_ckpt", default=None, help="parent model checkpoint dir (from python -m hkt_jax.convert)")

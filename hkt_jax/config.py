@@ -16,22 +16,36 @@ import typing
 from typing import Any, Literal, Sequence
 
 from hkt_jax.data.pipeline import DataConfig
-
-METHODS = ("hkt", "child", "kd", "parent")
+from hkt_jax.hkt import HKTConfig
+from hkt_jax.methods import METHODS
+from hkt_jax.models.registry import config_fields
+from hkt_jax.tasks import TASKS
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "cifar_resnet"
-    depth: int = 20
-    shortcut: Literal["A", "B"] = "A"
-    widths: tuple[int, ...] = (8, 16)  # toy nets only
-    strides: tuple[int, ...] = (1, 1)  # toy nets only
+    """A network by architecture name; only the fields its architecture takes are used
+    (``hkt_jax.models.registry.CONFIG_FIELDS``) and recorded."""
 
-    def kwargs(self, num_classes: int) -> dict[str, Any]:
-        if self.arch == "toy":
-            return {"widths": tuple(self.widths), "strides": tuple(self.strides), "num_classes": num_classes}
-        return {"depth": self.depth, "shortcut": self.shortcut, "num_classes": num_classes}
+    arch: str = "cifar_resnet"
+    depth: int = 20  # cifar_resnet, pocketnet
+    shortcut: Literal["A", "B"] = "A"  # cifar_resnet
+    conv_impl: Literal["auto", "xla", "cpu_kernel"] = "auto"  # cifar_resnet (hkt_jax.kernels.cpu_conv)
+    widths: tuple[int, ...] = (8, 16)  # toy, unet, dense_unet
+    strides: tuple[int, ...] = (1, 1)  # toy
+    per_pixel: bool = False  # toy
+    small: bool = False  # raft
+    width: int = 32  # pocketnet
+
+    def __post_init__(self):
+        config_fields(self.arch)  # unknown architecture -> ValueError listing the known ones
+
+    def kwargs(self) -> dict[str, Any]:
+        """Constructor arguments this config sets (the task adds e.g. ``num_classes``)."""
+        return {name: getattr(self, name) for name in config_fields(self.arch)}
+
+    def record(self) -> dict[str, Any]:
+        return {"arch": self.arch, **self.kwargs()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,17 +61,10 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class HKTSettings:
-    lam: float = 0.6
-    mode: Literal["auto", "softmax", "gate"] = "auto"
-    chunk_size: int | None = None
-    impl: Literal["auto", "plain", "chunked", "dot_product_attention"] = "auto"
-    alphas: tuple[float, float, float] = (0.25, 0.5, 0.25)
-    inherit_loss: Literal["mae", "ce"] = "mae"
+class HKTSettings(HKTConfig):
+    """The engine's ``HKTConfig`` (defaults: the paper's) plus where the models are cut into stages."""
+
     stage_split: Literal["paper", "groups"] = "paper"
-    # Per boundary on/off (empty = on at every boundary).
-    backbone: tuple[bool, ...] = ()
-    head: tuple[bool, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +82,6 @@ class TrainSettings:
     eval_every_steps: int | None = None  # None = once per epoch
     checkpoint_every_steps: int = 1000
     seed: int = 0
-    half_precision: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +93,11 @@ class MeshSettings:
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    method: Literal["hkt", "child", "kd", "parent"] = "hkt"
+    task: str = "classification"  # hkt_jax.tasks.TASKS
+    method: str = "hkt"  # hkt_jax.methods.METHODS
     child: ModelConfig = ModelConfig(depth=20)
     parent: ModelConfig = ModelConfig(depth=110)
-    parent_ckpt: str | None = None  # model checkpoint dir; None = train the parent first
+    parent_ckpt: str | None = None  # model checkpoint dir; None = train the parent first (--parent_ckpt sets it)
     parent_epochs: float | None = None  # epochs for that parent run (None = train.epochs)
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
@@ -102,6 +109,15 @@ class ExperimentConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: expected one of {METHODS}")
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r}: expected one of {tuple(TASKS)}")
+
+    def record(self) -> dict[str, Any]:
+        """What ``config.json`` holds: every setting, models with only the fields their architecture uses."""
+        record = dataclasses.asdict(self)
+        record["child"], record["parent"] = self.child.record(), self.parent.record()
+        record["hkt"].pop("boundaries", None)
+        return record
 
 
 def load_config(name: str) -> ExperimentConfig:
@@ -118,6 +134,8 @@ def load_config(name: str) -> ExperimentConfig:
 def _field_paths(config: Any, prefix: str = "") -> list[str]:
     paths = []
     for field in dataclasses.fields(config):
+        if not field.metadata.get("cli", True):
+            continue
         value = getattr(config, field.name)
         if dataclasses.is_dataclass(value):
             paths += _field_paths(value, f"{prefix}{field.name}.")

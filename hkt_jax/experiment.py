@@ -14,31 +14,34 @@ from pathlib import Path
 import jax
 
 from hkt_jax.config import ExperimentConfig
+from hkt_jax.methods import NEEDS_PARENT
 from hkt_jax.train import train_and_evaluate
 
 PARENT_SUBDIR = "parent"
+EXPORT_SUBDIR = Path("export") / "child"  # where a run leaves its trained network (child or parent alike)
 
 
 def parent_run_config(config: ExperimentConfig) -> ExperimentConfig:
     epochs = config.parent_epochs if config.parent_epochs is not None else config.train.epochs
-    return dataclasses.replace(config, method="parent", train=dataclasses.replace(config.train, epochs=epochs))
+    return dataclasses.replace(config, method="parent", parent_ckpt=None,
+                               train=dataclasses.replace(config.train, epochs=epochs))
 
 
-def ensure_parent(config: ExperimentConfig, workdir: Path) -> Path:
-    """A model checkpoint of the parent: the given one, or one trained here."""
+def ensure_parent(config: ExperimentConfig, workdir: Path) -> ExperimentConfig:
+    """The config with ``parent_ckpt`` set: the given one, or a parent trained here first."""
     if config.parent_ckpt:
-        return Path(config.parent_ckpt)
+        return config
     parent_workdir = workdir / PARENT_SUBDIR
-    exported = parent_workdir / "export" / "child"
     if not (parent_workdir / "summary.json").exists():
         if jax.process_index() == 0:
-            print(f"No parent_ckpt given: training the parent ({config.parent.arch}-{config.parent.depth}) "
+            print(f"No parent_ckpt given: training the parent ({config.parent.arch}, {config.parent.kwargs()}) "
                   f"in {parent_workdir} first")
         train_and_evaluate(parent_run_config(config), parent_workdir)
-    return exported
+    return dataclasses.replace(config, parent_ckpt=str(parent_workdir / EXPORT_SUBDIR))
 
 
 def run(config: ExperimentConfig, workdir: str | Path) -> dict:
     workdir = Path(workdir)
-    parent_dir = ensure_parent(config, workdir) if config.method in ("hkt", "kd") else None
-    return train_and_evaluate(config, workdir, parent_dir)
+    if config.method in NEEDS_PARENT:
+        config = ensure_parent(config, workdir)
+    return train_and_evaluate(config, workdir)

@@ -14,8 +14,9 @@ engine can use it in place of the original parent. Gradients still flow
 *through* the folded network (head inheritance needs that); only its
 parameters are frozen, as before.
 
-Supported: ``CifarResNet`` (option-A and option-B shortcuts, either stage
-split). Other models are returned unchanged.
+Folding rules are registered per architecture (``FOLD_RULES``); today
+``CifarResNet`` (option-A and option-B shortcuts, either stage split). Other
+models are returned unchanged.
 """
 
 from __future__ import annotations
@@ -26,9 +27,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from hkt_jax.models.cifar_resnet import CifarResNet
-
-BN_EPSILON = 1e-5  # hkt_jax.models.cifar_resnet._bn
+from hkt_jax.models.cifar_resnet import BN_EPSILON, CifarResNet
 
 
 def fold_conv_bn(kernel, bn_params, bn_stats, epsilon: float = BN_EPSILON) -> dict[str, np.ndarray]:
@@ -56,9 +55,19 @@ def fold_cifar_resnet(variables: Any) -> dict[str, Any]:
     return {"params": folded}
 
 
+def _fold_cifar_resnet_model(model: CifarResNet, variables: Any) -> tuple[nn.Module, Any] | None:
+    if model.bn_folded or not variables.get("batch_stats"):
+        return None
+    return model.clone(bn_folded=True), fold_cifar_resnet(variables)
+
+
+# Model class -> rule returning the folded (module, variables), or None when there is nothing to fold.
+FOLD_RULES = {CifarResNet: _fold_cifar_resnet_model}
+
+
 def fold_parent(parent: nn.Module, variables: Any) -> tuple[nn.Module, Any]:
     """An equivalent BN-free (module, variables) for a frozen network in inference mode,
     or the pair unchanged when this model type has no folding rule."""
-    if isinstance(parent, CifarResNet) and not parent.bn_folded and variables.get("batch_stats"):
-        return parent.clone(bn_folded=True), fold_cifar_resnet(variables)
-    return parent, variables
+    rule = FOLD_RULES.get(type(parent))
+    folded = rule(parent, variables) if rule is not None else None
+    return folded if folded is not None else (parent, variables)

@@ -24,15 +24,12 @@ from typing import Any, Callable, Literal, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import optax
 
 from hkt_jax import ga
 from hkt_jax.etm import Extractor, Transfer, get_leaf, set_leaf
 from hkt_jax.models.staged import apply_stage, check_staged
 
 LossFn = Callable[[Any, dict[str, jax.Array]], jax.Array]
-INHERIT_LOSSES = ("mae", "ce")
 DIRECTIONS = ("to_child", "to_parent")
 
 
@@ -57,46 +54,64 @@ class Boundary:
     to_parent: tuple[LeafLink, ...] = (LeafLink(),)
 
 
+INHERIT_LOSSES = ("mae", "ce")  # names a task's inherit_loss understands (the paper: MAE)
+
+
 @dataclasses.dataclass(frozen=True)
 class HKTConfig:
+    """The engine's settings; the defaults are the paper's (Table 2 setting, Eq. 9)."""
+
     lam: float = 0.6
     mode: ga.Mode = "auto"
     chunk_size: int | None = None
     impl: ga.Impl = "auto"  # softmax GA implementation (see hkt_jax.ga.resolve_impl)
-    alphas: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
-    inherit_loss: Literal["mae", "ce"] = "ce"
-    # One entry per boundary (n - 1 of them); None = every boundary, both directions.
-    boundaries: tuple[Boundary, ...] | None = None
+    alphas: tuple[float, float, float] = (0.25, 0.5, 0.25)
+    inherit_loss: Literal["mae", "ce"] = "mae"
+    # Per boundary on/off switches (empty = on at every boundary): the paper's ablations.
+    backbone: tuple[bool, ...] = ()
+    head: tuple[bool, ...] = ()
+    # Leaf wiring per boundary (None = whole stage outputs, both directions); not a command-line setting.
+    boundaries: tuple[Boundary, ...] | None = dataclasses.field(default=None, metadata={"cli": False})
+
+    def __post_init__(self):
+        ga.check_lam(self.lam)
+        if self.mode not in ga.MODES:
+            raise ValueError(f"hkt.mode={self.mode!r}: expected one of {ga.MODES}")
+        if self.impl not in ga.IMPLS:
+            raise ValueError(f"hkt.impl={self.impl!r}: expected one of {ga.IMPLS}")
+        if self.inherit_loss not in INHERIT_LOSSES:
+            raise ValueError(f"hkt.inherit_loss={self.inherit_loss!r}: expected one of {INHERIT_LOSSES}")
+        validate_alphas(self.alphas)
+
+    def resolved_boundaries(self, num_stages: int) -> tuple[Boundary, ...]:
+        """One Boundary per stage boundary, with the backbone/head switches applied."""
+        count = num_stages - 1
+        boundaries = self.boundaries if self.boundaries is not None else (Boundary(),) * count
+        if len(boundaries) != count:
+            raise ValueError(f"config.boundaries has {len(boundaries)} entries, but {num_stages} stages have "
+                             f"{count} boundaries")
+        for name in ("backbone", "head"):
+            flags = getattr(self, name)
+            if flags and len(flags) != count:
+                raise ValueError(f"hkt.{name} has {len(flags)} entries; this stage split has {count} boundaries")
+            if flags:
+                boundaries = tuple(dataclasses.replace(b, **{name: bool(f)}) for b, f in zip(boundaries, flags))
+        return tuple(boundaries)
 
 
 def validate_alphas(alphas: Sequence[float]) -> tuple[float, float, float]:
     """Eq. 9's constraints: each in [0, 1], max(a1, a3) <= a2, sum = 1."""
     alphas = tuple(float(a) for a in alphas)
     if len(alphas) != 3:
-        raise ValueError(f"`alphas` must be three weights (a1, a2, a3), got {alphas}")
+        raise ValueError(f"hkt.alphas must be three weights (a1, a2, a3), got {alphas}")
     a1, a2, a3 = alphas
     if not all(0.0 <= a <= 1.0 for a in alphas):
-        raise ValueError(f"`alphas` must each lie in [0, 1], got {alphas}")
+        raise ValueError(f"hkt.alphas must each lie in [0, 1], got {alphas}")
     if max(a1, a3) > a2 + 1e-9:
-        raise ValueError(f"`alphas` must satisfy max(a1, a3) <= a2 (native loss dominates), got {alphas}")
+        raise ValueError(f"hkt.alphas must satisfy max(a1, a3) <= a2 (native loss dominates), got {alphas}")
     if abs(sum(alphas) - 1.0) > 1e-6:
-        raise ValueError(f"`alphas` must sum to 1, got {alphas} (sum {sum(alphas)})")
+        raise ValueError(f"hkt.alphas must sum to 1, got {alphas} (sum {sum(alphas)})")
     return alphas
-
-
-def classification_ce(logits: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
-    """Mean softmax cross-entropy against integer ``batch["label"]``."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["label"]).mean()
-
-
-def classification_mae(logits: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
-    """The paper's MAE (Eq. 5, 8) for classifiers: mean over batch and classes of
-    |softmax(logits) - one_hot(label)| (as ``torch.nn.L1Loss`` would average it)."""
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.mean(jnp.abs(probs - jax.nn.one_hot(batch["label"], logits.shape[-1])))
-
-
-CLASSIFICATION_INHERIT_LOSSES: dict[str, LossFn] = {"ce": classification_ce, "mae": classification_mae}
 
 
 def _adapter_key(direction: str, boundary: int, link: LeafLink) -> str:
@@ -119,9 +134,12 @@ class HKT:
         parent: nn.Module,
         config: HKTConfig = HKTConfig(),
         *,
-        task_loss: LossFn = classification_ce,
+        task: Any = None,
+        task_loss: LossFn | None = None,
         inherit_loss: LossFn | None = None,
     ):
+        """``task`` (a ``hkt_jax.tasks.Task``; default classification) supplies the network input of a
+        batch and the losses; ``task_loss`` / ``inherit_loss`` override its losses."""
         check_staged(child, "child")
         check_staged(parent, "parent")
         if tuple(child.stage_names) != tuple(parent.stage_names):
@@ -131,25 +149,14 @@ class HKT:
             )
         if len(child.stage_names) < 2:
             raise ValueError(f"HKT needs at least 2 stages (one boundary), got {tuple(child.stage_names)}")
-        ga.check_lam(config.lam)
-        ga.resolve_mode(config.mode, 3)
-        if config.impl not in ga.IMPLS:
-            raise ValueError(f"`impl` must be one of {ga.IMPLS}, got {config.impl!r}")
-        validate_alphas(config.alphas)
-        if inherit_loss is None:
-            if config.inherit_loss not in INHERIT_LOSSES:
-                raise ValueError(f"`inherit_loss` must be one of {INHERIT_LOSSES}, got {config.inherit_loss!r}")
-            inherit_loss = CLASSIFICATION_INHERIT_LOSSES[config.inherit_loss]
-        num_boundaries = len(child.stage_names) - 1
-        boundaries = config.boundaries if config.boundaries is not None else (Boundary(),) * num_boundaries
-        if len(boundaries) != num_boundaries:
-            raise ValueError(
-                f"config.boundaries has {len(boundaries)} entries, but {len(child.stage_names)} stages "
-                f"{tuple(child.stage_names)} have {num_boundaries} boundaries"
-            )
-        self.child, self.parent, self.config = child, parent, config
-        self.boundaries = tuple(boundaries)
-        self.task_loss, self.inherit_loss = task_loss, inherit_loss
+        if task is None:
+            from hkt_jax.tasks import Classification  # the default; imported here to keep the engine task-free
+
+            task = Classification()
+        self.child, self.parent, self.config, self.task = child, parent, config, task
+        self.boundaries = config.resolved_boundaries(len(child.stage_names))
+        self.task_loss = task_loss or task.task_loss
+        self.inherit_loss = inherit_loss or task.inherit_loss(config.inherit_loss)
         self._transfer = Transfer()
 
     @property
@@ -241,13 +248,14 @@ class HKT:
 
     def loss(self, params, batch_stats, parent_variables, batch, *, train: bool = True):
         """L = a1 L1 + a2 L2 + a3 L3. Returns (loss, aux) with aux = {"batch_stats",
-        "metrics" (loss, l1, l2, l3, GA diagnostics), "logits" (native)}.
+        "metrics" (loss, l1, l2, l3, GA diagnostics), "outputs" (the native stream's)}.
 
         All three terms are always computed and logged; a term with weight 0
         is left out of the sum, so it contributes no gradient (not even 0 * NaN).
         """
         outputs, new_stats, metrics = self.forward(
-            {"params": params, "batch_stats": batch_stats}, parent_variables, batch["image"], train=train
+            {"params": params, "batch_stats": batch_stats}, parent_variables, self.task.model_input(batch),
+            train=train
         )
         a1, a2, a3 = self.config.alphas
         l1 = self.inherit_loss(outputs["backbone"], batch)
@@ -255,4 +263,4 @@ class HKT:
         l3 = self.inherit_loss(outputs["head"], batch)
         total = sum(a * l for a, l in ((a1, l1), (a2, l2), (a3, l3)) if a != 0.0)
         metrics.update(loss=total, l1=l1, l2=l2, l3=l3)
-        return total, {"batch_stats": new_stats, "metrics": metrics, "logits": outputs["native"]}
+        return total, {"batch_stats": new_stats, "metrics": metrics, "outputs": outputs["native"]}

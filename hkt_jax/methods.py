@@ -1,13 +1,14 @@
 """Training methods as loss functions with one signature.
 
 ``loss_fn(params, batch_stats, parent_variables, batch) -> (loss, aux)`` with
-``aux = {"batch_stats", "metrics", "logits"}``. ``params`` / ``batch_stats``
+``aux = {"batch_stats", "metrics", "outputs"}``. ``params`` / ``batch_stats``
 hold the trained network under ``"child"`` (plus ``"adapters"`` for HKT);
 ``metrics`` always carries ``loss``, ``l1``, ``l2``, ``l3`` so every run logs
-the same columns (for baselines l2 is the task loss and l1 = l3 = 0).
+the same columns (for baselines l2 is the task loss and l1 = l3 = 0). Which
+losses those are comes from the run's Task.
 
-* ``child`` / ``parent``: plain cross-entropy training of one network.
-* ``kd``: Hinton et al. (2015) distillation from the frozen parent's logits.
+* ``child`` / ``parent``: plain training of one network on the task loss.
+* ``kd``: distillation from the frozen parent's outputs (the task's ``distill_loss``).
 * ``hkt``: the three-stream HKT loss (hkt_jax.hkt).
 """
 
@@ -18,11 +19,13 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
-from hkt_jax.hkt import HKT, classification_ce
+from hkt_jax.hkt import HKT
+from hkt_jax.tasks import Task
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, Any]]]
+METHODS = ("hkt", "child", "kd", "parent")
+NEEDS_PARENT = ("hkt", "kd")
 
 
 def child_variables(params: Any, batch_stats: Any) -> dict[str, Any]:
@@ -43,42 +46,37 @@ def _forward_train(model: nn.Module, params, batch_stats, x):
     variables = child_variables(params, batch_stats)
     if "batch_stats" not in variables:
         return model.apply(variables, x, train=True), batch_stats
-    logits, mutated = model.apply(variables, x, train=True, mutable=["batch_stats"])
-    return logits, {"child": mutated["batch_stats"]}
+    outputs, mutated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    return outputs, {"child": mutated["batch_stats"]}
 
 
-def plain_loss(model: nn.Module) -> LossFn:
+def plain_loss(model: nn.Module, task: Task) -> LossFn:
     def loss_fn(params, batch_stats, parent_variables, batch):
         del parent_variables
-        logits, new_stats = _forward_train(model, params, batch_stats, batch["image"])
-        loss = classification_ce(logits, batch)
+        outputs, new_stats = _forward_train(model, params, batch_stats, task.model_input(batch))
+        loss = task.task_loss(outputs, batch)
         zero = jnp.zeros_like(loss)
         metrics = {"loss": loss, "l1": zero, "l2": loss, "l3": zero}
-        return loss, {"batch_stats": new_stats, "metrics": metrics, "logits": logits}
+        return loss, {"batch_stats": new_stats, "metrics": metrics, "outputs": outputs}
 
     return loss_fn
 
 
-def kd_loss(model: nn.Module, parent: nn.Module, *, temperature: float, weight: float) -> LossFn:
-    """(1 - w) CE(student) + w T^2 KL(softmax(t/T) || softmax(s/T)); l3 logs the KL term."""
+def kd_loss(model: nn.Module, parent: nn.Module, task: Task, *, temperature: float, weight: float) -> LossFn:
+    """The task's distillation loss from the frozen parent; l2 logs the task term, l3 the KD term."""
     if temperature <= 0:
         raise ValueError(f"kd.temperature must be > 0, got {temperature}")
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"kd.weight must lie in [0, 1], got {weight}")
 
     def loss_fn(params, batch_stats, parent_variables, batch):
-        logits, new_stats = _forward_train(model, params, batch_stats, batch["image"])
+        x = task.model_input(batch)
+        outputs, new_stats = _forward_train(model, params, batch_stats, x)
         frozen = jax.tree.map(jax.lax.stop_gradient, parent_variables)
-        teacher = parent.apply(frozen, batch["image"], train=False).astype(jnp.float32)
-        ce = classification_ce(logits, batch)
-        teacher_probs = jax.nn.softmax(teacher / temperature)
-        kl = jnp.mean(
-            optax.softmax_cross_entropy(logits.astype(jnp.float32) / temperature, teacher_probs)
-            - optax.softmax_cross_entropy(teacher / temperature, teacher_probs)
-        ) * temperature**2
-        loss = (1.0 - weight) * ce + weight * kl
-        metrics = {"loss": loss, "l1": jnp.zeros_like(loss), "l2": ce, "l3": kl}
-        return loss, {"batch_stats": new_stats, "metrics": metrics, "logits": logits}
+        teacher = parent.apply(frozen, x, train=False)
+        loss, terms = task.distill_loss(outputs, teacher, batch, temperature=temperature, weight=weight)
+        metrics = {"loss": loss, "l1": jnp.zeros_like(loss), **terms}
+        return loss, {"batch_stats": new_stats, "metrics": metrics, "outputs": outputs}
 
     return loss_fn
 

@@ -7,12 +7,16 @@ from pathlib import Path
 
 import pytest
 
+from hkt_jax import paths
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def shared_data_dir() -> Path:
     """``$HKT_SHARED_DATA``, else ``<repo>/../shared/data`` (where this workplace keeps it)."""
-    return Path(os.environ.get("HKT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+    if "HKT_SHARED_DATA" in os.environ:
+        return paths.shared_data_dir()
+    return REPO_ROOT.parent / "shared" / "data"  # pytest may run from anywhere; the library's default is cwd-based
 
 
 def require_shared(*relative: str) -> Path:

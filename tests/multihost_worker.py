@@ -26,13 +26,13 @@ PARENT_WIDTHS = (16, 32)  # distinct from the child's: no parent shape can pass 
 
 
 def _models(parent_widths=PARENT_WIDTHS):
-    from hkt_jax.hkt import HKT, HKTConfig
+    from hkt_jax.hkt import HKTConfig
     from hkt_jax.models import ToyStagedNet
 
     child = ToyStagedNet(widths=CHILD_WIDTHS, strides=(2, 1), num_classes=CLASSES)
     parent = ToyStagedNet(widths=parent_widths, strides=(1, 1), num_classes=CLASSES)
     config = HKTConfig(lam=0.6, mode="softmax", alphas=(0.25, 0.5, 0.25), inherit_loss="mae")
-    return child, parent, HKT(child, parent, config)
+    return child, parent, config
 
 
 def global_batches(steps=STEPS, seed=0):
@@ -50,47 +50,36 @@ def global_batches(steps=STEPS, seed=0):
 
 
 def build(mesh, *, parent_widths=PARENT_WIDTHS, method="hkt", shard_trainable=False, parent_min_elements=None):
-    """(run, state, parent_variables placed, train_step) for the toy HKT pair on ``mesh``."""
+    """(state, parent_variables placed, train_step) for the toy HKT pair on ``mesh``, through the same
+    factories and step compiler as training."""
     import jax
     import jax.numpy as jnp
-    import optax
 
-    from hkt_jax import sharding, train
+    from hkt_jax import factories, sharding, train
     from hkt_jax.config import OptimConfig
-    from hkt_jax.methods import hkt_loss, plain_loss, trainable_variables
+    from hkt_jax.tasks import Classification
 
-    child, parent, engine = _models(parent_widths)
+    child, parent, hkt_config = _models(parent_widths)
+    task = Classification()
     sample = jnp.zeros((2, IMAGE, IMAGE, 3), jnp.float32)
     parent_variables = parent.init(jax.random.key(1), sample)
     # Non-trivial running statistics, so inference-mode BatchNorm in the parent matters.
     parent_variables = jax.tree_util.tree_map_with_path(
         lambda path, x: x + 0.1 * (1 + jnp.arange(x.size, dtype=x.dtype).reshape(x.shape) % 3)
         if "batch_stats" in jax.tree_util.keystr(path) else x, parent_variables)
-    if method == "hkt":
-        init_variables = engine.init(jax.random.key(2), sample, parent_variables)
-        loss_fn = hkt_loss(engine)
-    else:
-        init_variables = trainable_variables(child.init(jax.random.key(2), sample))
-        loss_fn = plain_loss(child)
-    schedule = optax.constant_schedule(0.1)
-    tx = train.make_optimizer(OptimConfig(learning_rate=0.1, momentum=0.9, weight_decay=1e-4), schedule)
-    run = train.Run(model=child, spec={}, loss_fn=loss_fn, parent_variables=parent_variables,
-                    init_variables=init_variables, datasets=None, mesh=mesh, steps_per_epoch=1,
-                    total_steps=STEPS, schedule=schedule, tx=tx)
-    state = train.initial_state(run, seed=0)
+    loss_fn, init_variables = factories.make_method(method, child, task, sample, jax.random.key(2), parent=parent,
+                                                    parent_variables=parent_variables, hkt=hkt_config)
+    tx, schedule = factories.make_optimization(
+        OptimConfig(learning_rate=0.1, momentum=0.9, weight_decay=1e-4, schedule="constant"), 1, STEPS)
+    state = train.initial_state(init_variables, tx)
     state_sh = sharding.state_shardings(state, mesh, shard_trainable=shard_trainable)
     kwargs = {} if parent_min_elements is None else {"min_elements": parent_min_elements}
-    parent_sh = sharding.parent_shardings(parent_variables, mesh, **kwargs)
     placed_state = sharding.put(state, state_sh)
-    placed_parent = sharding.put(parent_variables, parent_sh)
-    if parent_min_elements is not None:  # compile_steps uses the default threshold; rebuild with this one
-        repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-        train_step = jax.jit(
-            train.make_train_step(sharding.gather_inside(run.loss_fn, mesh), tx, schedule),
-            in_shardings=(state_sh, parent_sh, data), out_shardings=(state_sh, repl), donate_argnums=(0,))
-    else:
-        train_step, _ = train.compile_steps(run, placed_state, shard_trainable=shard_trainable)
-    return run, placed_state, placed_parent, train_step
+    placed_parent = sharding.put(parent_variables, sharding.parent_shardings(parent_variables, mesh, **kwargs))
+    train_step, _ = train.compile_steps(task=task, model=child, loss_fn=loss_fn, tx=tx, schedule=schedule,
+                                        parent_variables=parent_variables, mesh=mesh, state=placed_state,
+                                        shard_trainable=shard_trainable, parent_min_elements=parent_min_elements)
+    return placed_state, placed_parent, train_step
 
 
 def local_rows(batch):
@@ -120,7 +109,7 @@ def hkt_steps(mesh, steps=STEPS, **build_kwargs):
 
     from hkt_jax import sharding
 
-    run, state, parent_variables, train_step = build(mesh, **build_kwargs)
+    state, parent_variables, train_step = build(mesh, **build_kwargs)
     losses, metrics_rows = [], []
     for batch in global_batches(steps):
         state, metrics = train_step(state, parent_variables, sharding.global_batch(local_rows(batch), mesh))
@@ -189,7 +178,7 @@ def task_allreduce(args):
     result = {}
     for name, kwargs in {"hkt": {}, "hkt_big_parent": {"parent_widths": (32, 64)},
                          "child": {"method": "child"}}.items():
-        run, state, parent_variables, train_step = build(mesh, **kwargs)
+        state, parent_variables, train_step = build(mesh, **kwargs)
         batch = sharding.global_batch(global_batches(1)[0], mesh)
         text = train_step.lower(state, parent_variables, batch).compile().as_text()
         ops = sharding.collective_ops(text)

@@ -4,16 +4,43 @@ from __future__ import annotations
 
 import pytest
 
+import jax
+import jax.numpy as jnp
+
+from hkt_jax import factories
+from hkt_jax.comparison import load_grid
 from hkt_jax.config import apply_overrides, load_config
-from hkt_jax.hkt import validate_alphas
+from hkt_jax.hkt import HKT
 
 
-@pytest.mark.parametrize("name", ["default", "reference", "smoke"])
-def test_shipped_configs_are_valid(name):
+@pytest.mark.parametrize("name", ["default", "reference", "smoke", "cifar_cpu"])
+def test_shipped_configs_build_their_models_and_engine(name):
+    """Each shipped config builds its child, its parent and the HKT engine on them (not just parses)."""
     config = load_config(name)
-    validate_alphas(config.hkt.alphas)
+    models = [factories.make_model(c, {"num_classes": 10}, stage_split=config.hkt.stage_split, conv_impl="xla")[0]
+              for c in (config.child, config.parent)]
+    engine = HKT(*models, config.hkt)
+    assert len(engine.boundaries) == len(models[0].stage_names) - 1
+    x = jnp.zeros((1, 32, 32, 3))
+    shapes = jax.eval_shape(lambda: engine.init(jax.random.key(0), x, models[1].init(jax.random.key(1), x)))
+    assert "child" in shapes["params"]
     if name == "smoke":  # runs unchanged on 1 or 8 (simulated) devices
         assert config.train.batch_size % 8 == 0
+
+
+@pytest.mark.parametrize("grid_name", ["cifar_cpu", "cifar_paper"])
+def test_every_grid_variant_is_a_valid_config(grid_name):
+    grid = load_grid(grid_name)
+    for variant, overrides in grid.variants.items():
+        config = apply_overrides(load_config(grid.config), [*grid.common, *overrides, f"{grid.seed_key}=3"])
+        assert config.train.seed == 3, variant
+
+
+def test_bad_hkt_settings_fail_when_the_config_is_made():
+    for bad, key in (("hkt.lam=2", "lam"), ("hkt.alphas=0.5,0.25,0.25", "alphas"), ("hkt.mode=sum", "hkt.mode"),
+                     ("task=detection", "task"), ("child.arch=vgg", "vgg")):
+        with pytest.raises(ValueError, match=key):
+            apply_overrides(load_config("smoke"), [bad])
 
 
 def test_reference_config_is_the_released_code():

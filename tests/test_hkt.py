@@ -13,11 +13,11 @@ from hkt_jax.hkt import (
     HKT,
     Boundary,
     HKTConfig,
-    classification_ce,
-    classification_mae,
     validate_alphas,
 )
 from hkt_jax.methods import hkt_loss, plain_loss
+from hkt_jax.tasks import Classification
+from hkt_jax.tasks.classification import classification_ce, classification_mae
 from hkt_jax.models import ToyStagedNet, apply_stage
 from hkt_jax.train import TrainState, make_train_step
 
@@ -43,7 +43,7 @@ def parent_variables():
 def _state(variables, tx):
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=variables["params"], batch_stats=variables["batch_stats"],
-        opt_state=tx.init(variables["params"]), rng=jax.random.key_data(jax.random.key(0)),
+        opt_state=tx.init(variables["params"]),
     )
 
 
@@ -125,7 +125,7 @@ def test_lambda_zero_native_only_equals_plain_child_step(parent_variables):
         _state(variables, tx), parent_variables, batch
     )
     plain_vars = {"params": {"child": variables["params"]["child"]}, "batch_stats": variables["batch_stats"]}
-    plain_state, plain_metrics = jax.jit(make_train_step(plain_loss(CHILD), tx, schedule))(
+    plain_state, plain_metrics = jax.jit(make_train_step(plain_loss(CHILD, Classification()), tx, schedule))(
         _state(plain_vars, tx), {}, batch
     )
     np.testing.assert_allclose(hkt_metrics["loss"], plain_metrics["loss"], rtol=1e-6)

@@ -11,7 +11,8 @@ import pytest
 from hkt_jax.config import OptimConfig
 from hkt_jax.methods import kd_loss
 from hkt_jax.models import ToyStagedNet
-from hkt_jax.train import make_optimizer, make_schedule
+from hkt_jax.optim import make_optimizer, make_schedule
+from hkt_jax.tasks import Classification
 
 
 def test_kd_loss_matches_numpy_formula():
@@ -21,7 +22,7 @@ def test_kd_loss_matches_numpy_formula():
              "label": jnp.asarray(rng.integers(0, 5, size=6), jnp.int32)}
     s_vars, t_vars = student.init(jax.random.key(0), batch["image"]), teacher.init(jax.random.key(1), batch["image"])
     params, stats = {"child": s_vars["params"]}, {"child": s_vars["batch_stats"]}
-    loss, aux = kd_loss(student, teacher, temperature=3.0, weight=0.7)(params, stats, t_vars, batch)
+    loss, aux = kd_loss(student, teacher, Classification(), temperature=3.0, weight=0.7)(params, stats, t_vars, batch)
 
     s = np.asarray(student.apply(s_vars, batch["image"], train=True, mutable=["batch_stats"])[0], np.float64)
     t = np.asarray(teacher.apply(t_vars, batch["image"], train=False), np.float64)

@@ -17,24 +17,23 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from hkt_jax.paths import data_cache_dir, shared_data_dir
 from hkt_jax.data.sources import CIFAR10_CLASSES, IMAGE_SHAPE, SHARED_ARCHIVE_HINT, ImageSet, checked_image_set
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _EXTRACTION_MARKER = ".hkt_extracted.json"
 _LAYOUT = "expected <data.path>/<split>/<class_name>/*.png|jpg|jpeg (or a .tar.gz of that tree)"
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def default_cache_dir() -> Path:
-    """`data/extracted` under the repository root: git-ignored and kept between runs."""
-    return _REPO_ROOT / "data" / "extracted"
+    """Where archives are extracted and decoded (``hkt_jax.paths.data_cache_dir``), kept between runs."""
+    return data_cache_dir() / "extracted"
 
 
 def shared_cifar10_archive() -> Path:
-    """The shared lossy CIFAR-10 JPEG archive: under $HKT_SHARED_DATA, else `<repo>/../shared/data`."""
-    shared = Path(os.environ.get("HKT_SHARED_DATA", _REPO_ROOT.parent / "shared" / "data"))
-    return shared / "cifar10-q75" / "cifar10-q75-imagefolder.tar.gz"
+    """The shared lossy CIFAR-10 JPEG archive in ``hkt_jax.paths.shared_data_dir()``."""
+    return shared_data_dir() / "cifar10-q75" / "cifar10-q75-imagefolder.tar.gz"
 
 
 def is_archive(path: str | Path) -> bool:

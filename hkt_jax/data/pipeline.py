@@ -295,6 +295,7 @@ class Datasets:
         self.num_train = len(splits["train"][1])
         self.num_validation = len(splits["validation"][1])
         self.num_test = len(splits["test"][1])
+        self.image_shape = tuple(splits["train"][0].images.shape[1:])
         self._splits = splits
         self._normalize = normalize
         self._global_batch_size = global_batch_size
@@ -330,6 +331,20 @@ def _check_divisible(global_batch_size: int, process_count: int) -> None:
         )
 
 
+def check_process_layout(global_batch_size: int, process_index: int | None = None,
+                         process_count: int | None = None) -> tuple[int, int]:
+    """(process_index, process_count), from JAX when not given, checked against the global batch."""
+    if process_index is None or process_count is None:
+        import jax  # deferred: only needed to discover the process layout
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is outside [0, {process_count}).")
+    _check_divisible(global_batch_size, process_count)
+    return process_index, process_count
+
+
 def _infer_num_classes(config: DataConfig, train: ImageSet, test: ImageSet) -> int:
     if train.class_names is not None:
         return len(train.class_names)
@@ -348,18 +363,10 @@ def make_datasets(
 ) -> Datasets:
     """Loads the data and builds this process's train stream and eval passes.
 
-    Batches are `{"image": float32 (b, 32, 32, 3), "label": int32 (b,)}` with
+    Batches are `{"image": float32 (b, H, W, C), "label": int32 (b,)}` with
     `b = global_batch_size / process_count`; eval batches add `"mask"`.
     """
-    if process_index is None or process_count is None:
-        import jax  # deferred: only needed to discover the process layout
-
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} is outside [0, {process_count}).")
-    _check_divisible(global_batch_size, process_count)
-
+    process_index, process_count = check_process_layout(global_batch_size, process_index, process_count)
     data_config = resolve_auto_source(data_config)
     train_source = load_split(data_config, "train", data_config.class_names)
     test_source = load_split(data_config, "test", train_source.class_names or data_config.class_names)

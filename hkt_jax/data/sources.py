@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_SHAPE = (32, 32, 3)
+IMAGE_SHAPE = (32, 32, 3)  # CIFAR: what the CIFAR sources and the synthetic stand-in produce
 
 # Official CIFAR-10 label order (label k is CIFAR10_CLASSES[k]).
 CIFAR10_CLASSES = (
@@ -59,9 +59,9 @@ def checked_image_set(
     """Validates shapes once at load time so the pipeline can trust them."""
     images = np.asarray(images)
     labels = np.asarray(labels)
-    if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE or images.dtype != np.uint8:
+    if images.ndim != 4 or images.dtype != np.uint8:
         raise ValueError(
-            f"{origin}: expected uint8 images of shape (N, 32, 32, 3), got "
+            f"{origin}: expected uint8 images of shape (N, height, width, channels), got "
             f"{images.dtype} {images.shape}."
         )
     if labels.shape != (len(images),):

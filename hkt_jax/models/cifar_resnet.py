@@ -27,6 +27,7 @@ STAGE_SPLITS = {
     "paper": ("features", "head"),
     "groups": ("group1", "group2", "group3", "head"),
 }
+GROUP_STAGES = {"group1": 0, "group2": 1, "group3": 2}  # stage name -> residual group index
 GROUP_WIDTHS = (16, 32, 64)
 
 conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # torch kaiming_normal_
@@ -62,9 +63,12 @@ class FoldedConv(nn.Module):
         return cpu_conv.conv3x3_bias_act_reference(x, kernel, bias, residual, stride=self.stride, relu=relu)
 
 
+BN_EPSILON = 1e-5  # PyTorch BatchNorm2d's default (also what hkt_jax.fold folds with)
+
+
 def _bn(name: str, dtype) -> nn.BatchNorm:
     # PyTorch BatchNorm2d defaults: momentum 0.1 (= 0.9 here), eps 1e-5.
-    return nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)
+    return nn.BatchNorm(momentum=0.9, epsilon=BN_EPSILON, dtype=dtype, name=name)
 
 
 def option_a_shortcut(x: jax.Array, out_channels: int, stride: int) -> jax.Array:
@@ -185,7 +189,7 @@ class CifarResNet(nn.Module):
             if self.stage_split == "groups":
                 x = jnp.mean(x, axis=(1, 2))
             return self._head(x)
-        g = int(name[-1]) - 1
+        g = GROUP_STAGES[name]
         if g == 0:
             x = self._stem(x, train)
         return self._group(g, x, train)

@@ -1,8 +1,10 @@
 """A tiny 3-stage conv net: the test bed for the HKT engine.
 
-Stages ("stem", "body", "head"): conv+BN+relu, conv+relu, global pool + linear.
-Widths and strides are free, so a parent/child pair can differ in both at
-every boundary - exactly what the Transfer unit must bridge.
+Stages ("stem", "body", "head"): conv+BN+relu, conv+relu, global pool + linear
+(or, with ``per_pixel=True``, a per-pixel linear layer upsampled back to the
+input resolution: a toy dense-prediction net). Widths and strides are free, so
+a parent/child pair can differ in both at every boundary - exactly what the
+Transfer unit must bridge.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
@@ -17,6 +20,7 @@ class ToyStagedNet(nn.Module):
     widths: Sequence[int] = (8, 16)
     strides: Sequence[int] = (1, 1)
     num_classes: int = 4
+    per_pixel: bool = False
 
     stage_names = ("stem", "body", "head")
 
@@ -31,6 +35,11 @@ class ToyStagedNet(nn.Module):
             return nn.relu(self.stem_bn(self.stem_conv(x), use_running_average=not train))
         if index == 1:
             return nn.relu(self.body_conv(x))
+        if index == 2 and self.per_pixel:
+            logits = self.fc(x)
+            factor = self.strides[0] * self.strides[1]
+            b, h, w, c = logits.shape
+            return jax.image.resize(logits, (b, h * factor, w * factor, c), "bilinear") if factor > 1 else logits
         if index == 2:
             return self.fc(jnp.mean(x, axis=(1, 2)))
         raise ValueError(f"ToyStagedNet: stage index {index} out of range for stages {self.stage_names}")

@@ -1,0 +1,89 @@
+"""Small factories a training run is assembled from; tests and benchmarks call the same ones.
+
+Each takes the objects it needs (not the whole experiment config) and does one
+thing: the device mesh, the conv implementation for that mesh, a model from its
+config, a frozen parent (loaded and folded), a method's loss with its initial
+trainable variables, the optimizer and schedule. ``hkt_jax.train.build_run``
+composes them for ``train_and_evaluate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import optax
+
+from hkt_jax import checkpoint, fold, sharding
+from hkt_jax.config import HKTSettings, KDSettings, ModelConfig, OptimConfig
+from hkt_jax.hkt import HKT, HKTConfig
+from hkt_jax.methods import NEEDS_PARENT, hkt_loss, kd_loss, plain_loss, trainable_variables
+from hkt_jax.models import build_model, model_spec
+from hkt_jax.optim import make_optimizer, make_schedule
+from hkt_jax.tasks import Task
+
+
+def conv_impl_for_mesh(conv_impl: str, mesh: jax.sharding.Mesh) -> str:
+    """The CPU kernels are custom calls that do not shard: a multi-device or non-CPU mesh gets XLA's
+    convolutions; otherwise the configured choice stands ("auto" = decided per convolution)."""
+    single_cpu = mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
+    return conv_impl if single_cpu else "xla"
+
+
+def make_model(model_config: ModelConfig, data_kwargs: dict[str, Any], *, stage_split: str = "paper",
+               conv_impl: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """(module, spec) from the model config plus what the data decides (``Task.model_kwargs``, e.g.
+    ``num_classes``); the spec is what an exported checkpoint records to rebuild it."""
+    kwargs = {**model_config.kwargs(), **data_kwargs}
+    if conv_impl is not None and "conv_impl" in kwargs:
+        kwargs["conv_impl"] = conv_impl
+    spec = model_spec(model_config.arch, **kwargs)
+    return build_model(spec, stage_split=stage_split), spec
+
+
+def load_parent(parent_dir: str | Path, *, stage_split: str = "paper", conv_impl: str | None = None,
+                expected_kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """(module, variables, spec) of a frozen parent, its BatchNorm folded where a rule is registered.
+
+    ``expected_kwargs`` (e.g. the task's ``num_classes``) must match what the checkpoint records."""
+    variables, spec = checkpoint.load_model(parent_dir)
+    for key, value in (expected_kwargs or {}).items():
+        recorded = spec.get("kwargs", {}).get(key)
+        if recorded is not None and recorded != value:
+            raise ValueError(f"parent at {parent_dir} has {key}={recorded} but this run needs {key}={value}")
+    overrides = {"stage_split": stage_split, **({"conv_impl": conv_impl} if conv_impl is not None else {})}
+    parent = build_model(spec, **overrides)
+    parent, variables = fold.fold_parent(parent, variables)
+    return parent, variables, spec
+
+
+def make_method(method: str, model: nn.Module, task: Task, example_input: Any, rng: jax.Array, *,
+                parent: nn.Module | None = None, parent_variables: Any = None,
+                hkt: HKTConfig = HKTSettings(), kd: KDSettings = KDSettings()) -> tuple[Callable, dict[str, Any]]:
+    """(loss_fn, initial trainable variables) of a training method (``hkt_jax.methods``)."""
+    if method in NEEDS_PARENT and parent is None:
+        raise ValueError(f"method={method!r} needs a parent: set parent_ckpt=DIR")
+    if method == "hkt":
+        engine_config = HKTConfig(**{f.name: getattr(hkt, f.name) for f in dataclasses.fields(HKTConfig)})
+        engine = HKT(model, parent, engine_config, task=task)
+        return hkt_loss(engine), engine.init(rng, example_input, parent_variables)
+    init_variables = trainable_variables(model.init(rng, example_input, train=False))
+    if method == "kd":
+        return kd_loss(model, parent, task, temperature=kd.temperature, weight=kd.weight), init_variables
+    return plain_loss(model, task), init_variables
+
+
+def make_optimization(optim: OptimConfig, steps_per_epoch: int,
+                      total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = make_schedule(optim, steps_per_epoch, total_steps)
+    return make_optimizer(optim, schedule), schedule
+
+
+def make_mesh(data: int = -1, model: int = 1, *, global_batch_size: int | None = None) -> jax.sharding.Mesh:
+    mesh = sharding.make_mesh(data, model)
+    if global_batch_size is not None:
+        sharding.check_global_batch(global_batch_size, mesh)
+    return mesh

@@ -1,0 +1,196 @@
+"""Periodic work of the training loop: logging, evaluation with best-model export, checkpoints, progress.
+
+Each hook is called after every train step with ``(done_steps, state, metrics)``
+and decides for itself whether this step is one of its steps; it returns True
+when it did slow work (an eval pass, a checkpoint), so the speed measurement
+can leave that time out. The loop in ``hkt_jax.train`` knows nothing else.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from tqdm.auto import tqdm
+
+from hkt_jax import checkpoint
+from hkt_jax.models import parameter_count
+
+
+class Hook:
+    def __call__(self, done: int, state: Any, metrics: dict[str, Any]) -> bool:
+        return False
+
+    def resume_timing(self) -> None:
+        """Called after another hook's slow work."""
+
+    def close(self) -> None:
+        pass
+
+
+def _due(done: int, every: int | None, total: int) -> bool:
+    return done == total or bool(every) and done % every == 0
+
+
+class LogMetrics(Hook):
+    """Mean train metrics over each logging window (and img/s) -> metrics.jsonl, TensorBoard, progress bar."""
+
+    def __init__(self, writer, every: int, total: int, batch_size: int, progress):
+        self.writer, self.every, self.total, self.batch_size, self.progress = writer, every, total, batch_size, progress
+        self.window: list[dict[str, Any]] = []
+        self.window_start = time.perf_counter()
+
+    def __call__(self, done, state, metrics):
+        if self.window:  # keep one step in flight, so the measured speed is the real one
+            jax.block_until_ready(self.window[-1])
+        self.window.append(metrics)
+        if _due(done, self.every, self.total):
+            means = jax.device_get(jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *self.window))
+            means["img_per_s"] = len(self.window) * self.batch_size / (time.perf_counter() - self.window_start)
+            row = self.writer.write(done, means)
+            shown = {k: f"{row[k]:.3f}" for k in ("loss", "accuracy", "pixel_accuracy", "epe") if k in row}
+            self.progress.set_postfix(**shown, img_s=f"{row['img_per_s']:.0f}")
+            self.window, self.window_start = [], time.perf_counter()
+        return False
+
+    def resume_timing(self):
+        self.window_start = time.perf_counter()
+
+
+class EvaluateAndKeepBest(Hook):
+    """Validation metrics every ``every`` steps; the best network by the task's selection metric -> ``best/``."""
+
+    def __init__(self, run, workdir: Path, writer, eval_step, every: int, total: int):
+        self.run, self.workdir, self.writer, self.eval_step = run, workdir, writer, eval_step
+        self.every, self.total = every, total
+        self.metric = run.task.selection_metric
+        self.last_step, self.last_result = None, None
+        metadata = {}
+        if (workdir / "best").exists():
+            metadata = checkpoint.load_model_spec(workdir / "best").get("metadata", {})
+        # "value" (any task) or "validation_accuracy" (classification runs written before tasks existed).
+        value = metadata.get("value", metadata.get(f"validation_{self.metric}"))
+        self.best = {"value": value, "step": metadata.get("step")} if value is not None else {}
+
+    def __call__(self, done, state, metrics):
+        if not _due(done, self.every, self.total):
+            return False
+        from hkt_jax.train import export  # the loop module exports; imported here to avoid a cycle
+
+        result = self.run.evaluate_split(self.eval_step, state.params, state.batch_stats, "validation")
+        self.writer.write(done, {**{f"eval_{k}": v for k, v in result.items()}, "split": "validation"})
+        self.last_step, self.last_result = done, result
+        if self.run.task.is_better(result[self.metric], self.best.get("value")):
+            self.best = {"value": result[self.metric], "step": done}
+            export(self.workdir / "best", self.run, state,
+                   {**self.best, "metric": self.metric, f"validation_{self.metric}": result[self.metric]})
+        return True
+
+
+class Checkpoint(Hook):
+    """The resumable train state and data position every ``every`` steps and at the end."""
+
+    def __init__(self, run, manager, every: int, total: int):
+        self.run, self.manager, self.every, self.total = run, manager, every, total
+
+    def __call__(self, done, state, metrics):
+        if not _due(done, self.every, self.total):
+            return False
+        checkpoint.save_training(self.manager, done, state, self.run.datasets.train.get_state())
+        return True
+
+
+class Progress(Hook):
+    def __init__(self, progress):
+        self.progress = progress
+
+    def __call__(self, done, state, metrics):
+        self.progress.update(1)
+        return False
+
+    def close(self):
+        self.progress.close()
+
+
+def default_hooks(run, workdir: Path, writer, manager, eval_step, start_step: int) -> list[Hook]:
+    train = run.config.train
+    total = run.total_steps
+    progress = tqdm(total=total, initial=start_step, disable=jax.process_index() != 0, desc=run.config.method,
+                    unit="step", dynamic_ncols=True)
+    hooks: list[Hook] = [LogMetrics(writer, train.log_every_steps, total, train.batch_size, progress)]
+    if run.datasets.num_validation > 0:
+        eval_every = train.eval_every_steps or run.steps_per_epoch
+        hooks.append(EvaluateAndKeepBest(run, workdir, writer, eval_step, eval_every, total))
+    hooks += [Checkpoint(run, manager, train.checkpoint_every_steps, total), Progress(progress)]
+    return hooks
+
+
+def run_hooks(hooks: list[Hook], done: int, state: Any, metrics: dict[str, Any]) -> None:
+    if any([hook(done, state, metrics) for hook in hooks]):
+        for hook in hooks:
+            hook.resume_timing()
+
+
+# -- what a run says at start-up --------------------------------------------------------------------
+
+
+def _model_line(spec: dict[str, Any], params: Any) -> str:
+    kwargs = ", ".join(f"{k}={v}" for k, v in sorted(spec.get("kwargs", {}).items()))
+    return f"{spec.get('arch')}({kwargs}), {parameter_count(params):,} parameters"
+
+
+def parent_data_mismatch(parent_info: dict[str, Any], run_data: dict[str, str]) -> str | None:
+    """Why the parent's training data differs from this run's, or None when they agree or it is unknown."""
+    metadata = parent_info.get("metadata", {})
+    if "converted_from" in metadata:
+        trained_on = {"source": "real (converted PyTorch checkpoint)", "name": "cifar10"}
+    elif "data" in metadata:
+        trained_on = metadata["data"]
+    else:
+        return None
+    synthetic_run, synthetic_parent = run_data["source"] == "synthetic", trained_on.get("source") == "synthetic"
+    if trained_on.get("name") != run_data["name"] or synthetic_run != synthetic_parent:
+        return (f"the parent was trained on {trained_on.get('source')} {trained_on.get('name')} data but this run "
+                f"uses {run_data['source']} {run_data['name']}: its features may not help this child")
+    return None
+
+
+def startup_block(run, workdir: Path, start_step: int) -> str:
+    """One compact block saying what this run uses (printed before the first step)."""
+    config = run.config
+    trained = {"params": run.init_variables["params"]["child"]}
+    lines = [f"hkt_jax: method={config.method} task={run.task.name} workdir={workdir}",
+             f"  {'parent' if config.method == 'parent' else 'child'}:  {_model_line(run.spec, trained['params'])}"]
+    adapters = run.init_variables["params"].get("adapters")
+    if adapters is not None:
+        count = parameter_count(adapters)
+        lines.append(f"  adapters: {count:,} Transfer parameters" if count else
+                     "  adapters: none (parent and child widths match at every boundary: Transfer is the identity)")
+    if run.parent_info:
+        meta = run.parent_info.get("metadata", {})
+        origin = (f"converted from {meta['converted_from']}" if "converted_from" in meta else
+                  f"trained here ({meta['data'].get('source')} {meta['data'].get('name')})" if "data" in meta
+                  else "origin not recorded")
+        score = {k: v for k, v in meta.items() if k in ("best_prec1", "final_test_accuracy", "best_test_accuracy")}
+        lines.append(f"  parent: {_model_line(run.parent_info, run.parent_variables['params'])}, frozen, from "
+                     f"{run.parent_info['dir']} ({origin}{', ' + str(score) if score else ''})")
+    data = config.data
+    lines.append(f"  data:   {data.source} {data.name}: {run.task.describe_data(run.datasets)}")
+    devices = run.mesh.devices
+    lines.append(f"  mesh:   {devices.size} x {devices.flat[0].platform} {dict(run.mesh.shape)}; "
+                 f"conv_impl={run.conv_impl}")
+    resume = f"resuming from step {start_step} of {run.total_steps}" if start_step else "starting at step 0"
+    lines.append(f"  steps:  {run.total_steps} ({run.steps_per_epoch} per epoch, global batch "
+                 f"{config.train.batch_size}); {resume}")
+    lines.append(f"  checkpoints: every {config.train.checkpoint_every_steps} steps and at the end, in "
+                 f"{workdir / 'checkpoints'}; rerun the same command to resume")
+    mismatch = parent_data_mismatch(run.parent_info, {"source": data.source, "name": data.name}) \
+        if run.parent_info else None
+    if mismatch:
+        warnings.warn(mismatch, stacklevel=2)
+        lines.append(f"  WARNING: {mismatch}")
+    return "\n".join(lines)

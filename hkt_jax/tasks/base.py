@@ -1,0 +1,95 @@
+"""What a training problem supplies to the generic training core.
+
+The loop (``hkt_jax.train``), the methods (``hkt_jax.methods``) and the HKT
+engine (``hkt_jax.hkt``) know nothing about labels, logits or image sizes: a
+``Task`` says how a batch becomes network input, which losses supervise the
+network's output, what to log during training, how to sum and finish an
+evaluation pass, which metric picks the best model, and which images are
+worth logging. Classification is one Task; flow and segmentation are others.
+
+A Task is a stateless, hashable value: it is closed over by jit-compiled steps.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable, Literal
+
+import jax
+import numpy as np
+
+Batch = dict[str, Any]
+LossFn = Callable[[Any, Batch], jax.Array]
+
+
+class Task(abc.ABC):
+    """The per-problem half of a training run (see the module docstring)."""
+
+    name: str = "task"
+    #: key of ``finish_eval``'s result that selects the best model, and whether higher is better.
+    selection_metric: str = "loss"
+    selection_mode: Literal["max", "min"] = "min"
+    #: names ``hkt.inherit_loss`` may take for this task (first = what the paper uses).
+    inherit_losses: tuple[str, ...] = ()
+
+    # -- data and models ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def make_datasets(self, data_config: Any, *, global_batch_size: int, seed: int,
+                      process_index: int | None = None, process_count: int | None = None) -> Any:
+        """Train stream (``.train`` with ``get_state``/``set_state``), ``eval_batches(split)``,
+        ``num_train`` / ``num_validation`` / ``num_test``."""
+
+    def model_kwargs(self, datasets: Any) -> dict[str, Any]:
+        """Constructor arguments the data decides (e.g. the number of classes)."""
+        return {}
+
+    @abc.abstractmethod
+    def example_input(self, datasets: Any, batch_size: int = 2) -> Any:
+        """Zeros shaped like one network input of ``batch_size`` examples (for ``init``)."""
+
+    def model_input(self, batch: Batch) -> Any:
+        """The part of a batch the networks see."""
+        return batch["image"]
+
+    # -- losses ---------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def task_loss(self, outputs: Any, batch: Batch) -> jax.Array:
+        """The native loss (L2 in HKT; the whole loss of a baseline)."""
+
+    @abc.abstractmethod
+    def inherit_loss(self, name: str) -> LossFn:
+        """The loss of the inherited streams (L1, L3) named by ``hkt.inherit_loss``."""
+
+    def distill_loss(self, student: Any, teacher: Any, batch: Batch, *, temperature: float,
+                     weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Knowledge distillation from the frozen parent's outputs: (loss, {"l2": task term, "l3": KD term})."""
+        raise ValueError(f"method=kd is not defined for task {self.name!r}")
+
+    # -- metrics --------------------------------------------------------------------------------
+
+    def train_metrics(self, outputs: Any, batch: Batch) -> dict[str, jax.Array]:
+        """Extra per-step training metrics (means over the batch)."""
+        return {}
+
+    @abc.abstractmethod
+    def eval_sums(self, outputs: Any, batch: Batch) -> dict[str, jax.Array]:
+        """Sums over the real (unpadded) examples of one eval batch; added up over batches."""
+
+    @abc.abstractmethod
+    def finish_eval(self, sums: dict[str, float]) -> dict[str, float]:
+        """Totals of a whole pass -> the reported metrics (must include ``selection_metric``)."""
+
+    def images_to_log(self, outputs: Any, batch: Batch) -> dict[str, np.ndarray]:
+        """A few (H, W, 3) uint8 images worth showing in TensorBoard; none by default."""
+        return {}
+
+    def is_better(self, candidate: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        return candidate > best if self.selection_mode == "max" else candidate < best
+
+    def describe_data(self, datasets: Any) -> str:
+        return (f"{datasets.num_train} train / {datasets.num_validation} validation / "
+                f"{datasets.num_test} test examples")
