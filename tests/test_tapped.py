@@ -23,8 +23,8 @@ CHILD_TAPS = ("layer1_0", "layer2_0", "layer3_0")  # depth 8: one block per grou
 PARENT_TAPS = ("layer1_1", "layer2_1", "layer3_1")  # depth 14: two blocks per group
 
 
-def _images(seed: int, batch: int = 8) -> jax.Array:
-    return jax.random.normal(jax.random.key(seed), (batch, 32, 32, 3), jnp.float32)
+def _images(seed: int, batch: int = 8, size: int = 32) -> jax.Array:
+    return jax.random.normal(jax.random.key(seed), (batch, size, size, 3), jnp.float32)
 
 
 def _with_running_stats(variables: Any, seed: int) -> Any:
@@ -110,10 +110,10 @@ def _hkt_pair(tapped: bool):
 
 @pytest.fixture(scope="module")
 def hkt_runs():
-    x = _images(2)
+    x = _images(2, size=16)  # 16x16: softmax GA over 256 tokens keeps the compiled steps small
     parent_variables = _with_running_stats(
         CifarResNet(depth=14, conv_impl="xla").init(jax.random.key(7), x), 7)
-    batches = [{"image": _images(10 + s), "label": jnp.arange(8) % 10} for s in range(3)]
+    batches = [{"image": _images(10 + s, size=16), "label": jnp.arange(8) % 10} for s in range(3)]
     runs = {}
     for tapped in (False, True):
         engine, tx, step = _hkt_pair(tapped)
@@ -216,7 +216,7 @@ class ImagenetStyleResNet(nn.Module):
 
 def test_imagenet_style_resnet_is_a_frozen_parent_through_taps():
     parent_module = ImagenetStyleResNet(stage_sizes=(1, 2, 1), num_classes=4, num_filters=8)
-    x = _images(20, 16)
+    x = _images(20, 16, size=16)
     paths = available_taps(parent_module, x, train=False)
     assert [p for p in paths if "/" not in p and p.startswith("ResNetBlock")] == [f"ResNetBlock_{i}" for i in range(4)]
     parent = Tapped(parent_module, taps=("ResNetBlock_0", "ResNetBlock_2", "ResNetBlock_3"), names=GROUP_NAMES)
@@ -240,7 +240,7 @@ def test_imagenet_style_resnet_is_a_frozen_parent_through_taps():
     params, stats, opt_state = variables["params"], variables["batch_stats"], tx.init(variables["params"])
     losses = []
     for s in range(20):
-        batch = {"image": 0.7 * _images(100 + s, 16) + colours[labels][:, None, None, :], "label": labels}
+        batch = {"image": 0.7 * _images(100 + s, 16, size=16) + colours[labels][:, None, None, :], "label": labels}
         params, stats, opt_state, loss, grads = step(params, stats, opt_state, batch)
         losses.append(float(loss))
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:3]), losses
