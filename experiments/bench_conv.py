@@ -5,7 +5,9 @@ Per 3x3 convolution of the CIFAR ResNets (RGB stem, 16/32/64 channels, stride 1 
 and best ms of this project's kernel (``hkt_jax.kernels``) and of XLA's convolution, timed in interleaved rounds on
 the same random operands, and which one ``conv_impl="auto"`` picked (its own timing, cached per machine:
 ``hkt_jax/kernels/conv_tuning.py``). ``--march x86-64-v3`` (or ``$HKT_JAX_KERNEL_MARCH``) benchmarks the
-AVX2 + FMA build on a CPU that has more. Prints the CPU it ran on.
+AVX2 + FMA build on a CPU that has more; ``--train_step 20`` adds a ResNet-20 training step per
+``conv_impl``; ``--variants`` the single-thread GFLOP/s of every build this CPU runs. Prints the CPU it
+ran on.
 """
 
 from __future__ import annotations
@@ -117,6 +119,40 @@ def train_step_ms(depth: int, batch: int, rounds: int, impls=("auto", "xla", "cp
             for impl, v in samples.items()}
 
 
+def variants_gflops(batch: int, rounds: int) -> dict[str, dict[str, float]]:
+    """Single-threaded GFLOP/s of each build this CPU runs (native, x86-64-v3, -v2), forward and weight
+    gradient per shape, from process CPU time (best of ``rounds``): what the tiles achieve, unaffected by
+    waiting for a core on a busy machine."""
+    import jax.numpy as jnp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+    from hkt_jax.kernels import build  # noqa: PLC0415
+
+    libraries = {march: cpu_conv.load(march) for march in build.runnable_marches()}
+    out: dict[str, dict[str, float]] = {march: {} for march in libraries}
+    for hw, ci, co, stride in SHAPES:
+        x_shape, w_shape = (batch, hw, hw, ci), (3, 3, ci, co)
+        y_shape = cpu_conv._output_shape(x_shape, w_shape, stride)
+        flops = 2 * 9 * float(np.prod(y_shape)) * ci
+        for direction, result_shape, shapes in (("forward", y_shape, (x_shape, w_shape)),
+                                                ("weight_grad", w_shape, (x_shape, y_shape))):
+            operands = conv_tuning.random_operands(shapes)
+            result = jax.ShapeDtypeStruct(result_shape, jnp.float32)
+            for march, lib in libraries.items():
+                target = lib.fwd if direction == "forward" else lib.weight_grad
+                fn = jax.jit(lambda a, b, t=target: jax.ffi.ffi_call(t, result)(
+                    a, b, stride=np.int32(stride), threads=np.int32(1))).lower(*operands).compile()
+                times = []
+                for _ in range(rounds):
+                    start = time.process_time()
+                    jax.block_until_ready(fn(*operands))
+                    times.append(time.process_time() - start)
+                out[march][f"{direction} {ci}->{co} s{stride}"] = round(flops / min(times) / 1e9, 1)
+    for march, rows in out.items():
+        print(f"# single-thread GFLOP/s, -march={march} ({libraries[march].vector_floats}-float vectors): "
+              + ", ".join(f"{k} {v}" for k, v in rows.items()))
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=128)
@@ -124,6 +160,8 @@ def main(argv=None) -> int:
     parser.add_argument("--march", default=None, help="kernel build target (default $HKT_JAX_KERNEL_MARCH or native)")
     parser.add_argument("--train_step", type=int, default=0, metavar="DEPTH",
                         help="also time a ResNet-DEPTH training step (batch --batch): conv_impl auto, xla, cpu_kernel")
+    parser.add_argument("--variants", action="store_true",
+                        help="also: single-thread GFLOP/s of every build this CPU runs (batch 32, CPU time)")
     parser.add_argument("--json", type=Path, default=None, help="write the full result here")
     args = parser.parse_args(argv)
     march = args.march or os.environ.get("HKT_JAX_KERNEL_MARCH") or "native"
@@ -147,6 +185,8 @@ def main(argv=None) -> int:
               + ", ".join(f"{impl} {t['median_ms']} ({t['best_ms']})" for impl, t in step.items())
               + f"; auto / xla = {result['train_step']['auto_over_xla_median']} (median), "
               f"{result['train_step']['auto_over_xla_best']} (best)")
+    if args.variants:
+        result["variants_single_thread_gflops"] = variants_gflops(32, args.rounds)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n")
