@@ -1,0 +1,85 @@
+"""The seeds x variants comparison: aggregation, seed bookkeeping, resuming a half-finished grid,
+failed runs reported (never averaged)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import numpy as np
+import pytest
+
+from experiments import compare
+from hkt_jax import comparison
+from hkt_jax.comparison import Grid
+
+GRID = Grid(experiment="tests.fake_experiment", config="unused", seeds=(0, 1, 2),
+            variants={"base": (), "better": ("bonus=0.1",), "broken": ("fail=1",)})
+
+
+@pytest.fixture
+def grid(monkeypatch):
+    monkeypatch.setattr(comparison, "load_grid", lambda name: GRID)
+    return GRID
+
+
+def test_mean_std_are_the_sample_statistics():
+    values = [0.61, 0.64, 0.58]
+    mean, std = comparison.mean_std(values)
+    assert mean == pytest.approx(statistics.fmean(values))
+    assert std == pytest.approx(float(np.std(values, ddof=1)))
+    assert comparison.mean_std([0.7]) == (0.7, 0.0)
+
+
+def test_grid_runs_aggregates_and_reports_failures(tmp_path, grid, capsys):
+    out = tmp_path / "report"
+    code = compare.main(["--grid", "fake", "--root", str(tmp_path / "runs"), "--out", str(out)])
+    assert code == 1  # a failed run makes the command fail, after reporting everything else
+    report = json.loads(out.with_suffix(".json").read_text())
+    rows = {row["variant"]: row for row in report["table"]}
+    assert rows["base"]["n"] == 3 and rows["better"]["n"] == 3
+    assert rows["base"]["final_test_accuracy"]["by_seed"] == {"0": 0.5, "1": 0.51, "2": 0.52}
+    assert rows["better"]["final_test_accuracy"]["mean"] == pytest.approx(0.61)
+    assert rows["better"]["final_test_accuracy"]["std"] == pytest.approx(0.01)
+    assert rows["base"]["best_test_accuracy"]["mean"] == pytest.approx(0.511)
+    assert rows["base"]["train_img_per_s"] == pytest.approx(101.0) and rows["base"]["parameters"] == 1234
+    # The broken variant failed on every seed: reported as failed, nothing averaged.
+    assert rows["broken"]["n"] == 0 and rows["broken"]["failed_seeds"] == [0, 1, 2]
+    assert np.isnan(rows["broken"]["final_test_accuracy"]["mean"])
+    failed_run = next(r for r in report["runs"] if r["variant"] == "broken" and r["seed"] == 0)
+    assert failed_run["status"] == "failed" and "boom" in failed_run["failure"]["output_tail"]
+    markdown = out.with_suffix(".md").read_text()
+    assert "| better | 3 | 61.00 ± 1.00 (60.00, 61.00, 62.00)" in markdown
+    assert "seed 0 failed" in markdown
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert "[9/9] broken seed 2: failed" in capsys.readouterr().out
+
+
+def test_a_half_finished_grid_resumes_and_reuses_finished_runs(tmp_path, grid, capsys):
+    root = tmp_path / "runs"
+    assert compare.main(["--grid", "fake", "--root", str(root), "--variants", "base", "--seeds", "0"]) == 0
+    partial = comparison.run_dir(root, "better", 1)
+    partial.mkdir(parents=True)  # started but killed: no summary yet
+    assert comparison.run_status(partial) == "partial"
+    capsys.readouterr()
+    compare.main(["--grid", "fake", "--root", str(root), "--variants", "base,better", "--seeds", "0,1"])
+    log = capsys.readouterr().out
+    assert "base seed 0: done, reused" in log and "better seed 1: resuming" in log
+    calls = (comparison.run_dir(root, "base", 0) / "calls.txt").read_text().splitlines()
+    assert len(calls) == 1  # the finished run was not run again
+    assert comparison.run_status(partial) == "done"
+    # --report_only runs nothing and still reports the unfinished runs as such.
+    assert compare.main(["--grid", "fake", "--root", str(root), "--report_only"]) == 0
+    report = json.loads((root / "report.json").read_text())
+    base = next(row for row in report["table"] if row["variant"] == "base")
+    assert base["n"] == 2 and base["unfinished_seeds"] == [2]
+
+
+def test_run_commands_name_the_config_variant_and_seed(tmp_path):
+    command = comparison.run_command(GRID, tmp_path, "better", 2)
+    assert command[1:5] == ["-m", "tests.fake_experiment", "--config", "unused"]
+    assert command[-2:] == ["bonus=0.1", "train.seed=2"]
+    with pytest.raises(ValueError, match="plain folder name"):
+        Grid(experiment="x", config="y", variants={"a/b": ()})
+    with pytest.raises(ValueError, match="unknown grid"):
+        comparison.load_grid("does_not_exist")
