@@ -50,14 +50,18 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    learning_rate: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # sgd: PyTorch SGD (L2 decay); adamw: decoupled decay (RAFT)
+    learning_rate: float = 0.1  # the peak rate for one_cycle
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
     weight_decay: float = 1e-4
-    schedule: Literal["multistep", "cosine", "constant"] = "multistep"
+    adam_eps: float = 1e-8  # adamw only
+    schedule: Literal["multistep", "cosine", "constant", "one_cycle"] = "multistep"
     milestones: tuple[float, ...] = (100.0, 150.0)  # in epochs (multistep)
     decay_factor: float = 0.1
     warmup_epochs: float = 0.0  # cosine only
+    pct_start: float = 0.05  # one_cycle: share of the steps spent rising to the peak (RAFT: 0.05)
+    clip_norm: float | None = None  # clip gradients to this global norm first (RAFT: 1.0); None = off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +69,9 @@ class HKTSettings(HKTConfig):
     """The engine's ``HKTConfig`` (defaults: the paper's) plus where the models are cut into stages."""
 
     stage_split: Literal["paper", "groups"] = "paper"
+    # Aligned blocks to mix between, for models that define ``hkt_boundaries(stages)`` (RAFT: 3 = 3HKT,
+    # 2 = 2HKT); None = the model's default wiring.
+    stages: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -68,12 +68,26 @@ def make_method(method: str, model: nn.Module, task: Task, example_input: Any, r
         raise ValueError(f"method={method!r} needs a parent: set parent_ckpt=DIR")
     if method == "hkt":
         engine_config = HKTConfig(**{f.name: getattr(hkt, f.name) for f in dataclasses.fields(HKTConfig)})
+        if engine_config.boundaries is None:  # the model's own leaf wiring, where it has one (e.g. RAFT)
+            boundaries = default_boundaries(model, getattr(hkt, "stages", None))
+            engine_config = dataclasses.replace(engine_config, boundaries=boundaries)
         engine = HKT(model, parent, engine_config, task=task)
         return hkt_loss(engine), engine.init(rng, example_input, parent_variables)
     init_variables = trainable_variables(model.init(rng, example_input, train=False))
     if method == "kd":
         return kd_loss(model, parent, task, temperature=kd.temperature, weight=kd.weight), init_variables
     return plain_loss(model, task), init_variables
+
+
+def default_boundaries(model: nn.Module, stages: int | None) -> tuple | None:
+    """``model.hkt_boundaries(stages)`` for models whose stage outputs are pytrees; None (whole stage
+    outputs at every boundary) otherwise, where ``hkt.stages`` cannot be chosen."""
+    if hasattr(model, "hkt_boundaries"):
+        return model.hkt_boundaries(stages)
+    if stages is not None:
+        raise ValueError(f"hkt.stages={stages}: {type(model).__name__} has no hkt_boundaries(stages) wiring; "
+                         "leave hkt.stages unset (its stage split decides the boundaries)")
+    return None
 
 
 def make_optimization(optim: OptimConfig, steps_per_epoch: int,

@@ -54,7 +54,9 @@ class Boundary:
     to_parent: tuple[LeafLink, ...] = (LeafLink(),)
 
 
-INHERIT_LOSSES = ("mae", "ce")  # names a task's inherit_loss understands (the paper: MAE)
+# Names ``hkt.inherit_loss`` may take (the paper: MAE); which ones a run accepts is its task's
+# ``inherit_loss(name)`` to decide ("seq": optical flow's sequence loss).
+INHERIT_LOSSES = ("mae", "ce", "seq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +68,7 @@ class HKTConfig:
     chunk_size: int | None = None
     impl: ga.Impl = "auto"  # softmax GA implementation (see hkt_jax.ga.resolve_impl)
     alphas: tuple[float, float, float] = (0.25, 0.5, 0.25)
-    inherit_loss: Literal["mae", "ce"] = "mae"
+    inherit_loss: Literal["mae", "ce", "seq"] = "mae"
     # Per boundary on/off switches (empty = on at every boundary): the paper's ablations.
     backbone: tuple[bool, ...] = ()
     head: tuple[bool, ...] = ()

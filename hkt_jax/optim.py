@@ -1,10 +1,41 @@
-"""Learning-rate schedules and the optimizer, from ``OptimConfig``."""
+"""Learning-rate schedules and the optimizer, from ``OptimConfig``.
+
+SGD is PyTorch's (weight decay added to the gradient, then momentum), as the
+CIFAR recipes use it; AdamW with a one-cycle schedule and global-norm clipping
+is RAFT's recipe (``torch.optim.AdamW`` + ``OneCycleLR(pct_start=0.05,
+cycle_momentum=False, anneal_strategy="linear")`` over ``steps + 100``,
+``clip_grad_norm_``).
+"""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import optax
 
 from hkt_jax.config import OptimConfig
+
+ONE_CYCLE_DIV_FACTOR = 25.0  # torch OneCycleLR: start at peak / 25 ...
+ONE_CYCLE_FINAL_DIV_FACTOR = 1e4  # ... end at start / 1e4
+ONE_CYCLE_EXTRA_STEPS = 100  # RAFT's train.py builds OneCycleLR over num_steps + 100
+
+
+def one_cycle_schedule(peak: float, total_steps: int, pct_start: float) -> optax.Schedule:
+    """torch's two-phase linear OneCycleLR: peak/25 -> peak over ``pct_start`` of the steps, then down to
+    peak/25/1e4 at step ``total_steps - 1`` (the same phase ends as torch computes them)."""
+    if not 0.0 < pct_start < 1.0:
+        raise ValueError(f"optim.pct_start must lie in (0, 1), got {pct_start}")
+    initial = peak / ONE_CYCLE_DIV_FACTOR
+    final = initial / ONE_CYCLE_FINAL_DIV_FACTOR
+    rise_end = float(pct_start * total_steps) - 1.0
+    fall_end = float(total_steps - 1)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        rising = initial + (peak - initial) * step / max(rise_end, 1e-12)
+        falling = peak + (final - peak) * (step - rise_end) / max(fall_end - rise_end, 1e-12)
+        return jnp.where(step <= rise_end, rising, falling)
+
+    return schedule
 
 
 def make_schedule(optim: OptimConfig, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
@@ -18,12 +49,25 @@ def make_schedule(optim: OptimConfig, steps_per_epoch: int, total_steps: int) ->
         )
     if optim.schedule == "constant":
         return optax.constant_schedule(optim.learning_rate)
-    raise ValueError(f"optim.schedule must be 'multistep', 'cosine' or 'constant', got {optim.schedule!r}")
+    if optim.schedule == "one_cycle":
+        return one_cycle_schedule(optim.learning_rate, total_steps + ONE_CYCLE_EXTRA_STEPS, optim.pct_start)
+    raise ValueError(f"optim.schedule must be 'multistep', 'cosine', 'constant' or 'one_cycle', "
+                     f"got {optim.schedule!r}")
 
 
 def make_optimizer(optim: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """SGD as PyTorch does it: weight decay added to the gradient, then momentum."""
-    return optax.chain(
-        optax.add_decayed_weights(optim.weight_decay),
-        optax.sgd(schedule, momentum=optim.momentum or None, nesterov=optim.nesterov),
-    )
+    """``optim.optimizer`` on the scheduled rate, after optional global-norm clipping."""
+    if optim.optimizer == "sgd":  # PyTorch's SGD: weight decay added to the gradient, then momentum
+        step = optax.chain(
+            optax.add_decayed_weights(optim.weight_decay),
+            optax.sgd(schedule, momentum=optim.momentum or None, nesterov=optim.nesterov),
+        )
+    elif optim.optimizer == "adamw":  # torch.optim.AdamW: decay decoupled from the adaptive step
+        step = optax.adamw(schedule, b1=0.9, b2=0.999, eps=optim.adam_eps, weight_decay=optim.weight_decay)
+    else:
+        raise ValueError(f"optim.optimizer must be 'sgd' or 'adamw', got {optim.optimizer!r}")
+    if optim.clip_norm is None:
+        return step
+    if optim.clip_norm <= 0:
+        raise ValueError(f"optim.clip_norm must be > 0 (or None for no clipping), got {optim.clip_norm}")
+    return optax.chain(optax.clip_by_global_norm(optim.clip_norm), step)

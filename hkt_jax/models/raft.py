@@ -114,7 +114,31 @@ class RAFT(nn.Module):
             return self.flow(x, self.iters)
         raise IndexError(f"RAFT has stages 0..2 {self.stage_names}, got {index}")
 
-    def __call__(self, image1: jax.Array, image2: jax.Array, *, iters: int = 12, flow_init: jax.Array | None = None,
-                 train: bool = False) -> jax.Array:
+    def hkt_boundaries(self, stages: int | None = None) -> tuple:
+        """HKT wiring for a RAFT pair (any sizes: Transfer adapters bridge 256|128-ch features and
+        128|96 hidden / 128|64 context channels). ``stages`` = 3 (default, the paper's 3HKT): mix both
+        frames' features after ``features`` and hidden state + context input after ``context``;
+        2 (2HKT): one boundary after the encoders, mixing all four (the first boundary stays idle)."""
+        from hkt_jax.hkt import Boundary, LeafLink  # the engine imports the models; avoid the cycle
+
+        def links(*leaves):
+            return tuple(LeafLink(leaf, (leaf,)) for leaf in leaves)
+
+        features, context = links("fmap1", "fmap2"), links("net", "inp")
+        if stages in (None, 3):
+            return (Boundary(to_child=features, to_parent=features), Boundary(to_child=context, to_parent=context))
+        if stages == 2:
+            idle = Boundary(backbone=False, head=False, to_child=(), to_parent=())
+            return (idle, Boundary(to_child=features + context, to_parent=features + context))
+        raise ValueError(f"hkt.stages={stages}: RAFT supports 3 (3HKT: after features and context) or 2 "
+                         "(2HKT: after the encoders)")
+
+    def __call__(self, image1: Any, image2: jax.Array | None = None, *, iters: int | None = None,
+                 flow_init: jax.Array | None = None, train: bool = False) -> jax.Array:
+        """Both frames, or stage 0's input ``{"image1", "image2"}`` alone (what the training core passes);
+        ``iters`` defaults to the module's ``iters``."""
+        if image2 is None:
+            image1, image2 = image1["image1"], image1["image2"]
+        iters = self.iters if iters is None else iters
         x = self.context(self.features(image1, image2), train=train)
         return self.flow({**x, "flow_init": flow_init}, iters)

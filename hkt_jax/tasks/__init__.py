@@ -2,9 +2,10 @@
 
 from hkt_jax.tasks.base import Task
 from hkt_jax.tasks.classification import Classification
+from hkt_jax.tasks.flow import Flow
 from hkt_jax.tasks.toy_segmentation import ToySegmentation
 
-TASKS: dict[str, type[Task]] = {"classification": Classification, "toy_segmentation": ToySegmentation}
+TASKS: dict[str, type[Task]] = {"classification": Classification, "flow": Flow, "toy_segmentation": ToySegmentation}
 
 
 def make_task(name: str) -> Task:
@@ -13,4 +14,4 @@ def make_task(name: str) -> Task:
     return TASKS[name]()
 
 
-__all__ = ["TASKS", "Classification", "Task", "ToySegmentation", "make_task"]
+__all__ = ["TASKS", "Classification", "Flow", "Task", "ToySegmentation", "make_task"]

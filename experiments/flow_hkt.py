@@ -1,0 +1,29 @@
+"""Optical-flow HKT experiment (paper Table 1): ``python -m experiments.flow_hkt [--config NAME]
+[--workdir DIR] [--parent_ckpt DIR] [key=value ...]``.
+
+The same command line and training core as ``experiments.cifar_hkt`` (``--help`` lists
+every option) with the flow configs ``experiments/configs/flow_<NAME>.py``: ``smoke``
+(synthetic, about a minute), ``cpu`` (synthetic, sized for a 2-core CPU), and the
+paper's GPU schedule ``chairs`` (the default) -> ``things`` -> ``sintel`` / ``kitti``.
+Without ``--parent_ckpt`` the parent RAFT is trained first in ``WORKDIR/parent``
+(or give a converted one: ``python -m hkt_jax.convert raft --src raft-things.pth --out DIR``);
+rerunning the same command resumes. Methods: ``method=child|parent|kd|hkt``; 3HKT
+(``hkt.stages=3``, the default) or 2HKT (``hkt.stages=2``). Evaluate with
+``python -m experiments.evaluate_flow --model WORKDIR/export/child --dataset sintel --path P``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from experiments import cifar_hkt
+from hkt_jax.experiment_cli import argv_with_config
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    return cifar_hkt.main(argv_with_config(argv, prefix="flow_", default="chairs", doc=__doc__))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
