@@ -20,6 +20,7 @@ from hkt_jax.hkt import HKTConfig
 from hkt_jax.methods import METHODS
 from hkt_jax.models.registry import config_fields
 from hkt_jax.tasks import TASKS
+from hkt_jax.tasks.segmentation import SegSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +113,7 @@ class ExperimentConfig:
     kd: KDSettings = KDSettings()
     train: TrainSettings = TrainSettings()
     mesh: MeshSettings = MeshSettings()
+    seg: SegSettings = SegSettings()  # task=segmentation only (HU window, slice size, losses, splits)
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -32,6 +32,12 @@ class Task(abc.ABC):
     #: names ``hkt.inherit_loss`` may take for this task (first = what the paper uses).
     inherit_losses: tuple[str, ...] = ()
 
+    @classmethod
+    def from_config(cls, config: Any) -> Task:
+        """The task an experiment config asks for, with its task-specific settings (e.g. ``config.seg``);
+        tasks without settings take none."""
+        return cls()
+
     # -- data and models ------------------------------------------------------------------------
 
     @abc.abstractmethod

@@ -1,0 +1,29 @@
+"""Segmentation HKT experiment (paper Table 3): ``python -m experiments.seg_hkt [--config NAME]
+[--workdir DIR] [--parent_ckpt DIR] [key=value ...]``.
+
+The same command line and training core as ``experiments.cifar_hkt`` (``--help`` lists
+every option) with the segmentation configs ``experiments/configs/seg_<NAME>.py``:
+``smoke`` (synthetic CT, about a minute), ``cpu`` (synthetic, sized for a 2-core CPU)
+and ``lits`` (the default: the paper-like LiTS run on a GPU, ``data.path=DIR``).
+Without ``--parent_ckpt`` the parent U-Net is trained first in ``WORKDIR/parent``;
+rerunning the same command resumes. Methods: ``method=child|parent|kd|hkt``; 3HKT
+(``hkt.stages=3``, the default: after encoder and bottleneck) or 2HKT (``hkt.stages=2``).
+Segment a volume with ``python -m experiments.segment_volume --model WORKDIR/export/child
+VOLUME.nii.gz --out PRED.nii.gz [--gt SEG.nii.gz]``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from experiments import cifar_hkt
+from hkt_jax.experiment_cli import argv_with_config
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    return cifar_hkt.main(argv_with_config(argv, prefix="seg_", default="lits", doc=__doc__))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
