@@ -180,9 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases:  # warm-up: compiles the JAX functions, fills torch's caches
         case["compile_s"] = timed(case["run"])
         case["times"] = []
-    for _ in range(args.repeats):
+        print(f"  warm-up {case['task']}, {case['size']}, {case['impl']}: {case['compile_s']:.1f} s", file=sys.stderr,
+              flush=True)
+    for round_index in range(args.repeats):
         for case in cases:
             case["times"].append(timed(case["run"]))
+        print(f"  round {round_index + 1}/{args.repeats} done", file=sys.stderr, flush=True)
     rows = []
     for case in cases:
         torch_case = next(c for c in cases if c["task"] == case["task"] and c["size"] == case["size"]
