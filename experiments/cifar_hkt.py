@@ -3,7 +3,9 @@
 Configs live in ``experiments/configs`` (default: the paper's setting,
 reference: the authors' released code, smoke: seconds on a CPU). Any config
 field can be overridden by its dotted path, e.g. ``method=child train.steps=500``.
-Rerunning with the same workdir resumes. On CPU, glibc is told to reuse freed memory
+Rerunning with the same workdir resumes. Errors and early stops end in one line and an
+exit code (``hkt_jax.cli``: 2 bad input, 3 non-finite loss, 4 failed save, 130 Ctrl-C,
+143 SIGTERM); ``--debug`` shows tracebacks. On CPU, glibc is told to reuse freed memory
 (``hkt_jax.malloc_tuning``; ``HKT_JAX_MALLOC_TUNING=0`` turns that off).
 """
 
@@ -15,6 +17,7 @@ import sys
 
 import jax
 
+from hkt_jax import cli
 from hkt_jax.config import apply_overrides, load_config
 from hkt_jax.experiment import run
 from hkt_jax.malloc_tuning import tune_malloc_for_xla
@@ -28,29 +31,31 @@ def parse_args(argv):
     parser.add_argument("--workdir", default=None, help="run directory (default: workdirs/<config>)")
     parser.add_argument("--parent_ckpt", default=None, help="parent model checkpoint dir (from python -m hkt_jax.convert)")
     parser.add_argument("overrides", nargs="*", help="config overrides as key=value, e.g. train.steps=100 hkt.lam=0.5")
+    cli.add_common_arguments(parser)
     multihost = parser.add_argument_group("multi-host (jax.distributed); a single process needs none of these")
     multihost.add_argument("--distributed", action="store_true",
                            help="jax.distributed.initialize() with cluster auto-detection (TPU pod slice, SLURM, ...)")
     multihost.add_argument("--coordinator_address", default=None, help="manual launch: HOST:PORT of process 0")
     multihost.add_argument("--num_processes", type=int, default=None, help="manual launch: number of processes")
     multihost.add_argument("--process_id", type=int, default=None, help="manual launch: this process's index")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # options may come between the key=value overrides
+
+
+def _train(args) -> int:
+    tune_malloc_for_xla()  # before JAX runs anything: reuse freed memory (see hkt_jax/malloc_tuning.py)
+    overrides = list(args.overrides) + ([f"parent_ckpt={args.parent_ckpt}"] if args.parent_ckpt else [])
+    config = cli.as_user_error(lambda: apply_overrides(load_config(args.config), overrides))
+    cli.as_user_error(lambda: initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
+                                                     auto=args.distributed))
+    summary = run(config, args.workdir or f"workdirs/{args.config}", allow_config_change=args.allow_config_change)
+    if jax.process_index() == 0:
+        print(json.dumps(summary, indent=2))
+    return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    tune_malloc_for_xla()  # before JAX runs anything: reuse freed memory (see hkt_jax/malloc_tuning.py)
-    overrides = list(args.overrides) + ([f"parent_ckpt={args.parent_ckpt}"] if args.parent_ckpt else [])
-    try:
-        config = apply_overrides(load_config(args.config), overrides)
-        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id, auto=args.distributed)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    summary = run(config, args.workdir or f"workdirs/{args.config}")
-    if jax.process_index() == 0:
-        print(json.dumps(summary, indent=2))
-    return 0
+    return cli.main_guard(lambda: _train(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,11 @@ the code that produced it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -56,37 +59,118 @@ def load_model(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
 
 # -- resumable training state ------------------------------------------------------------------
 
+CHECKPOINTS_SUBDIR = "checkpoints"
+UNREADABLE_SUBDIR = "checkpoints_unreadable"  # where restore moves steps it could not read (never deleted)
+
 
 def training_manager(workdir: str | os.PathLike, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
-    """Checkpoints of (train state, data-iterator position) under ``workdir/checkpoints``.
+    """Checkpoints of (train state, data-iterator position, loop state) under ``workdir/checkpoints``.
 
-    The parent is never in here: it is an input of the run, not its state.
+    The parent is never in here: it is an input of the run, not its state. Orbax
+    writes each step to a temporary directory renamed into place when complete,
+    so a save that fails (disk full) leaves the previous steps as they were.
     """
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)
     return ocp.CheckpointManager(
-        Path(workdir).absolute() / "checkpoints", options=options, item_names=("state", "data")
+        Path(workdir).absolute() / CHECKPOINTS_SUBDIR, options=options, item_names=("state", "data", "loop")
     )
 
 
-def save_training(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict[str, Any]) -> None:
-    manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
-        force=True,
-    )
-    manager.wait_until_finished()
+def save_training(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict[str, Any],
+                  loop_state: dict[str, Any] | None = None) -> None:
+    """Save one step; a failure raises ``CheckpointSaveError`` naming the intact previous step."""
+    items = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave(data_state)}
+    if loop_state is not None:
+        items["loop"] = ocp.args.JsonSave(loop_state)
+    previous = manager.latest_step()
+    try:
+        manager.save(step, args=ocp.args.Composite(**items), force=True)
+        manager.wait_until_finished()
+    except Exception as error:  # disk full, read-only or vanished directory, quota: all end the run
+        from hkt_jax.cli import CheckpointSaveError
+
+        kept = (f"the previous checkpoint (step {previous}) is intact; free space or fix the directory and rerun "
+                f"the same command to continue from step {previous}" if previous is not None else
+                "no earlier checkpoint exists; fix the directory and rerun the same command to start again")
+        raise CheckpointSaveError(f"error: could not save the checkpoint of step {step} in {manager.directory} "
+                                  f"({type(error).__name__}: {_first_line(error)}); {kept}") from error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+@dataclasses.dataclass
+class Restored:
+    step: int
+    state: Any
+    data: dict[str, Any]
+    loop: dict[str, Any]
+    skipped: list[str]  # "step N (why)" for each newer step that could not be read
+
+
+def restore_latest_readable(manager: ocp.CheckpointManager, abstract_state: Any) -> Restored | None:
+    """The newest checkpoint that reads back, or None when there is none (a fresh run).
+
+    A step that fails to read (truncated or missing file, half-written step) is
+    warned about by name and moved to ``checkpoints_unreadable/`` (kept, so the
+    next save of that step number cannot collide with it), and the next older
+    one is tried. When steps exist but none reads, ``UserError`` says so.
+    ``abstract_state`` (shapes, dtypes, shardings) says where each array goes.
+    """
+    from hkt_jax.cli import UserError
+
+    steps = sorted(manager.all_steps(), reverse=True)
+    skipped: list[str] = []
+    for step in steps:
+        step_dir = Path(manager.directory) / str(step)
+        items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore()}
+        if (step_dir / "loop").exists():  # checkpoints written before the loop state existed have none
+            items["loop"] = ocp.args.JsonRestore()
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as error:  # orbax/tensorstore raise many types for a damaged step
+            skipped.append(f"step {step} ({type(error).__name__}: {_first_line(error)})")
+            continue
+        if skipped:
+            _set_aside(manager, [int(s.split()[1]) for s in skipped])
+            warnings.warn(f"{manager.directory}: unreadable newer checkpoint(s) {'; '.join(skipped)}; moved to "
+                          f"{Path(manager.directory).parent / UNREADABLE_SUBDIR}; resuming from step {step}",
+                          stacklevel=2)
+        return Restored(step, restored["state"], restored["data"], dict(restored.get("loop") or {}), skipped)
+    if skipped:
+        raise UserError(f"no readable checkpoint in {manager.directory}: {'; '.join(skipped)}. Move that directory "
+                        "away to start from step 0, or use a new --workdir")
+    return None
+
+
+def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Move unreadable steps out of the manager's directory (process 0; the others wait for it)."""
+    directory = Path(manager.directory)
+    if jax.process_index() == 0:
+        target = directory.parent / UNREADABLE_SUBDIR
+        target.mkdir(exist_ok=True)
+        for step in steps:
+            destination = target / str(step)
+            suffix = 1
+            while destination.exists():
+                destination, suffix = target / f"{step}.{suffix}", suffix + 1
+            shutil.move(str(directory / str(step)), destination)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("hkt_jax: unreadable checkpoints set aside")
+    manager.reload()
 
 
 def restore_training(manager: ocp.CheckpointManager, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
-    """(state, data-iterator state) of the latest checkpoint, or None for a fresh run.
+    """(state, data-iterator state) of the newest readable checkpoint, or None for a fresh run."""
+    restored = restore_latest_readable(manager, abstract_state)
+    return None if restored is None else (restored.state, restored.data)
 
-    ``abstract_state`` (shapes, dtypes, shardings) says where each array goes.
-    """
-    step = manager.latest_step()
-    if step is None:
-        return None
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
-    )
-    return restored["state"], restored["data"]
+
+def has_training_checkpoints(workdir: str | os.PathLike) -> bool:
+    """Whether ``workdir`` holds at least one finished training step (without opening orbax)."""
+    directory = Path(workdir) / CHECKPOINTS_SUBDIR
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())

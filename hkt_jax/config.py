@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import types
 import typing
 from typing import Any, Literal, Sequence
@@ -21,6 +22,11 @@ from hkt_jax.methods import METHODS
 from hkt_jax.models.registry import config_fields
 from hkt_jax.tasks import TASKS
 from hkt_jax.tasks.segmentation import SegSettings
+
+
+def _check(key: str, value: Any, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}={value!r}: expected {expected}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +67,19 @@ class OptimConfig:
     milestones: tuple[float, ...] = (100.0, 150.0)  # in epochs (multistep)
     decay_factor: float = 0.1
     warmup_epochs: float = 0.0  # cosine only
+
     pct_start: float = 0.05  # one_cycle: share of the steps spent rising to the peak (RAFT: 0.05)
     clip_norm: float | None = None  # clip gradients to this global norm first (RAFT: 1.0); None = off
+
+    def __post_init__(self):
+        _check("optim.learning_rate", self.learning_rate, self.learning_rate > 0 and math.isfinite(self.learning_rate),
+               "a positive finite number")
+        _check("optim.momentum", self.momentum, 0 <= self.momentum < 1, "in [0, 1)")
+        _check("optim.weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0")
+        _check("optim.decay_factor", self.decay_factor, 0 < self.decay_factor <= 1, "in (0, 1]")
+        _check("optim.warmup_epochs", self.warmup_epochs, self.warmup_epochs >= 0, ">= 0")
+        _check("optim.milestones", self.milestones, all(m > 0 for m in self.milestones)
+               and list(self.milestones) == sorted(self.milestones), "positive epochs in increasing order")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +97,10 @@ class KDSettings:
     temperature: float = 4.0
     weight: float = 0.9  # weight of the distillation term; 1 - weight goes to cross-entropy
 
+    def __post_init__(self):
+        _check("kd.temperature", self.temperature, self.temperature > 0, "> 0")
+        _check("kd.weight", self.weight, 0 <= self.weight <= 1, "in [0, 1]")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
@@ -89,7 +110,22 @@ class TrainSettings:
     log_every_steps: int = 50
     eval_every_steps: int | None = None  # None = once per epoch
     checkpoint_every_steps: int = 1000
+    checkpoint_every_minutes: float = 10.0  # also by time, so a crash costs at most this much (0: off)
+    skip_nonfinite_steps: int = 0  # non-finite loss/gradients: skip up to this many updates in a row (0: stop)
     seed: int = 0
+
+    def __post_init__(self):
+        _check("train.batch_size", self.batch_size, self.batch_size > 0, "a positive integer")
+        _check("train.epochs", self.epochs, self.epochs > 0 and math.isfinite(self.epochs), "> 0")
+        _check("train.steps", self.steps, self.steps is None or self.steps > 0, "a positive integer or none")
+        _check("train.log_every_steps", self.log_every_steps, self.log_every_steps > 0, "a positive integer")
+        _check("train.eval_every_steps", self.eval_every_steps,
+               self.eval_every_steps is None or self.eval_every_steps > 0, "a positive integer or none")
+        _check("train.checkpoint_every_steps", self.checkpoint_every_steps, self.checkpoint_every_steps > 0,
+               "a positive integer")
+        _check("train.checkpoint_every_minutes", self.checkpoint_every_minutes,
+               self.checkpoint_every_minutes >= 0 and math.isfinite(self.checkpoint_every_minutes), ">= 0 (0: off)")
+        _check("train.skip_nonfinite_steps", self.skip_nonfinite_steps, self.skip_nonfinite_steps >= 0, ">= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +133,10 @@ class MeshSettings:
     data: int = -1  # -1 = all devices not used by `model`
     model: int = 1  # > 1 shards the frozen parent's parameters
     shard_trainable: bool = False  # shard child params + optimizer state instead of replicating them
+
+    def __post_init__(self):
+        _check("mesh.data", self.data, self.data == -1 or self.data >= 1, "-1 (all devices) or a positive integer")
+        _check("mesh.model", self.model, self.model >= 1, "a positive integer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +160,8 @@ class ExperimentConfig:
             raise ValueError(f"method={self.method!r}: expected one of {METHODS}")
         if self.task not in TASKS:
             raise ValueError(f"task={self.task!r}: expected one of {tuple(TASKS)}")
+        _check("parent_epochs", self.parent_epochs, self.parent_epochs is None or self.parent_epochs > 0,
+               "> 0 or none")
 
     def record(self) -> dict[str, Any]:
         """What ``config.json`` holds: every setting, models with only the fields their architecture uses."""
@@ -195,7 +237,13 @@ def _replace_all(config: Any, updates: dict[str, Any], prefix: str = "") -> Any:
             changes[name] = _replace_all(getattr(config, name), update, path + ".")
         else:
             changes[name] = _parse_value(update, hints[name], getattr(config, name), path)
-    return dataclasses.replace(config, **changes)
+    try:
+        return dataclasses.replace(config, **changes)
+    except ValueError as error:  # name the user's keys when the check that failed does not (e.g. the engine's)
+        given = {prefix + name: update for name, update in updates.items() if not isinstance(update, dict)}
+        if given and not any(key in str(error) for key in given):
+            raise ValueError(f"{' '.join(f'{k}={v}' for k, v in given.items())}: {error}") from None
+        raise
 
 
 def apply_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax
 
+from hkt_jax import preflight
 from hkt_jax.config import ExperimentConfig
 from hkt_jax.methods import NEEDS_PARENT
 from hkt_jax.train import train_and_evaluate
@@ -27,21 +28,40 @@ def parent_run_config(config: ExperimentConfig) -> ExperimentConfig:
                                train=dataclasses.replace(config.train, epochs=epochs))
 
 
-def ensure_parent(config: ExperimentConfig, workdir: Path) -> ExperimentConfig:
+def parent_workdir_and_checkpoint(workdir: Path) -> tuple[Path, Path]:
+    parent_workdir = workdir / PARENT_SUBDIR
+    return parent_workdir, parent_workdir / EXPORT_SUBDIR
+
+
+def planned_runs(config: ExperimentConfig, workdir: Path) -> list[tuple[ExperimentConfig, Path]]:
+    """The (config, workdir) of each training run ``run`` makes, in order (the parent's first when needed)."""
+    if config.method not in NEEDS_PARENT or config.parent_ckpt:
+        return [(config, workdir)]
+    parent_workdir, parent_ckpt = parent_workdir_and_checkpoint(workdir)
+    return [(parent_run_config(config), parent_workdir),
+            (dataclasses.replace(config, parent_ckpt=str(parent_ckpt)), workdir)]
+
+
+def ensure_parent(config: ExperimentConfig, workdir: Path, *, allow_config_change: bool = False) -> ExperimentConfig:
     """The config with ``parent_ckpt`` set: the given one, or a parent trained here first."""
     if config.parent_ckpt:
         return config
-    parent_workdir = workdir / PARENT_SUBDIR
+    parent_workdir, parent_ckpt = parent_workdir_and_checkpoint(workdir)
     if not (parent_workdir / "summary.json").exists():
         if jax.process_index() == 0:
             print(f"No parent_ckpt given: training the parent ({config.parent.arch}, {config.parent.kwargs()}) "
                   f"in {parent_workdir} first")
-        train_and_evaluate(parent_run_config(config), parent_workdir)
-    return dataclasses.replace(config, parent_ckpt=str(parent_workdir / EXPORT_SUBDIR))
+        train_and_evaluate(parent_run_config(config), parent_workdir, allow_config_change=allow_config_change)
+    return dataclasses.replace(config, parent_ckpt=str(parent_ckpt))
 
 
-def run(config: ExperimentConfig, workdir: str | Path) -> dict:
+def run(config: ExperimentConfig, workdir: str | Path, *, allow_config_change: bool = False) -> dict:
+    """Check everything that can be checked (``hkt_jax.preflight``), then train the parent if needed and the run.
+
+    Bad input raises ``cli.UserError`` before anything is written; see ``train_and_evaluate`` for early stops.
+    """
     workdir = Path(workdir)
+    preflight.check_run(config, workdir, runs=planned_runs(config, workdir), allow_config_change=allow_config_change)
     if config.method in NEEDS_PARENT:
-        config = ensure_parent(config, workdir)
-    return train_and_evaluate(config, workdir)
+        config = ensure_parent(config, workdir, allow_config_change=allow_config_change)
+    return train_and_evaluate(config, workdir, allow_config_change=allow_config_change)

@@ -15,9 +15,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm.auto import tqdm
 
-from hkt_jax import checkpoint
+from hkt_jax import checkpoint, stopping
 from hkt_jax.models import parameter_count
 
 
@@ -31,13 +32,27 @@ class Hook:
     def close(self) -> None:
         pass
 
+    def state_dict(self) -> dict[str, Any] | None:
+        """What this hook needs to carry on exactly after a resume (saved in each checkpoint), or None."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
 
 def _due(done: int, every: int | None, total: int) -> bool:
     return done == total or bool(every) and done % every == 0
 
 
+# Counted over a logging window rather than averaged.
+SUMMED_METRICS = ("skipped_steps",)
+
+
 class LogMetrics(Hook):
-    """Mean train metrics over each logging window (and img/s) -> metrics.jsonl, TensorBoard, progress bar."""
+    """Mean train metrics over each logging window (and img/s) -> metrics.jsonl, TensorBoard, progress bar.
+
+    The window of a checkpoint taken between two log steps is saved with it, so a
+    resumed run logs the same rows as an uninterrupted one."""
 
     def __init__(self, writer, every: int, total: int, batch_size: int, progress):
         self.writer, self.every, self.total, self.batch_size, self.progress = writer, every, total, batch_size, progress
@@ -49,16 +64,27 @@ class LogMetrics(Hook):
             jax.block_until_ready(self.window[-1])
         self.window.append(metrics)
         if _due(done, self.every, self.total):
-            means = jax.device_get(jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *self.window))
+            means = jax.device_get({key: (jnp.sum if key in SUMMED_METRICS else jnp.mean)(
+                jnp.stack([step[key] for step in self.window])) for key in self.window[0]})
             means["img_per_s"] = len(self.window) * self.batch_size / (time.perf_counter() - self.window_start)
             row = self.writer.write(done, means)
-            shown = {k: f"{row[k]:.3f}" for k in ("loss", "accuracy", "pixel_accuracy", "epe") if k in row}
+            shown = {k: "nan" if row.get(k) is None else f"{row[k]:.3f}"  # None: non-finite (JSON has no NaN)
+                     for k in ("loss", "accuracy", "pixel_accuracy", "epe") if k in row}
             self.progress.set_postfix(**shown, img_s=f"{row['img_per_s']:.0f}")
             self.window, self.window_start = [], time.perf_counter()
         return False
 
     def resume_timing(self):
         self.window_start = time.perf_counter()
+
+    def state_dict(self):
+        window = jax.device_get(self.window)
+        return {"window": [{k: {"dtype": str(np.asarray(v).dtype), "value": np.asarray(v).tolist()}
+                            for k, v in step.items()} for step in window]}
+
+    def load_state_dict(self, state):
+        self.window = [{k: np.asarray(v["value"], dtype=v["dtype"]) for k, v in step.items()}
+                       for step in state.get("window", [])]
 
 
 class EvaluateAndKeepBest(Hook):
@@ -92,16 +118,29 @@ class EvaluateAndKeepBest(Hook):
 
 
 class Checkpoint(Hook):
-    """The resumable train state and data position every ``every`` steps and at the end."""
+    """The resumable train state, data position and loop state every ``every`` steps, every
+    ``every_minutes`` minutes (0: never by time) and at the end; ``save`` also serves a stop request."""
 
-    def __init__(self, run, manager, every: int, total: int):
+    def __init__(self, run, manager, every: int, total: int, every_minutes: float = 0.0, loop_state=None):
         self.run, self.manager, self.every, self.total = run, manager, every, total
+        self.every_seconds = 60.0 * every_minutes
+        self.loop_state = loop_state or (lambda: None)
+        self.last_saved_step = manager.latest_step()
+        self.last_save_time = time.monotonic()
 
     def __call__(self, done, state, metrics):
-        if not _due(done, self.every, self.total):
+        by_time = bool(self.every_seconds) and stopping.time_is_due(
+            time.monotonic() - self.last_save_time >= self.every_seconds)
+        if not (_due(done, self.every, self.total) or by_time):
             return False
-        checkpoint.save_training(self.manager, done, state, self.run.datasets.train.get_state())
+        self.save(done, state)
         return True
+
+    def save(self, done, state) -> None:
+        if self.last_saved_step == done:
+            return
+        checkpoint.save_training(self.manager, done, state, self.run.datasets.train.get_state(), self.loop_state())
+        self.last_saved_step, self.last_save_time = done, time.monotonic()
 
 
 class Progress(Hook):
@@ -116,7 +155,7 @@ class Progress(Hook):
         self.progress.close()
 
 
-def default_hooks(run, workdir: Path, writer, manager, eval_step, start_step: int) -> list[Hook]:
+def default_hooks(run, workdir: Path, writer, manager, eval_step, start_step: int, loop_state=None) -> list[Hook]:
     train = run.config.train
     total = run.total_steps
     progress = tqdm(total=total, initial=start_step, disable=jax.process_index() != 0, desc=run.config.method,
@@ -125,7 +164,8 @@ def default_hooks(run, workdir: Path, writer, manager, eval_step, start_step: in
     if run.datasets.num_validation > 0:
         eval_every = train.eval_every_steps or run.steps_per_epoch
         hooks.append(EvaluateAndKeepBest(run, workdir, writer, eval_step, eval_every, total))
-    hooks += [Checkpoint(run, manager, train.checkpoint_every_steps, total), Progress(progress)]
+    hooks += [Checkpoint(run, manager, train.checkpoint_every_steps, total, train.checkpoint_every_minutes,
+                         loop_state), Progress(progress)]
     return hooks
 
 
@@ -186,8 +226,13 @@ def startup_block(run, workdir: Path, start_step: int) -> str:
     resume = f"resuming from step {start_step} of {run.total_steps}" if start_step else "starting at step 0"
     lines.append(f"  steps:  {run.total_steps} ({run.steps_per_epoch} per epoch, global batch "
                  f"{config.train.batch_size}); {resume}")
-    lines.append(f"  checkpoints: every {config.train.checkpoint_every_steps} steps and at the end, in "
+    minutes = config.train.checkpoint_every_minutes
+    lines.append(f"  checkpoints: every {config.train.checkpoint_every_steps} steps"
+                 f"{f', every {minutes:g} min' if minutes else ''}, on Ctrl-C/SIGTERM and at the end, in "
                  f"{workdir / 'checkpoints'}; rerun the same command to resume")
+    skip = config.train.skip_nonfinite_steps
+    lines.append("  non-finite loss/gradients: " + (f"skip the update, up to {skip} in a row" if skip
+                                                    else "stop at the first (train.skip_nonfinite_steps=K skips)"))
     mismatch = parent_data_mismatch(run.parent_info, {"source": data.source, "name": data.name}) \
         if run.parent_info else None
     if mismatch:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -26,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hkt_jax import checkpoint, factories, hooks, sharding
+from hkt_jax import checkpoint, factories, hooks, preflight, sharding, stopping
+from hkt_jax.cli import Interrupted, UserError
 from hkt_jax.config import ExperimentConfig
 from hkt_jax.methods import NEEDS_PARENT, child_variables, trainable_variables
 from hkt_jax.metrics import MetricsWriter
@@ -46,9 +48,15 @@ class TrainState:
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    task: Task | None = None):
+                    task: Task | None = None, *, skip_nonfinite: bool = False):
     """One optimizer step. Differentiates w.r.t. ``state.params`` only: the parent
-    variables are an input, never a gradient target. ``task`` adds its train metrics."""
+    variables are an input, never a gradient target. ``task`` adds its train metrics.
+
+    The metrics also hold ``grad_norm`` and ``nonfinite``, a bitmask of the terms
+    (``stopping.NONFINITE_TERMS``) that went NaN/inf, which the loop reads before any
+    hook can save the new state. ``skip_nonfinite`` keeps the old parameters,
+    batch statistics and optimizer state for such a step (the step and data
+    position still advance) and counts it in ``skipped_steps``."""
 
     def train_step(state: TrainState, parent_variables: Any, batch: dict[str, jax.Array]):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -59,8 +67,16 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
         if task is not None:
             metrics.update(task.train_metrics(aux["outputs"], batch))
         metrics["lr"] = schedule(state.step)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        nonfinite = stopping.nonfinite_bits(metrics, metrics["grad_norm"], params)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=aux["batch_stats"],
                                   opt_state=opt_state)
+        if skip_nonfinite:
+            keep_old = nonfinite != 0
+            new_state = jax.tree.map(lambda new, old: jnp.where(keep_old, old, new), new_state,
+                                     state.replace(step=state.step + 1))
+            metrics["skipped_steps"] = keep_old.astype(jnp.int32)
+        metrics["nonfinite"] = nonfinite
         return new_state, metrics
 
     return train_step
@@ -92,7 +108,8 @@ def initial_state(init_variables: dict[str, Any], tx: optax.GradientTransformati
 
 
 def compile_steps(*, task: Task, model: nn.Module, loss_fn: Callable, tx, schedule, parent_variables: Any,
-                  mesh, state: TrainState, shard_trainable: bool = False, parent_min_elements: int | None = None):
+                  mesh, state: TrainState, shard_trainable: bool = False, parent_min_elements: int | None = None,
+                  skip_nonfinite: bool = False):
     """jit the train and eval steps over the mesh: batch split over the devices,
     trainable state replicated (or sharded, ``shard_trainable``), the parent
     replicated (or FSDP-sharded over ``model``); the train state is donated."""
@@ -101,7 +118,7 @@ def compile_steps(*, task: Task, model: nn.Module, loss_fn: Callable, tx, schedu
     parent_kwargs = {} if parent_min_elements is None else {"min_elements": parent_min_elements}
     parent_sh = sharding.parent_shardings(parent_variables, mesh, **parent_kwargs)
     train_step = jax.jit(
-        make_train_step(sharding.gather_inside(loss_fn, mesh), tx, schedule, task),
+        make_train_step(sharding.gather_inside(loss_fn, mesh), tx, schedule, task, skip_nonfinite=skip_nonfinite),
         in_shardings=(state_sh, parent_sh, data), out_shardings=(state_sh, repl), donate_argnums=(0,),
     )
     # Eval also takes the best exported network (child params only): sharded params keep their own layout.
@@ -181,41 +198,86 @@ def inference_ms_per_image(model: nn.Module, variables: Any, example: Any, repea
 # -- the loop ---------------------------------------------------------------------------------------
 
 
-def train_and_evaluate(config: ExperimentConfig, workdir: str | Path) -> dict:
-    """Train (or resume) one run in ``workdir``; returns the final summary."""
+def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, *, allow_config_change: bool = False) -> dict:
+    """Train (or resume) one run in ``workdir``; returns the final summary.
+
+    Stops early with ``cli.RunStopped`` (after saving what it can): ``Interrupted``
+    on SIGINT/SIGTERM (checkpoint of the finished step), ``NonFiniteError`` at a
+    non-finite step (nothing of it saved), ``CheckpointSaveError``. Bad input is a
+    ``cli.UserError`` raised before the workdir is created.
+    """
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    run = build_run(config)
+    changed = preflight.check_config_change(config, workdir, allow_config_change)
+    try:
+        run = build_run(config)
+    except UserError:
+        raise
+    except (ValueError, OSError) as error:  # a config value, data file or parent checkpoint the user can fix
+        raise UserError(str(error)) from error
     state = initial_state(run.init_variables, run.tx)
+    workdir.mkdir(parents=True, exist_ok=True)
     manager = checkpoint.training_manager(workdir)
     shard_trainable = config.mesh.shard_trainable
     state_sh = sharding.state_shardings(state, run.mesh, shard_trainable=shard_trainable)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
-    restored = checkpoint.restore_training(manager, abstract)
+    restored = checkpoint.restore_latest_readable(manager, abstract)
+    loop_state: dict[str, Any] = {}
     if restored is not None:
-        state, data_state = restored
-        run.datasets.train.set_state(data_state)
+        state, loop_state = restored.state, restored.loop
+        run.datasets.train.set_state(restored.data)
     else:
         state = sharding.put(state, state_sh)
     parent_variables = sharding.put(run.parent_variables, sharding.parent_shardings(run.parent_variables, run.mesh))
     train_step, eval_step = compile_steps(
         task=run.task, model=run.model, loss_fn=run.loss_fn, tx=run.tx, schedule=run.schedule,
-        parent_variables=run.parent_variables, mesh=run.mesh, state=state, shard_trainable=shard_trainable)
+        parent_variables=run.parent_variables, mesh=run.mesh, state=state, shard_trainable=shard_trainable,
+        skip_nonfinite=config.train.skip_nonfinite_steps > 0)
     start_step = int(state.step)
     is_main = jax.process_index() == 0
     if is_main:
-        (workdir / "config.json").write_text(json.dumps(config.record(), indent=2, default=str))
+        (workdir / preflight.CONFIG_FILE).write_text(json.dumps(config.record(), indent=2, default=str))
         print(hooks.startup_block(run, workdir, start_step), flush=True)
+        if changed:
+            print("  config changed since this workdir was started: " + ", ".join(
+                f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()), flush=True)
+    guard = stopping.NonFiniteGuard(config.train.skip_nonfinite_steps, run.total_steps, str(manager.directory))
+    guard.load_state_dict(loop_state.get("nonfinite", {}))
     writer = MetricsWriter(workdir, resume_step=start_step)
-    loop_hooks = hooks.default_hooks(run, workdir, writer, manager, eval_step, start_step)
-    for step in range(start_step, run.total_steps):
-        batch = sharding.global_batch(next(run.datasets.train), run.mesh)
-        state, metrics = train_step(state, parent_variables, batch)
-        hooks.run_hooks(loop_hooks, step + 1, state, metrics)
+
+    def current_loop_state() -> dict[str, Any]:
+        hook_states = {type(h).__name__: h.state_dict() for h in loop_hooks}
+        return {"nonfinite": guard.state_dict(), "hooks": {k: v for k, v in hook_states.items() if v is not None}}
+
+    loop_hooks = hooks.default_hooks(run, workdir, writer, manager, eval_step, start_step, current_loop_state)
+    for hook in loop_hooks:
+        if type(hook).__name__ in loop_state.get("hooks", {}):
+            hook.load_state_dict(loop_state["hooks"][type(hook).__name__])
+    saver = next(h for h in loop_hooks if isinstance(h, hooks.Checkpoint))
+    try:
+        with stopping.StopOnSignal() as stop:
+            for step in range(start_step, run.total_steps):
+                batch = sharding.global_batch(next(run.datasets.train), run.mesh)
+                state, metrics = train_step(state, parent_variables, batch)
+                bits = int(metrics.pop("nonfinite"))  # waits for this step: nothing non-finite reaches a hook
+                guard.check(step + 1, bits, manager.latest_step() if bits else None)
+                hooks.run_hooks(loop_hooks, step + 1, state, metrics)
+                signum = stop.agreed()
+                if signum and step + 1 < run.total_steps:
+                    saver.save(step + 1, state)
+                    raise Interrupted(
+                        f"stopped by {signal.Signals(signum).name} at step {step + 1} of {run.total_steps}; "
+                        f"checkpoint saved in {manager.directory / str(step + 1)}. Rerun the same command to "
+                        f"continue from step {step + 1}", signum)
+    except BaseException:  # a stop, a failed save, a bug: close what is open, keep what is saved
+        for closeable in (*loop_hooks, writer, manager):
+            closeable.close()
+        raise
     for hook in loop_hooks:
         hook.close()
 
     summary = summarize(run, state, eval_step, workdir, loop_hooks)
+    if config.train.skip_nonfinite_steps:
+        summary["skipped_nonfinite_steps"] = guard.skipped
     export(workdir / "export" / "child", run, state, {"step": int(state.step), **summary})
     if is_main:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

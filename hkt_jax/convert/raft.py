@@ -181,7 +181,9 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
         raise FileNotFoundError(f"no such checkpoint file: {path}")
     try:
         return load_torch_checkpoint(path)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
+    except ValueError:  # load_torch_checkpoint already names the file and the problem
+        raise
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"{path}: not a PyTorch checkpoint readable with torch.load(weights_only=True) ({reason})") \
             from None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pickle
 import re
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -180,9 +181,26 @@ def require_torch():
 
 
 def load_torch_checkpoint(path: str | os.PathLike) -> Any:
-    """``torch.load`` on CPU with ``weights_only=True``: checkpoints from the internet must not run code."""
+    """``torch.load`` on CPU with ``weights_only=True``: checkpoints from the internet must not run code.
+
+    A file that pickles Python objects (a callable, a class) is refused, and a file
+    torch cannot read is reported, each as a ``ValueError`` naming the file.
+    """
     torch = require_torch()
-    return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    try:
+        return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError as error:  # weights_only refuses what is not tensors and plain containers
+        culprit = next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line), None)
+        if culprit:
+            raise ValueError(f"{path}: refused: the file pickles Python code or objects, not only tensors "
+                             f"({culprit}); nothing in it was run. Only plain state dicts are loaded: ask for "
+                             "one saved with torch.save(model.state_dict(), path)") from None
+        raise ValueError(f"{path}: not a PyTorch checkpoint (its pickle data is unreadable)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path}: not a PyTorch checkpoint, or a truncated one ({reason})") from None
 
 
 def _unwrap_state_dict(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:

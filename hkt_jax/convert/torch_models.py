@@ -161,7 +161,9 @@ def preprocessing_record(mean, std, image_size, class_names) -> dict[str, Any]:
 
 def load_exported(path: str | os.PathLike) -> tuple[nn.Module, Preprocess]:
     """An ``export-torch`` file -> (network in eval mode, loaded with ``strict=True``; its ``Preprocess``)."""
-    exported = torch.load(path, map_location="cpu", weights_only=True)
+    from hkt_jax.convert.resnet import load_torch_checkpoint  # weights_only=True, clear errors
+
+    exported = load_torch_checkpoint(path)
     if not isinstance(exported, dict) or exported.get("format") != EXPORT_FORMAT:
         found = sorted(exported) if isinstance(exported, dict) else type(exported).__name__
         raise ValueError(f"{path} is not a {EXPORT_FORMAT} file (found {found}); "

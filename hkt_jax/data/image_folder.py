@@ -7,11 +7,13 @@ seconds on every start while loading the `.npz` costs a fraction of one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import tarfile
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +134,10 @@ def resolve_class_names(found: list[str], requested: tuple[str, ...] | None, whe
         unknown = sorted(set(found) - set(requested))
         if unknown:
             raise ValueError(f"{where}: class folders {unknown} are not in data.class_names {list(requested)}.")
+        missing = [name for name in requested if name not in found]
+        if missing:
+            raise ValueError(f"{where}: no class folders for {missing}, which data.class_names or the train split "
+                             f"have; every split needs a folder per class ({_LAYOUT}).")
         return tuple(requested)
     if set(found) == set(CIFAR10_CLASSES):
         return CIFAR10_CLASSES
@@ -149,20 +155,44 @@ def _decode(path: Path) -> np.ndarray:
     return pixels
 
 
-def decode_split_dir(split_dir: Path, class_names: tuple[str, ...] | None = None) -> ImageSet:
-    """Decodes every image of one split, in class order then file-name order."""
+def decode_split_dir(split_dir: Path, class_names: tuple[str, ...] | None = None, *,
+                     skip_unreadable: bool = False) -> ImageSet:
+    """Decodes every image of one split, in class order then file-name order.
+
+    An unreadable image is an error naming it, or with ``skip_unreadable`` is left
+    out, warned about and listed in ``ImageSet.skipped_files``."""
     class_dirs = _visible_subdirs(split_dir)
     if not class_dirs:
         raise ValueError(f"{split_dir}: no class folders ({_LAYOUT}).")
     class_names = resolve_class_names([d.name for d in class_dirs], class_names, split_dir)
     files, labels = [], []
+    empty = []
     for class_dir in class_dirs:
         images = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        empty += [] if images else [class_dir.name]
         files += images
         labels += [class_names.index(class_dir.name)] * len(images)
     if not files:
         raise ValueError(f"{split_dir}: class folders hold no .png/.jpg/.jpeg images ({_LAYOUT}).")
-    return checked_image_set(np.stack([_decode(f) for f in files]), np.asarray(labels), str(split_dir), class_names)
+    if empty:
+        raise ValueError(f"{split_dir}: class folders {empty} hold no .png/.jpg/.jpeg images ({_LAYOUT}).")
+    decoded, kept_labels, skipped = [], [], []
+    for file, label in zip(files, labels):
+        try:
+            decoded.append(_decode(file))
+        except ValueError as error:
+            if not skip_unreadable or "unreadable image" not in str(error):
+                raise
+            skipped.append(str(file))
+            continue
+        kept_labels.append(label)
+    if skipped:
+        warnings.warn(f"{split_dir}: skipped {len(skipped)} unreadable image(s) of {len(files)}, e.g. {skipped[0]}",
+                      stacklevel=2)
+    if not decoded:
+        raise ValueError(f"{split_dir}: every image is unreadable (e.g. {skipped[0]}).")
+    images = checked_image_set(np.stack(decoded), np.asarray(kept_labels), str(split_dir), class_names)
+    return dataclasses.replace(images, skipped_files=tuple(skipped))
 
 
 def _load_decoded_cache(cache_file: Path, key: dict[str, object]) -> ImageSet | None:
@@ -197,10 +227,12 @@ def load_image_folder(
     *,
     class_names: tuple[str, ...] | None = None,
     cache_dir: str | Path | None = None,
+    skip_unreadable: bool = False,
 ) -> ImageSet:
-    """Loads one split of an image folder or of a `.tar.gz` image-folder archive."""
+    """Loads one split of an image folder or of a `.tar.gz` image-folder archive
+    (``skip_unreadable``: leave broken images out, counted, instead of stopping)."""
     if not is_archive(path):
-        return decode_split_dir(find_split_dir(Path(path), split), class_names)
+        return decode_split_dir(find_split_dir(Path(path), split), class_names, skip_unreadable=skip_unreadable)
     root = extract_archive(path, cache_dir)
     split_dir = find_split_dir(root, split)
     class_names = resolve_class_names([d.name for d in _visible_subdirs(split_dir)], class_names, split_dir)
@@ -209,6 +241,6 @@ def load_image_folder(
     cached = _load_decoded_cache(cache_file, key)
     if cached is not None:
         return cached
-    images = decode_split_dir(split_dir, class_names)
+    images = decode_split_dir(split_dir, class_names, skip_unreadable=skip_unreadable)
     _save_decoded_cache(cache_file, key, images)
     return images

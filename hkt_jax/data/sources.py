@@ -45,6 +45,7 @@ class ImageSet:
     images: np.ndarray
     labels: np.ndarray
     class_names: tuple[str, ...] | None = None
+    skipped_files: tuple[str, ...] = ()  # unreadable images left out (image folders with skip_unreadable)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -71,7 +72,10 @@ def checked_image_set(
     if len(labels) == 0:
         raise ValueError(f"{origin}: the split holds no images.")
     if labels.min() < 0:
-        raise ValueError(f"{origin}: labels must be non-negative.")
+        raise ValueError(f"{origin}: labels must be non-negative, found {int(labels.min())}.")
+    if class_names is not None and labels.max() >= len(class_names):
+        raise ValueError(f"{origin}: label {int(labels.max())} is out of range for {len(class_names)} classes "
+                         f"{list(class_names)}.")
     return ImageSet(np.ascontiguousarray(images), labels.astype(np.int32), class_names)
 
 
