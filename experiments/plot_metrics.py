@@ -34,7 +34,7 @@ def _series(rows, key, *, evaluation=False):
     """(steps, values) of ``key``, the last value per step (eval rows: validation split only)."""
     by_step = {}
     for row in rows:
-        if row.get(key) is None or ("eval_accuracy" in row) != evaluation:
+        if row.get(key) is None or any(k.startswith("eval_") for k in row) != evaluation:
             continue
         if evaluation and row.get("split", "validation") != "validation":
             continue
@@ -51,7 +51,7 @@ def _run_config(workdir: Path) -> dict:
 def _inheritance_terms(rows, config: dict) -> list[tuple[str, tuple]]:
     """The non-task loss terms a run really logged, named by what they are for its method."""
     method = config.get("method", "hkt")
-    kind = {"mae": "MAE", "ce": "CE"}.get(config.get("hkt", {}).get("inherit_loss"), "")
+    kind = {"mae": "MAE", "ce": "CE", "seq": "sequence loss"}.get(config.get("hkt", {}).get("inherit_loss"), "")
     names = {"l1": f"L1 backbone {kind}".rstrip(), "l3": f"L3 head {kind}".rstrip()}
     if method == "kd":
         names = {"l3": "KD term"}
@@ -96,6 +96,7 @@ def build_figure(workdirs):
         ax.plot(steps, values, style, color=colour, linewidth=linewidth, **kwargs)
 
     run_handles = []
+    any_flow = False
     for index, workdir in enumerate(workdirs):
         workdir = Path(workdir)
         rows = read_metrics(workdir)
@@ -108,14 +109,18 @@ def build_figure(workdirs):
         run_handles.append(Line2D([], [], color=colour, lw=2, label=label))
 
         task_key = "l2" if any(row.get("l2") is not None for row in rows) else "loss"
-        draw(ax_task, "L2 task (cross-entropy)", *_series(rows, task_key), colour)
+        flow = config.get("task") == "flow"  # flow runs: sequence loss and end-point error instead
+        draw(ax_task, "L2 task (sequence loss)" if flow else "L2 task (cross-entropy)", *_series(rows, task_key),
+             colour)
         for name, series in _inheritance_terms(rows, config):
             draw(ax_inherit, name, *series, colour)
         draw(ax_total, "L = sum of alpha_i L_i", *_series(rows, "loss"), colour)
-        steps, accuracy = _series(rows, "accuracy")
-        draw(ax_acc, "training batches", steps, [100 * a for a in accuracy], colour, alpha=0.5)
-        steps, accuracy = _series(rows, "eval_accuracy", evaluation=True)
-        draw(ax_acc, "validation", steps, [100 * a for a in accuracy], colour, marker="o")
+        metric, scale = ("epe", 1) if flow else ("accuracy", 100)
+        any_flow = any_flow or flow
+        steps, accuracy = _series(rows, metric)
+        draw(ax_acc, "training batches", steps, [scale * a for a in accuracy], colour, alpha=0.5)
+        steps, accuracy = _series(rows, f"eval_{metric}", evaluation=True)
+        draw(ax_acc, "validation", steps, [scale * a for a in accuracy], colour, marker="o")
         drawn, identical = _ga_diagnostics(rows)
         for name, series in drawn:
             draw(ax_ga, name, *series, colour)
@@ -126,11 +131,12 @@ def build_figure(workdirs):
     inherit_kinds = {name.split()[-1] for name in styles_used[ax_inherit]} & {"MAE", "CE"}
     ga_unit = " or ".join(GA_UNITS[kind] for kind in sorted(ga_kinds)) or "-"
     panels = (
-        (ax_task, "task loss L2 (native child)", "cross-entropy (nats)"),
+        (ax_task, "task loss L2 (native child)", "sequence loss (px)" if any_flow else "cross-entropy (nats)"),
         (ax_inherit, "inheritance terms L1 / L3 (own scale)",
          f"loss ({'/'.join(sorted(inherit_kinds))})" if inherit_kinds else "loss"),
         (ax_total, "training objective", "weighted loss Σ αᵢ Lᵢ"),
-        (ax_acc, "accuracy", "top-1 accuracy (%)"),
+        (ax_acc, "end-point error" if any_flow else "accuracy",
+         "EPE of the final flow (px)" if any_flow else "top-1 accuracy (%)"),
         (ax_ga, "Genetic Attention per boundary", ga_unit),
         (ax_lr, "learning rate", "learning rate"),
     )
