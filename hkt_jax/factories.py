@@ -22,6 +22,7 @@ from hkt_jax.config import HKTSettings, KDSettings, ModelConfig, OptimConfig
 from hkt_jax.hkt import HKT, HKTConfig
 from hkt_jax.methods import NEEDS_PARENT, hkt_loss, kd_loss, plain_loss, trainable_variables
 from hkt_jax.models import build_model, model_spec
+from hkt_jax.models.tapped import Tapped, tapped_boundaries
 from hkt_jax.optim import make_optimizer, make_schedule
 from hkt_jax.tasks import Task
 
@@ -71,6 +72,9 @@ def make_method(method: str, model: nn.Module, task: Task, example_input: Any, r
         if engine_config.boundaries is None:  # the model's own leaf wiring, where it has one (e.g. RAFT)
             boundaries = default_boundaries(model, getattr(hkt, "stages", None))
             engine_config = dataclasses.replace(engine_config, boundaries=boundaries)
+        if isinstance(model, Tapped) or isinstance(parent, Tapped):  # mix the tapped "feature" leaves
+            boundaries = tapped_boundaries(model, parent, engine_config.boundaries)
+            engine_config = dataclasses.replace(engine_config, boundaries=boundaries)
         engine = HKT(model, parent, engine_config, task=task)
         return hkt_loss(engine), engine.init(rng, example_input, parent_variables)
     init_variables = trainable_variables(model.init(rng, example_input, train=False))
@@ -88,6 +92,32 @@ def default_boundaries(model: nn.Module, stages: int | None) -> tuple | None:
         raise ValueError(f"hkt.stages={stages}: {type(model).__name__} has no hkt_boundaries(stages) wiring; "
                          "leave hkt.stages unset (its stage split decides the boundaries)")
     return None
+
+
+def tap_models(child: nn.Module, parent: nn.Module, child_taps: tuple[str, ...] = (),
+               parent_taps: tuple[str, ...] = ()) -> tuple[nn.Module, nn.Module]:
+    """Cut child and/or parent at named submodule calls (``hkt_jax.models.Tapped``); a parent is tapped
+    after folding, and stage names are made to agree (the untapped side's, or ``tap0..`` on both)."""
+    if not child_taps and not parent_taps:
+        return child, parent
+
+    def names(taps, other):
+        if other is not None and not taps:
+            return None
+        if other is not None and len(other.stage_names) != len(taps) + 1:
+            raise ValueError(f"{len(taps)} taps make {len(taps) + 1} stages, but the other model has "
+                             f"{len(other.stage_names)} stages {tuple(other.stage_names)}")
+        return tuple(other.stage_names) if other is not None else tuple(f"tap{i}" for i in range(len(taps) + 1))
+
+    if child_taps and parent_taps:
+        if len(child_taps) != len(parent_taps):
+            raise ValueError(f"hkt.child_taps has {len(child_taps)} paths and hkt.parent_taps {len(parent_taps)}: "
+                             "aligned stages need as many on both sides")
+        return (Tapped(child, taps=tuple(child_taps), names=names(child_taps, None)),
+                Tapped(parent, taps=tuple(parent_taps), names=names(parent_taps, None)))
+    if child_taps:
+        return Tapped(child, taps=tuple(child_taps), names=names(child_taps, parent)), parent
+    return child, Tapped(parent, taps=tuple(parent_taps), names=names(parent_taps, child))
 
 
 def make_optimization(optim: OptimConfig, steps_per_epoch: int,

@@ -238,16 +238,24 @@ static void conv3x3_dw(const float* x, const float* dy, float* dw, int B, int H,
                        int threads) {
   const int Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1, Wp = W + 2;
   const size_t wsize = (size_t)9 * Ci * Co;
-  threads = std::max(1, std::min(threads, B));
-  std::vector<std::vector<float>> partial(threads, std::vector<float>(wsize, 0.0f));
-  for_each_padded_image(x, B, H, W, Ci, threads, [&](int b, int t, const float* xp) {
-    const float* dyb = dy + (size_t)b * Ho * Wo * Co;
-    if (s == 1) dw_image<1>(xp, Wp, Ci, dyb, Co, Ho, Wo, partial[t].data());
-    else dw_image<2>(xp, Wp, Ci, dyb, Co, Ho, Wo, partial[t].data());
+  // Fixed contiguous chunks of images, each summed in image order into its own partial, then the partials
+  // in chunk order: the result does not depend on which thread ran what (a run resumed in another process
+  // must compute bit-identically), unlike handing out single images to whichever thread is free.
+  const int chunks = std::max(1, std::min(threads, B));
+  std::vector<std::vector<float>> partial(chunks, std::vector<float>(wsize, 0.0f));
+  std::vector<std::vector<float>> padded(chunks, std::vector<float>((size_t)(H + 2) * Wp * Ci));
+  parallel_for(chunks, chunks, [&](int c, int) {
+    const int first = (int)((long long)B * c / chunks), last = (int)((long long)B * (c + 1) / chunks);
+    for (int b = first; b < last; ++b) {
+      pad_image(x + (size_t)b * H * W * Ci, H, W, Ci, padded[c].data());
+      const float* dyb = dy + (size_t)b * Ho * Wo * Co;
+      if (s == 1) dw_image<1>(padded[c].data(), Wp, Ci, dyb, Co, Ho, Wo, partial[c].data());
+      else dw_image<2>(padded[c].data(), Wp, Ci, dyb, Co, Ho, Wo, partial[c].data());
+    }
   });
   for (size_t i = 0; i < wsize; ++i) {
     float sum = 0.0f;
-    for (int t = 0; t < threads; ++t) sum += partial[t][i];
+    for (int c = 0; c < chunks; ++c) sum += partial[c][i];
     dw[i] = sum;
   }
 }

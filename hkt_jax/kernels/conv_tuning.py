@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import fcntl
 import json
 import os
 import statistics
@@ -93,16 +94,25 @@ def read_choices(path: Path, sig: dict[str, Any]) -> dict[str, dict[str, Any]]:
         return {}
 
 
-def write_choice(path: Path, sig: dict[str, Any], key: str, entry: dict[str, Any]) -> None:
-    """Merge one choice into the file (atomic replace, so concurrent processes never read half a file)."""
-    choices = {**read_choices(path, sig), key: entry}
+def write_choice(path: Path, sig: dict[str, Any], key: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """Add one choice to the file unless another process recorded that key first; returns the recorded
+    entry, which the caller must use. First writer wins, under a file lock, so every process on this
+    machine makes the same choice for the same convolution: a run resumed in a new process computes
+    bit-identically to one that never stopped (atomic replace: readers never see half a file)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-            json.dump({"signature": sig, "choices": choices}, tmp, indent=1, sort_keys=True)
-        os.replace(tmp.name, path)
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            choices = read_choices(path, sig)
+            if key in choices:
+                return choices[key]
+            choices[key] = entry
+            with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+                json.dump({"signature": sig, "choices": choices}, tmp, indent=1, sort_keys=True)
+            os.replace(tmp.name, path)
     except OSError:
         pass  # a read-only cache only costs re-tuning in the next process
+    return entry
 
 
 def measure(candidates: dict[str, Callable], args: tuple) -> dict[str, float]:
@@ -156,8 +166,7 @@ def use_kernel(key: str, flops: float, library: build.KernelLibrary,
     with _lock:  # one tuning at a time: timings must not overlap
         entry = _memory.get((str(path), key)) or read_choices(path, sig).get(key)
         if entry is None:
-            entry = _tune(key, candidates, sig, path)
-            write_choice(path, sig, key, entry)
+            entry = write_choice(path, sig, key, _tune(key, candidates, sig, path))
         _memory[(str(path), key)] = entry
     return entry["choice"] == "kernel"
 
