@@ -90,6 +90,10 @@ class HKTSettings(HKTConfig):
     # Aligned blocks to mix between, for models that define ``hkt_boundaries(stages)`` (RAFT: 3 = 3HKT,
     # 2 = 2HKT); None = the model's default wiring.
     stages: int | None = None
+    # Stage boundaries by submodule path (hkt_jax.models.Tapped), for models without staging code; empty =
+    # the model's own stages. Tapping one side only: the other side's stage names must match.
+    child_taps: tuple[str, ...] = ()
+    parent_taps: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

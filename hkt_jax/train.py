@@ -173,6 +173,8 @@ def build_run(config: ExperimentConfig) -> Run:
             config.parent_ckpt, stage_split=stage_split, conv_impl=factories.conv_impl_for_mesh(
                 config.parent.conv_impl, mesh), expected_kwargs=task.model_kwargs(datasets))
         parent_info = {"dir": str(config.parent_ckpt), **parent_spec}
+    if config.method == "hkt":
+        model, parent = factories.tap_models(model, parent, config.hkt.child_taps, config.hkt.parent_taps)
     loss_fn, init_variables = factories.make_method(
         config.method, model, task, task.example_input(datasets), jax.random.key(config.train.seed),
         parent=parent, parent_variables=parent_variables, hkt=config.hkt, kd=config.kd)
