@@ -33,7 +33,8 @@ def parse_args(argv):
     parser.add_argument("--out", required=True, help="where to write the predicted label volume (.nii or .nii.gz)")
     parser.add_argument("--gt", default=None, help="ground-truth label volume: print the Dice per region")
     parser.add_argument("--window", default=None, help="HU window LOW,HIGH (default: the run's, else -200,250)")
-    parser.add_argument("--size", type=int, default=None, help="square slice size the network takes (default: the run's)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="square slice size the network takes (default: the run's)")
     parser.add_argument("--batch_size", type=int, default=16, help="slices per forward pass (default: %(default)s)")
     parser.add_argument("--png_dir", default=None, help="overlay PNGs go here (default: <out stem>_slices/)")
     parser.add_argument("--png_slices", type=int, default=DEFAULT_PNG_SLICES,

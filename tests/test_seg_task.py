@@ -15,7 +15,7 @@ from hkt_jax.config import apply_overrides, load_config
 from hkt_jax.experiment import run
 from hkt_jax.models import PocketNet, UNet
 from hkt_jax.tasks import make_task
-from hkt_jax.tasks.segmentation import Segmentation, SegSettings
+from hkt_jax.tasks.segmentation import Segmentation
 
 
 @pytest.fixture(scope="module")

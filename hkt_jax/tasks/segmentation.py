@@ -6,6 +6,8 @@ evaluation batches add ``"valid"`` (1 real slice, 0 padding) and ``"case"``
 the eval sums can be added up per volume and finished into LiTS's two numbers:
 **Dice per case** (mean over volumes of each volume's Dice) and **Dice global**
 (all voxels pooled) - see ``hkt_jax.seg_metrics`` for the empty-mask convention.
+They are counted on the slices as the network sees them (``seg.slice_size``);
+``experiments.segment_volume`` scores a volume at its own voxel grid.
 The best model is the one with the highest validation liver Dice per case
 (``"dice"``; with other than 3 classes: foreground = every label > 0).
 
@@ -26,7 +28,6 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -81,7 +82,8 @@ class SegSettings:
 def synthetic_lits_dir(settings: SegSettings, seed: int, cache_dir: str | None = None) -> Path:
     """Synthetic cases in the LiTS layout, written once (atomically) into the data cache."""
     shape = "x".join(map(str, settings.synthetic_shape))
-    root = Path(cache_dir or paths.data_cache_dir()) / f"synthetic_lits-{settings.synthetic_cases}cases-{shape}-seed{seed}"
+    name = f"synthetic_lits-{settings.synthetic_cases}cases-{shape}-seed{seed}"
+    root = Path(cache_dir or paths.data_cache_dir()) / name
     if (root / "complete").exists():
         return root
     from hkt_jax.data.synthetic_ct import SyntheticCTConfig, write_synthetic_lits
@@ -222,7 +224,9 @@ class Segmentation(Task):
 
     def eval_sums(self, outputs, batch):
         """Loss and pixel sums over real slices, plus Dice counts per (case, region) as scalars
-        ``case{k}/{intersection|predicted|target}/{region}`` (integers; summed over batches)."""
+        ``case{k}/{intersection|predicted|target}/{region}`` (integers; summed over batches). That is
+        3 x regions scalars per volume of the split: right for tens of CT volumes, heavy for a PNG set of
+        thousands of images (each image is a case there)."""
         valid = batch["valid"]
         labels = batch["mask"]
         predicted = jnp.argmax(outputs, -1)
