@@ -3,7 +3,7 @@
 
 The same command line and training core as ``experiments.cifar_hkt`` (``--help`` lists
 every option) with the flow configs ``experiments/configs/flow_<NAME>.py``: ``smoke``
-(synthetic, about a minute), ``cpu`` (synthetic, sized for a 2-core CPU), and the
+(synthetic, a few CPU-minutes), ``cpu`` (synthetic, sized for a 2-core CPU), and the
 paper's GPU schedule ``chairs`` (the default) -> ``things`` -> ``sintel`` / ``kitti``.
 Without ``--parent_ckpt`` the parent RAFT is trained first in ``WORKDIR/parent``
 (or give a converted one: ``python -m hkt_jax.convert raft --src raft-things.pth --out DIR``);

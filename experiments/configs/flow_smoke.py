@@ -1,4 +1,4 @@
-"""Optical-flow smoke run (well under two minutes on a 2-core CPU): synthetic pairs, RAFT-S parent -> RAFT-S child.
+"""Optical-flow smoke run: synthetic pairs, RAFT-S parent -> RAFT-S child (8 + 8 steps, mostly compilation).
 
     python -m experiments.flow_hkt --config smoke --workdir /tmp/hkt_flow_smoke
 
@@ -10,6 +10,8 @@ the 8x8 = 64 tokens of 1/8 resolution), three sequence losses. AdamW with
 a constant rate and clipping, so a rerun to more steps continues exactly where a
 shorter one stopped. Global batch 8: the same command runs on 1 or 8
 (simulated) devices. Swap in the paper's pair with ``parent.small=false``.
+Measured: 2.4 CPU-minutes (user time) for the whole job on a Sapphire Rapids
+2-core machine, 7.6 min wall while that machine was shared (load ~12).
 """
 
 from hkt_jax.config import ExperimentConfig, HKTSettings, ModelConfig, OptimConfig, TrainSettings
