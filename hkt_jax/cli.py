@@ -115,12 +115,12 @@ def main_guard(body: Callable[[], int | None], *, debug: bool = False) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print("interrupted (nothing was being trained, or the second Ctrl-C): rerun the same command to continue",
-              file=sys.stderr, flush=True)
+        print("interrupted outside the training steps (start-up, evaluation or export); every saved checkpoint "
+              "is kept: rerun the same command to continue", file=sys.stderr, flush=True)
         return EXIT_SIGINT
     except _Terminated:
-        print("terminated by SIGTERM before training started: rerun the same command to continue",
-              file=sys.stderr, flush=True)
+        print("terminated by SIGTERM outside the training steps (start-up, evaluation or export); every saved "
+              "checkpoint is kept: rerun the same command to continue", file=sys.stderr, flush=True)
         return EXIT_SIGTERM
     finally:
         if previous is not None:

@@ -117,6 +117,9 @@ class EvaluateAndKeepBest(Hook):
         return True
 
 
+TIME_SYNC_STEPS = 10
+
+
 class Checkpoint(Hook):
     """The resumable train state, data position and loop state every ``every`` steps, every
     ``every_minutes`` minutes (0: never by time) and at the end; ``save`` also serves a stop request."""
@@ -129,8 +132,9 @@ class Checkpoint(Hook):
         self.last_save_time = time.monotonic()
 
     def __call__(self, done, state, metrics):
-        by_time = bool(self.every_seconds) and stopping.time_is_due(
-            time.monotonic() - self.last_save_time >= self.every_seconds)
+        # Several processes agree on the time (one tiny all-gather), every TIME_SYNC_STEPS steps only.
+        by_time = bool(self.every_seconds) and (jax.process_count() == 1 or done % TIME_SYNC_STEPS == 0) and \
+            stopping.time_is_due(time.monotonic() - self.last_save_time >= self.every_seconds)
         if not (_due(done, self.every, self.total) or by_time):
             return False
         self.save(done, state)

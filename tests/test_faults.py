@@ -211,6 +211,36 @@ def test_skip_nonfinite_steps_keeps_the_old_state_and_counts(tmp_path, capsys):
     assert rows[3]["skipped_steps"] == 1 and rows[4]["skipped_steps"] == 1 and rows[2]["skipped_steps"] == 0
 
 
+def test_train_step_names_the_nonfinite_term_and_keeps_the_old_state_when_skipping():
+    import jax.numpy as jnp
+    import optax
+
+    from hkt_jax.stopping import describe_bits
+    from hkt_jax.train import TrainState, make_train_step
+
+    def loss_fn(params, batch_stats, parent_variables, batch):  # L3 goes NaN when the batch says so
+        l2 = jnp.sum((params["w"] - batch["x"]) ** 2)
+        l3 = jnp.where(batch["poison"], jnp.nan, 0.0) * params["w"].sum()
+        return l2 + l3, {"metrics": {"loss": l2 + l3, "l1": 0.0 * l2, "l2": l2, "l3": l3},
+                         "batch_stats": batch_stats, "outputs": None}
+
+    tx = optax.sgd(0.1, momentum=0.9)
+    params = {"w": jnp.ones(3)}
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats={}, opt_state=tx.init(params))
+    step = jax.jit(make_train_step(loss_fn, tx, optax.constant_schedule(0.1), skip_nonfinite=True))
+    good = {"x": jnp.zeros(3), "poison": False}
+    state, metrics = step(state, {}, good)
+    assert int(metrics["nonfinite"]) == 0 and int(metrics["skipped_steps"]) == 0
+    before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    state, metrics = step(state, {}, {**good, "poison": True})
+    assert describe_bits(int(metrics["nonfinite"])) == ("total loss, L3 (head inheritance loss), gradient norm, "
+                                                         "parameters after the update")
+    assert int(metrics["skipped_steps"]) == 1 and int(state.step) == 2
+    jax.tree.map(np.testing.assert_array_equal, (state.params, state.opt_state), before)
+    state, metrics = step(state, {}, good)
+    assert int(metrics["nonfinite"]) == 0 and not np.array_equal(np.asarray(state.params["w"]), before[0]["w"])
+
+
 # -- damaged checkpoints, failed saves ----------------------------------------------------------
 
 

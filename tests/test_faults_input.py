@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -102,6 +103,17 @@ def test_debug_shows_the_traceback(bad_inputs):
     tmp, cases = bad_inputs
     with pytest.raises(cli.UserError, match="hkt.lam=2"):
         cifar_hkt.main([*cases["hkt.lam of the run after its parent"][0], "--debug"])
+
+
+def test_interrupt_outside_the_training_steps_is_one_line(capsys):
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    assert cli.main_guard(ctrl_c) == cli.EXIT_SIGINT
+    assert cli.main_guard(lambda: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(5)) == cli.EXIT_SIGTERM
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and all("rerun the same command to continue" in line for line in lines)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the guard put the previous handler back
 
 
 def test_hkt_lam_fails_in_seconds_as_a_process_before_any_parent_is_trained(tmp_path):
