@@ -140,9 +140,20 @@ def restore_latest_readable(manager: ocp.CheckpointManager, abstract_state: Any)
                           stacklevel=2)
         return Restored(step, restored["state"], restored["data"], dict(restored.get("loop") or {}), skipped)
     if skipped:
-        raise UserError(f"no readable checkpoint in {manager.directory}: {'; '.join(skipped)}. Move that directory "
-                        "away to start from step 0, or use a new --workdir")
+        old_format = any("tree structures do not match" in s for s in skipped) and any(
+            "'rng'" in _read_text(Path(manager.directory) / str(step) / "state" / "_METADATA") for step in steps)
+        hint = (" (these train states have an 'rng' leaf: they were written by hkt_jax before the Task "
+                "redesign; finish that run with the earlier version)" if old_format else "")
+        raise UserError(f"no readable checkpoint in {manager.directory}: {'; '.join(skipped)}{hint}. Move that "
+                        "directory away to start from step 0, or use a new --workdir")
     return None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
