@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,7 @@ def restore_latest_readable(manager: ocp.CheckpointManager, abstract_state: Any)
             restored = manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as error:  # orbax/tensorstore raise many types for a damaged step
             skipped.append(f"step {step} ({type(error).__name__}: {_first_line(error)})")
+            _quiet_late_callbacks_of_failed_restores()
             continue
         if skipped:
             _set_aside(manager, [int(s.split()[1]) for s in skipped])
@@ -154,6 +156,23 @@ def _read_text(path: Path) -> str:
         return path.read_text(errors="replace")
     except OSError:
         return ""
+
+
+def _quiet_late_callbacks_of_failed_restores() -> None:
+    """A failed orbax restore leaves tensorstore reads whose callbacks later find orbax's event loop
+    closed; each would print a harmless ``RuntimeError: Event loop is closed`` traceback. Drop those
+    (only those) from ``sys.unraisablehook``."""
+    previous = sys.unraisablehook
+    if getattr(previous, "hkt_quiet_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.hkt_quiet_closed_loop = True
+    sys.unraisablehook = hook
 
 
 def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
