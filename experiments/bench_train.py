@@ -97,6 +97,8 @@ def build_jax(args, mesh) -> JaxPrograms:
     raw_parent, _ = factories.make_model(config.parent, classes, stage_split=stage_split, conv_impl=args.conv_impl)
     raw_parent_vars = _parent_variables(raw_parent, seed=1)
     parent, parent_vars = (raw_parent, raw_parent_vars) if args.no_fold else fold.fold_parent(raw_parent, raw_parent_vars)
+    # --override hkt.child_taps=... hkt.parent_taps=...: the same networks cut by submodule path (Tapped).
+    child, parent = factories.tap_models(child, parent, config.hkt.child_taps, config.hkt.parent_taps)
     sample = jnp.zeros((2, 32, 32, 3), jnp.float32)
     tx, schedule = factories.make_optimization(config.optim, 390, 1000)
 

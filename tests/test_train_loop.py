@@ -65,7 +65,19 @@ def uninterrupted(tmp_path_factory, parent_dir):
     result = _cli(workdir, f"parent_ckpt={parent_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert _tree_hash(parent_dir) == before, "the HKT run modified the parent checkpoint"
+    (workdir / "stdout.txt").write_text(result.stdout)
     return workdir
+
+
+def test_run_says_what_it_uses_at_start_up(uninterrupted, parent_dir):
+    """The CLI prints one block before training: method, models with parameter counts, parent origin,
+    data, mesh, conv implementation, steps and checkpoint policy."""
+    out = (uninterrupted / "stdout.txt").read_text()
+    block = out[out.index("hkt_jax: method=hkt task=classification"):]
+    for expected in ("child:  cifar_resnet(", "75,290 parameters", f"frozen, from {parent_dir}",
+                     "origin not recorded", "data:   synthetic cifar10: 10 classes, 32x32x3 images: 192 train",
+                     "mesh:   1 x cpu", "conv_impl=", "steps:  12", "starting at step 0", "every 4 steps"):
+        assert expected in block, (expected, block)
 
 
 def test_run_writes_every_output(uninterrupted):

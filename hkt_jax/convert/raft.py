@@ -29,20 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from hkt_jax.convert.resnet import load_torch_checkpoint, require_torch
+from hkt_jax.convert.resnet import ParamRule, load_torch_checkpoint, require_torch
 from hkt_jax.models.raft import RAFT
 
 CONV, BATCHNORM = "conv", "batchnorm"
 PRINCETON, TORCHVISION = "princeton-vl", "torchvision"
 DATA_PARALLEL_PREFIX = "module."
 STATE_DICT_WRAPPERS = ("state_dict", "model", "net")
-
-
-class ParamRule(NamedTuple):
-    torch_name: str
-    collection: str
-    flax_name: str
-    torch_to_flax_axes: tuple[int, ...] | None  # np.transpose axes; None: same layout
 
 
 PARAM_RULES = {

@@ -31,6 +31,8 @@ from typing import Any, Iterator, Sequence
 import grain
 import numpy as np
 
+from hkt_jax.data.pipeline import TrainIterator
+
 LITS_CLASSES = ("background", "liver", "tumour")
 DEFAULT_WINDOW = (-200.0, 250.0)
 _LITS_NAME = re.compile(r"^(volume|segmentation)-(\d+)\.nii(\.gz)?$")
@@ -322,29 +324,6 @@ class _TrainBatchBuilder:
         if self.augment:
             batch["image"], batch["mask"] = augment(batch["image"], batch["mask"], flips[part], rotations[part])
         return batch
-
-
-class TrainIterator:
-    """Infinite training batches; ``get_state``/``set_state`` resume on exactly the next batch."""
-
-    def __init__(self, dataset: grain.IterDataset, fingerprint: dict[str, Any]):
-        self._iterator = iter(dataset)
-        self._fingerprint = fingerprint
-
-    def __iter__(self) -> TrainIterator:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._iterator)
-
-    def get_state(self) -> dict[str, Any]:
-        return {"iterator": self._iterator.get_state(), "pipeline": dict(self._fingerprint)}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        if state.get("pipeline") != self._fingerprint:
-            raise ValueError(f"train iterator state was saved for pipeline {state.get('pipeline')}, "
-                             f"this one is {self._fingerprint}; resuming would give different batches")
-        self._iterator.set_state(state["iterator"])
 
 
 def make_train_stream(slice_set: SliceSet, *, global_batch_size: int, seed: int,
