@@ -16,7 +16,9 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -71,6 +73,9 @@ def build_library(march: str | None = None) -> Path:
     target = cache_dir() / f"conv3x3_cpu-{build_key(march)}.so"
     if target.exists():
         return target
+    print(f"hkt_jax: building the CPU convolution kernels for -march={march} (first use on this machine; "
+          f"cached in {target.parent})", file=sys.stderr, flush=True)
+    start = time.perf_counter()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -82,6 +87,8 @@ def build_library(march: str | None = None) -> Path:
             os.replace(built, target)  # atomic: concurrent builders (pytest-xdist workers) never see half a file
     except OSError as err:
         raise RuntimeError(f"cannot build {SOURCE.name} in {target.parent} (set HKT_JAX_KERNEL_CACHE): {err}") from err
+    print(f"hkt_jax: built the CPU convolution kernels in {time.perf_counter() - start:.1f} s", file=sys.stderr,
+          flush=True)
     return target
 
 
