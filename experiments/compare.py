@@ -5,7 +5,8 @@
 
 Runs every variant of ``experiments/configs/grid_<NAME>.py`` for every seed, one
 after the other, each in ``ROOT/<variant>/seed<k>`` as an ordinary experiment
-run (its output goes to ``run.log`` there). Finished runs are reused, unfinished
+run (its output goes to ``run.log`` there). A grid with a shared parent trains
+it first in ``ROOT/parent`` and hands its export to every run. Finished runs are reused, unfinished
 ones resume, failed ones are retried and, if they fail again, reported as failed
 (never averaged). ``--report_only`` only re-aggregates what is on disk.
 Writes ``OUT.md``, ``OUT.json`` (every run's numbers and config) and ``OUT.png``.
@@ -38,11 +39,9 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def run_one(grid, root: Path, variant: str, seed: int) -> str:
-    directory = comparison.run_dir(root, variant, seed)
+def run_one(directory: Path, command: list[str]) -> str:
     directory.mkdir(parents=True, exist_ok=True)
     comparison.clear_failure(directory)
-    command = comparison.run_command(grid, root, variant, seed, python=sys.executable)
     with open(directory / "run.log", "ab") as log:
         log.write(f"\n$ {' '.join(command)}\n".encode())
         log.flush()
@@ -54,7 +53,24 @@ def run_one(grid, root: Path, variant: str, seed: int) -> str:
     return comparison.run_status(directory)
 
 
+def run_parent(grid, root: Path) -> bool:
+    """Trains (or reuses, or resumes) the grid's shared parent; False if it failed."""
+    directory = comparison.parent_dir(root)
+    status = comparison.run_status(directory)
+    if status == "done":
+        print("[parent] done, reused", flush=True)
+        return True
+    print(f"[parent] {'resuming' if status == 'partial' else 'running'} (log: {directory / 'run.log'})", flush=True)
+    start = time.perf_counter()
+    status = run_one(directory, comparison.parent_command(grid, root, python=sys.executable))
+    print(f"[parent] {status} in {time.perf_counter() - start:.0f} s", flush=True)
+    return status == "done"
+
+
 def run_grid(grid, root: Path, variants, seeds) -> None:
+    if grid.parent is not None and not run_parent(grid, root):
+        print(f"[parent] failed: no variant can run without it; see {comparison.parent_dir(root) / 'run.log'}")
+        return
     todo = [(v, s) for s in seeds for v in variants]  # seed-major: an early stop still has every variant
     for k, (variant, seed) in enumerate(todo, 1):
         status = comparison.run_status(comparison.run_dir(root, variant, seed))
@@ -65,11 +81,12 @@ def run_grid(grid, root: Path, variants, seeds) -> None:
         print(f"[{k}/{len(todo)}] {variant} seed {seed}: {word} "
               f"(log: {comparison.run_dir(root, variant, seed) / 'run.log'})", flush=True)
         start = time.perf_counter()
-        status = run_one(grid, root, variant, seed)
+        status = run_one(comparison.run_dir(root, variant, seed),
+                         comparison.run_command(grid, root, variant, seed, python=sys.executable))
         print(f"[{k}/{len(todo)}] {variant} seed {seed}: {status} in {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def plot_report(records, table, path: Path) -> None:
+def plot_report(records, table, path: Path, grid) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,28 +101,29 @@ def plot_report(records, table, path: Path) -> None:
     colors = {v: f"C{i}" for i, v in enumerate(variants)}
     ax = axes[0]
     for i, row in enumerate(table):
-        for offset, key, marker in ((-0.15, "final_test_accuracy", "o"), (0.15, "best_test_accuracy", "s")):
+        final_key, best_key = comparison.metric_keys(grid)
+        for offset, key, marker in ((-0.15, final_key, "o"), (0.15, best_key, "s")):
             stat = row[key]
-            values = [100 * v for v in stat["by_seed"].values()]
+            values = [grid.scale * v for v in stat["by_seed"].values()]
             ax.scatter([i + offset] * len(values), values, color=colors[row["variant"]], marker=marker, alpha=0.5, s=18)
             if values:
-                ax.errorbar(i + offset, 100 * stat["mean"], yerr=100 * stat["std"], color="black", marker=marker,
-                            capsize=3, ms=5, label={"final_test_accuracy": "final (mean ± std)",
-                                                    "best_test_accuracy": "best on validation"}[key] if i == 0 else None)
+                ax.errorbar(i + offset, grid.scale * stat["mean"], yerr=grid.scale * stat["std"], color="black",
+                            marker=marker, capsize=3, ms=5, label={final_key: "final (mean ± std)",
+                                                                   best_key: "best on validation"}[key] if i == 0 else None)
     ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("child test accuracy per seed")
+    ax.set_ylabel(grid.metric_label)
+    ax.set_title(f"child {grid.metric_label} per seed")
     ax.legend(fontsize=8)
     ax = axes[1]
     for record in records:
         curve = record.get("validation_curve") or []
         if curve:
             steps, accs = zip(*curve)
-            ax.plot(steps, [100 * a for a in accs], color=colors[record["variant"]], alpha=0.6,
+            ax.plot(steps, [grid.scale * a for a in accs], color=colors[record["variant"]], alpha=0.6,
                     label=record["variant"] if record["seed"] == min(r["seed"] for r in records
                                                                      if r["variant"] == record["variant"]) else None)
     ax.set_xlabel("train step")
-    ax.set_ylabel("validation accuracy (%)")
+    ax.set_ylabel(f"validation {grid.metric}")
     ax.set_title("validation curves (one line per seed)")
     ax.legend(fontsize=8)
     if diag_runs:
@@ -143,6 +161,8 @@ def main(argv=None) -> int:
         return 2
     root = Path(args.root or f"workdirs/compare_{args.grid}")
     if args.dry_run:
+        if grid.parent is not None:
+            print(" ".join(comparison.parent_command(grid, root)))
         for seed in seeds:
             for variant in variants:
                 print(" ".join(comparison.run_command(grid, root, variant, seed)))
@@ -150,13 +170,17 @@ def main(argv=None) -> int:
     if not args.report_only:
         run_grid(grid, root, variants, seeds)
     records = [comparison.run_record(grid, root, v, s) for s in seeds for v in variants]
-    table = comparison.aggregate(records, variants)
+    table = comparison.aggregate(records, variants, comparison.metric_keys(grid))
     out = Path(args.out or root / "report")
     out.parent.mkdir(parents=True, exist_ok=True)
-    markdown = comparison.markdown_table(table)
+    markdown = comparison.markdown_table(table, grid)
+    report = {"grid": args.grid, "table": table, "runs": records}
+    if grid.parent is not None:
+        report["parent"] = comparison.parent_record(grid, root)
+        markdown += comparison.parent_line(grid, report["parent"])
     out.with_suffix(".md").write_text(f"# {args.grid}\n\n{grid.description}\n\n{markdown}")
-    out.with_suffix(".json").write_text(json.dumps({"grid": args.grid, "table": table, "runs": records}, indent=1))
-    plot_report(records, table, out.with_suffix(".png"))
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    plot_report(records, table, out.with_suffix(".png"), grid)
     print(markdown)
     print(f"wrote {out.with_suffix('.md')}, {out.with_suffix('.json')}, {out.with_suffix('.png')}")
     failed = sum(len(row["failed_seeds"]) for row in table)

@@ -19,8 +19,7 @@ from typing import Any, Sequence
 
 FAILED_FILE = "failed.json"
 SUMMARY_FILE = "summary.json"
-# Per-run summary numbers the table reports (keys of the experiment's summary.json).
-ACCURACY_KEYS = ("final_test_accuracy", "best_test_accuracy")
+PARENT_DIR = "parent"  # ROOT/parent: the grid's shared parent run, when it has one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,10 +33,20 @@ class Grid:
     common: tuple[str, ...] = ()  # overrides every run gets
     seed_key: str = "train.seed"
     description: str = ""
+    # What the table reports: summary keys final_test_<metric> and best_test_<metric>, validation curve
+    # eval_<metric>; shown times ``scale`` (100: fractions as %) under ``metric_label``.
+    metric: str = "accuracy"
+    metric_label: str = "test acc. %"
+    scale: float = 100.0
+    # Overrides of one parent run trained first in ROOT/parent (``method=parent``, seed 0); every variant then
+    # gets its export as ``parent_ckpt``. None: the config names its parent (or each run trains its own).
+    parent: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if not self.variants:
             raise ValueError("a grid needs at least one variant")
+        if PARENT_DIR in self.variants and self.parent is not None:
+            raise ValueError(f"variant name {PARENT_DIR!r} is the shared parent run's folder")
         if len(set(self.seeds)) != len(self.seeds) or not self.seeds:
             raise ValueError(f"grid seeds must be distinct and non-empty, got {self.seeds}")
         for name in self.variants:
@@ -61,10 +70,21 @@ def run_dir(root: Path, variant: str, seed: int) -> Path:
     return Path(root) / variant / f"seed{seed}"
 
 
+def parent_dir(root: Path) -> Path:
+    return Path(root) / PARENT_DIR
+
+
+def parent_command(grid: Grid, root: Path, python: str = "python") -> list[str]:
+    """The shared parent run's command line (only for grids with ``parent``)."""
+    return [python, "-m", grid.experiment, "--config", grid.config, "--workdir", str(parent_dir(root)),
+            *grid.common, *grid.parent, "method=parent", f"{grid.seed_key}=0"]
+
+
 def run_command(grid: Grid, root: Path, variant: str, seed: int, python: str = "python") -> list[str]:
     """The exact command line of one run (rerunning it resumes the run)."""
+    parent = [f"parent_ckpt={parent_dir(root) / 'export' / 'child'}"] if grid.parent is not None else []
     return [python, "-m", grid.experiment, "--config", grid.config, "--workdir", str(run_dir(root, variant, seed)),
-            *grid.common, *grid.variants[variant], f"{grid.seed_key}={seed}"]
+            *grid.common, *parent, *grid.variants[variant], f"{grid.seed_key}={seed}"]
 
 
 def run_status(directory: Path) -> str:
@@ -116,16 +136,43 @@ def run_record(grid: Grid, root: Path, variant: str, seed: int) -> dict[str, Any
     rows = read_metrics(directory)
     speeds = [r["img_per_s"] for r in rows if "img_per_s" in r]
     record["train_img_per_s"] = statistics.median(speeds) if speeds else None
-    record["validation_curve"] = [(r["step"], r["eval_accuracy"]) for r in rows
-                                  if "eval_accuracy" in r and r.get("split", "validation") == "validation"]
+    curve_key = f"eval_{grid.metric}"
+    record["validation_curve"] = [(r["step"], r[curve_key]) for r in rows
+                                  if curve_key in r and r.get("split", "validation") == "validation"]
     diagnostics = sorted({k for r in rows for k in r if k.startswith(("gate/", "ga_ratio/"))})
     record["diagnostics"] = {k: [(r["step"], r[k]) for r in rows if k in r] for k in diagnostics}
     return record
 
 
-def aggregate(records: Sequence[dict[str, Any]], variants: Sequence[str]) -> list[dict[str, Any]]:
-    """Per variant: mean ± std over the finished seeds of each accuracy, every seed's value,
-    and the seeds that failed or have not finished (never averaged in)."""
+def parent_record(grid: Grid, root: Path) -> dict[str, Any]:
+    """The shared parent run's status, command and summary."""
+    directory = parent_dir(root)
+    record: dict[str, Any] = {"status": run_status(directory), "workdir": str(directory),
+                              "command": parent_command(grid, root)}
+    if record["status"] == "done":
+        record["summary"] = json.loads((directory / SUMMARY_FILE).read_text())
+    return record
+
+
+def parent_line(grid: Grid, record: dict[str, Any]) -> str:
+    if record["status"] != "done":
+        return f"\nShared parent ({record['workdir']}): {record['status']}.\n"
+    summary = record["summary"]
+    final_key, best_key = metric_keys(grid)
+    values = [f"{label} {grid.scale * summary[key]:.2f}" for label, key in (("final", final_key), ("best-on-validation", best_key))
+              if summary.get(key) is not None]
+    params = f", {summary['parameters']:,} parameters" if summary.get("parameters") else ""
+    return f"\nShared parent ({record['workdir']}{params}): {grid.metric_label} " + ", ".join(values) + ".\n"
+
+
+def metric_keys(grid: Grid) -> tuple[str, str]:
+    return f"final_test_{grid.metric}", f"best_test_{grid.metric}"
+
+
+def aggregate(records: Sequence[dict[str, Any]], variants: Sequence[str],
+              keys: Sequence[str] = ("final_test_accuracy", "best_test_accuracy")) -> list[dict[str, Any]]:
+    """Per variant: mean ± std over the finished seeds of each summary number in ``keys``, every seed's
+    value, and the seeds that failed or have not finished (never averaged in)."""
     table = []
     for variant in variants:
         mine = [r for r in records if r["variant"] == variant]
@@ -135,7 +182,7 @@ def aggregate(records: Sequence[dict[str, Any]], variants: Sequence[str]) -> lis
             "failed_seeds": [r["seed"] for r in mine if r["status"] == "failed"],
             "unfinished_seeds": [r["seed"] for r in mine if r["status"] in ("partial", "pending")],
         }
-        for key in ACCURACY_KEYS:
+        for key in keys:
             values = {r["seed"]: r["summary"].get(key) for r in done if r["summary"].get(key) is not None}
             mean, std = mean_std(list(values.values()))
             row[key] = {"mean": mean, "std": std, "by_seed": values}
@@ -147,22 +194,26 @@ def aggregate(records: Sequence[dict[str, Any]], variants: Sequence[str]) -> lis
     return table
 
 
-def _pct(stat: dict[str, Any]) -> str:
+def _stat(stat: dict[str, Any], scale: float) -> str:
     if not stat["by_seed"]:
         return "–"
-    seeds = ", ".join(f"{100 * v:.2f}" for _, v in sorted(stat["by_seed"].items()))
-    return f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f} ({seeds})"
+    seeds = ", ".join(f"{scale * v:.2f}" for _, v in sorted(stat["by_seed"].items()))
+    if len(stat["by_seed"]) == 1:
+        return seeds
+    return f"{scale * stat['mean']:.2f} ± {scale * stat['std']:.2f} ({seeds})"
 
 
-def markdown_table(table: Sequence[dict[str, Any]]) -> str:
-    lines = ["| variant | n | final test acc. % (mean ± std; per seed) | best-on-validation test acc. % "
-             "| child params | train img/s | failed / unfinished |",
+def markdown_table(table: Sequence[dict[str, Any]], grid: Grid | None = None) -> str:
+    grid = grid or Grid(experiment="", config="", variants={"_": ()})  # the defaults: test accuracy in %
+    final_key, best_key = metric_keys(grid)
+    lines = [f"| variant | n | final {grid.metric_label} (mean ± std; per seed) | best-on-validation "
+             f"{grid.metric_label} | child params | train img/s | failed / unfinished |",
              "|---|---|---|---|---|---|---|"]
     for row in table:
         speed = f"{row['train_img_per_s']:.0f}" if row["train_img_per_s"] else "–"
         params = f"{row['parameters']:,}" if isinstance(row["parameters"], int) else str(row["parameters"] or "–")
         problems = ", ".join([f"seed {s} failed" for s in row["failed_seeds"]]
                              + [f"seed {s} unfinished" for s in row["unfinished_seeds"]]) or "–"
-        lines.append(f"| {row['variant']} | {row['n']} | {_pct(row['final_test_accuracy'])} "
-                     f"| {_pct(row['best_test_accuracy'])} | {params} | {speed} | {problems} |")
+        lines.append(f"| {row['variant']} | {row['n']} | {_stat(row[final_key], grid.scale)} "
+                     f"| {_stat(row[best_key], grid.scale)} | {params} | {speed} | {problems} |")
     return "\n".join(lines) + "\n"

@@ -117,6 +117,7 @@ class TrainSettings:
     checkpoint_every_minutes: float = 10.0  # also by time, so a crash costs at most this much (0: off)
     skip_nonfinite_steps: int = 0  # non-finite loss/gradients: skip up to this many updates in a row (0: stop)
     seed: int = 0
+    freeze_batch_norm: bool = False  # RAFT's freeze_bn: the trained network's BatchNorm keeps its running stats
 
     def __post_init__(self):
         _check("train.batch_size", self.batch_size, self.batch_size > 0, "a positive integer")
@@ -150,7 +151,8 @@ class ExperimentConfig:
     child: ModelConfig = ModelConfig(depth=20)
     parent: ModelConfig = ModelConfig(depth=110)
     parent_ckpt: str | None = None  # model checkpoint dir; None = train the parent first (--parent_ckpt sets it)
-    parent_epochs: float | None = None  # epochs for that parent run (None = train.epochs)
+    parent_epochs: float | None = None  # epochs a parent trains, planned or method=parent (None = train.epochs)
+    init_ckpt: str | None = None  # exported network (export/child, best/) the trained network starts from
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     hkt: HKTSettings = HKTSettings()

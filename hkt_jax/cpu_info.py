@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import platform
+import re
 from pathlib import Path
 
 CPUINFO = Path("/proc/cpuinfo")
@@ -64,14 +66,40 @@ def vector_isa(flags: frozenset[str] | None = None) -> str:
     return next((isa for isa in VECTOR_ISAS if isa in flags), platform.machine() or "unknown")
 
 
-def describe_cpu(model: str | None = None, flags: frozenset[str] | None = None) -> str:
-    """"Intel(R) Xeon(R) Platinum 8488C (avx512f)", "AMD EPYC 7R13 (avx2, no avx512)"."""
+def describe_cpu(model: str | None = None, flags: frozenset[str] | None = None,
+                 env: dict[str, str] | None = None) -> str:
+    """"Intel(R) Xeon(R) Platinum 8488C (avx512f)", "AMD EPYC 7R13 (avx2, no avx512)",
+    "AMD EPYC 9R45 (avx512f; limited to XLA AVX2, kernels x86-64-v3)" under instruction-set caps."""
     model = cpu_model() if model is None else model
     flags = cpu_flags() if flags is None else flags
     isa = vector_isa(flags)
     if isa in ("avx2", "avx"):
         isa += ", no avx512"
+    limits = isa_limits(env)
+    if limits:
+        isa += "; limited to " + ", ".join(f"{who} {level}" for who, level in limits.items())
     return f"{model} ({isa})"
+
+
+# Environment variables that cap the instruction set each library may use: with all three set
+# (experiments/emulate_avx2.sh) an AVX-512 machine runs the AVX2 code paths of XLA, the kernels and PyTorch.
+ISA_LIMIT_VARIABLES = {"kernels": "HKT_JAX_KERNEL_MARCH", "PyTorch": "ATEN_CPU_CAPABILITY",
+                       "oneDNN": "ONEDNN_MAX_CPU_ISA"}
+
+
+def xla_max_isa(env: dict[str, str] | None = None) -> str | None:
+    """The ``--xla_cpu_max_isa`` XLA:CPU was started with (``XLA_FLAGS``), or None."""
+    flags = (os.environ if env is None else env).get("XLA_FLAGS", "")
+    found = re.findall(r"--xla_cpu_max_isa=(\S+)", flags)
+    return found[-1] if found else None
+
+
+def isa_limits(env: dict[str, str] | None = None) -> dict[str, str]:
+    """{"XLA": "AVX2", "kernels": "x86-64-v3", ...}: the instruction-set caps in force (empty: none)."""
+    env = os.environ if env is None else env
+    limits = {"XLA": xla_max_isa(env)} if xla_max_isa(env) else {}
+    limits.update({who: env[name] for who, name in ISA_LIMIT_VARIABLES.items() if env.get(name)})
+    return limits
 
 
 def cpu_signature() -> str:

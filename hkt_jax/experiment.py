@@ -22,10 +22,15 @@ PARENT_SUBDIR = "parent"
 EXPORT_SUBDIR = Path("export") / "child"  # where a run leaves its trained network (child or parent alike)
 
 
+def with_parent_schedule(config: ExperimentConfig) -> ExperimentConfig:
+    """A parent trains for ``parent_epochs``, whether planned by a child's job or run as ``method=parent``."""
+    if config.parent_epochs is None:
+        return config
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=config.parent_epochs))
+
+
 def parent_run_config(config: ExperimentConfig) -> ExperimentConfig:
-    epochs = config.parent_epochs if config.parent_epochs is not None else config.train.epochs
-    return dataclasses.replace(config, method="parent", parent_ckpt=None,
-                               train=dataclasses.replace(config.train, epochs=epochs))
+    return with_parent_schedule(dataclasses.replace(config, method="parent", parent_ckpt=None, init_ckpt=None))
 
 
 def parent_workdir_and_checkpoint(workdir: Path) -> tuple[Path, Path]:
@@ -35,6 +40,8 @@ def parent_workdir_and_checkpoint(workdir: Path) -> tuple[Path, Path]:
 
 def planned_runs(config: ExperimentConfig, workdir: Path) -> list[tuple[ExperimentConfig, Path]]:
     """The (config, workdir) of each training run ``run`` makes, in order (the parent's first when needed)."""
+    if config.method == "parent":
+        return [(with_parent_schedule(config), workdir)]
     if config.method not in NEEDS_PARENT or config.parent_ckpt:
         return [(config, workdir)]
     parent_workdir, parent_ckpt = parent_workdir_and_checkpoint(workdir)
@@ -61,7 +68,10 @@ def run(config: ExperimentConfig, workdir: str | Path, *, allow_config_change: b
     Bad input raises ``cli.UserError`` before anything is written; see ``train_and_evaluate`` for early stops.
     """
     workdir = Path(workdir)
-    preflight.check_run(config, workdir, runs=planned_runs(config, workdir), allow_config_change=allow_config_change)
+    runs = planned_runs(config, workdir)
+    preflight.check_run(config, workdir, runs=runs, allow_config_change=allow_config_change)
+    if config.method == "parent":
+        config = runs[0][0]
     if config.method in NEEDS_PARENT:
         config = ensure_parent(config, workdir, allow_config_change=allow_config_change)
     return train_and_evaluate(config, workdir, allow_config_change=allow_config_change)

@@ -10,11 +10,14 @@ composes them for ``train_and_evaluate``.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from hkt_jax import checkpoint, fold, sharding
@@ -63,8 +66,12 @@ def load_parent(parent_dir: str | Path, *, stage_split: str = "paper", conv_impl
 
 def make_method(method: str, model: nn.Module, task: Task, example_input: Any, rng: jax.Array, *,
                 parent: nn.Module | None = None, parent_variables: Any = None,
-                hkt: HKTConfig = HKTSettings(), kd: KDSettings = KDSettings()) -> tuple[Callable, dict[str, Any]]:
-    """(loss_fn, initial trainable variables) of a training method (``hkt_jax.methods``)."""
+                hkt: HKTConfig = HKTSettings(), kd: KDSettings = KDSettings(),
+                freeze_batch_norm: bool = False) -> tuple[Callable, dict[str, Any]]:
+    """(loss_fn, initial trainable variables) of a training method (``hkt_jax.methods``).
+    ``freeze_batch_norm``: the trained network runs with ``train=False`` (its BatchNorm uses and keeps
+    the running statistics; in this project's models ``train`` switches nothing else)."""
+    train = not freeze_batch_norm
     if method in NEEDS_PARENT and parent is None:
         raise ValueError(f"method={method!r} needs a parent: set parent_ckpt=DIR")
     if method == "hkt":
@@ -76,11 +83,35 @@ def make_method(method: str, model: nn.Module, task: Task, example_input: Any, r
             boundaries = tapped_boundaries(model, parent, engine_config.boundaries)
             engine_config = dataclasses.replace(engine_config, boundaries=boundaries)
         engine = HKT(model, parent, engine_config, task=task)
-        return hkt_loss(engine), engine.init(rng, example_input, parent_variables)
+        return hkt_loss(engine, train=train), engine.init(rng, example_input, parent_variables)
     init_variables = trainable_variables(model.init(rng, example_input, train=False))
     if method == "kd":
-        return kd_loss(model, parent, task, temperature=kd.temperature, weight=kd.weight), init_variables
-    return plain_loss(model, task), init_variables
+        return kd_loss(model, parent, task, temperature=kd.temperature, weight=kd.weight,
+                       train=train), init_variables
+    return plain_loss(model, task, train=train), init_variables
+
+
+def start_from(init_variables: dict[str, Any], directory: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """``init_variables`` with the trained network's own variables read from an exported network (RAFT's
+    chairs -> things -> sintel chain); adapters keep their fresh values. The architecture must match."""
+    try:
+        variables, found = checkpoint.load_model(directory)
+    except FileNotFoundError as err:
+        raise ValueError(f"init_ckpt={directory}: {err}") from None
+    as_saved = lambda s: json.loads(json.dumps([s.get("arch"), s.get("kwargs")]))  # tuples -> lists, as on disk
+    if as_saved(found) != as_saved(spec):
+        raise ValueError(f"init_ckpt={directory} holds {found.get('arch')} {found.get('kwargs')}, but this run "
+                        f"trains {spec.get('arch')} {spec.get('kwargs')}")
+    mine = {"params": init_variables["params"]["child"], "batch_stats": init_variables["batch_stats"]["child"]}
+    theirs = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    shapes = lambda tree: jax.tree_util.tree_map_with_path(lambda path, x: (jax.tree_util.keystr(path),
+                                                                            tuple(np.shape(x))), tree)
+    if jax.tree.leaves(shapes(mine)) != jax.tree.leaves(shapes(theirs)):
+        differ = sorted(set(jax.tree.leaves(shapes(mine))) ^ set(jax.tree.leaves(shapes(theirs))))
+        raise ValueError(f"init_ckpt={directory}: its variables do not fit this network: {differ[:8]}")
+    theirs = jax.tree.map(lambda new, like: jnp.asarray(new, like.dtype), theirs, mine)
+    return {**init_variables, "params": {**init_variables["params"], "child": theirs["params"]},
+            "batch_stats": {**init_variables["batch_stats"], "child": theirs["batch_stats"]}}
 
 
 def default_boundaries(model: nn.Module, stages: int | None) -> tuple | None:

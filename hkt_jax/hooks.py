@@ -117,6 +117,40 @@ class EvaluateAndKeepBest(Hook):
         return True
 
 
+class LogImages(Hook):
+    """The task's images (flow colours, segmentation overlays) of the first validation batch, written to
+    TensorBoard with each evaluation; tasks without images (classification) get no such hook."""
+
+    def __init__(self, run, writer, every: int, total: int):
+        from hkt_jax import sharding
+        from hkt_jax.methods import child_variables
+
+        self.run, self.writer, self.every, self.total = run, writer, every, total
+        self.batch = next(iter(run.datasets.eval_batches("validation")))
+        self.global_batch = sharding.global_batch(self.batch, run.mesh)
+        model, task = run.model, run.task
+        self.predict = jax.jit(lambda params, batch_stats, batch: model.apply(
+            child_variables(params, batch_stats), task.model_input(batch), train=False))
+
+    def __call__(self, done, state, metrics):
+        if not _due(done, self.every, self.total):
+            return False
+        outputs = self.predict(state.params, state.batch_stats, self.global_batch)
+        if jax.process_count() > 1:  # process 0's examples lead the global batch
+            from jax.experimental import multihost_utils
+
+            outputs = multihost_utils.process_allgather(outputs, tiled=True)
+        if jax.process_index() == 0:
+            self.writer.write_images(done, self.run.task.images_to_log(jax.device_get(outputs), self.batch))
+        return True
+
+
+def has_images(task) -> bool:
+    from hkt_jax.tasks.base import Task
+
+    return type(task).images_to_log is not Task.images_to_log
+
+
 TIME_SYNC_STEPS = 10
 
 
@@ -168,6 +202,8 @@ def default_hooks(run, workdir: Path, writer, manager, eval_step, start_step: in
     if run.datasets.num_validation > 0:
         eval_every = train.eval_every_steps or run.steps_per_epoch
         hooks.append(EvaluateAndKeepBest(run, workdir, writer, eval_step, eval_every, total))
+        if has_images(run.task):
+            hooks.append(LogImages(run, writer, eval_every, total))
     hooks += [Checkpoint(run, manager, train.checkpoint_every_steps, total, train.checkpoint_every_minutes,
                          loop_state), Progress(progress)]
     return hooks

@@ -42,18 +42,19 @@ def trainable_variables(variables: Any) -> dict[str, Any]:
     return {"params": {"child": variables["params"]}, "batch_stats": {"child": variables.get("batch_stats", {})}}
 
 
-def _forward_train(model: nn.Module, params, batch_stats, x):
+def _forward_train(model: nn.Module, params, batch_stats, x, train: bool = True):
+    """``train=False``: normalisation from (and keeping) the running statistics - RAFT's frozen BatchNorm."""
     variables = child_variables(params, batch_stats)
-    if "batch_stats" not in variables:
-        return model.apply(variables, x, train=True), batch_stats
+    if "batch_stats" not in variables or not train:
+        return model.apply(variables, x, train=train), batch_stats
     outputs, mutated = model.apply(variables, x, train=True, mutable=["batch_stats"])
     return outputs, {"child": mutated["batch_stats"]}
 
 
-def plain_loss(model: nn.Module, task: Task) -> LossFn:
+def plain_loss(model: nn.Module, task: Task, *, train: bool = True) -> LossFn:
     def loss_fn(params, batch_stats, parent_variables, batch):
         del parent_variables
-        outputs, new_stats = _forward_train(model, params, batch_stats, task.model_input(batch))
+        outputs, new_stats = _forward_train(model, params, batch_stats, task.model_input(batch), train)
         loss = task.task_loss(outputs, batch)
         zero = jnp.zeros_like(loss)
         metrics = {"loss": loss, "l1": zero, "l2": loss, "l3": zero}
@@ -62,7 +63,8 @@ def plain_loss(model: nn.Module, task: Task) -> LossFn:
     return loss_fn
 
 
-def kd_loss(model: nn.Module, parent: nn.Module, task: Task, *, temperature: float, weight: float) -> LossFn:
+def kd_loss(model: nn.Module, parent: nn.Module, task: Task, *, temperature: float, weight: float,
+            train: bool = True) -> LossFn:
     """The task's distillation loss from the frozen parent; l2 logs the task term, l3 the KD term."""
     if temperature <= 0:
         raise ValueError(f"kd.temperature must be > 0, got {temperature}")
@@ -71,7 +73,7 @@ def kd_loss(model: nn.Module, parent: nn.Module, task: Task, *, temperature: flo
 
     def loss_fn(params, batch_stats, parent_variables, batch):
         x = task.model_input(batch)
-        outputs, new_stats = _forward_train(model, params, batch_stats, x)
+        outputs, new_stats = _forward_train(model, params, batch_stats, x, train)
         frozen = jax.tree.map(jax.lax.stop_gradient, parent_variables)
         teacher = parent.apply(frozen, x, train=False)
         loss, terms = task.distill_loss(outputs, teacher, batch, temperature=temperature, weight=weight)
@@ -81,8 +83,8 @@ def kd_loss(model: nn.Module, parent: nn.Module, task: Task, *, temperature: flo
     return loss_fn
 
 
-def hkt_loss(engine: HKT) -> LossFn:
+def hkt_loss(engine: HKT, *, train: bool = True) -> LossFn:
     def loss_fn(params, batch_stats, parent_variables, batch):
-        return engine.loss(params, batch_stats, parent_variables, batch, train=True)
+        return engine.loss(params, batch_stats, parent_variables, batch, train=train)
 
     return loss_fn

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -55,6 +56,14 @@ class MetricsWriter:
                     self._tb.add_scalar(key, value, step)
             self._tb.flush()
         return row
+
+    def write_images(self, step: int, images: dict[str, Any]) -> None:
+        """(H, W, 3) uint8 images into TensorBoard's image tab (metrics.jsonl stays scalars only)."""
+        if not self.enabled:
+            return
+        for name, image in images.items():
+            self._tb.add_image(name, np.asarray(image), int(step), dataformats="HWC")
+        self._tb.flush()
 
     def close(self) -> None:
         if self._tb is not None:

@@ -177,7 +177,10 @@ def build_run(config: ExperimentConfig) -> Run:
         model, parent = factories.tap_models(model, parent, config.hkt.child_taps, config.hkt.parent_taps)
     loss_fn, init_variables = factories.make_method(
         config.method, model, task, task.example_input(datasets), jax.random.key(config.train.seed),
-        parent=parent, parent_variables=parent_variables, hkt=config.hkt, kd=config.kd)
+        parent=parent, parent_variables=parent_variables, hkt=config.hkt, kd=config.kd,
+        freeze_batch_norm=config.train.freeze_batch_norm)
+    if config.init_ckpt:
+        init_variables = factories.start_from(init_variables, config.init_ckpt, spec)
     steps_per_epoch = max(1, datasets.num_train // batch_size)
     total_steps = config.train.steps or math.ceil(config.train.epochs * steps_per_epoch)
     tx, schedule = factories.make_optimization(config.optim, steps_per_epoch, total_steps)

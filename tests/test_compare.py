@@ -83,3 +83,27 @@ def test_run_commands_name_the_config_variant_and_seed(tmp_path):
         Grid(experiment="x", config="y", variants={"a/b": ()})
     with pytest.raises(ValueError, match="unknown grid"):
         comparison.load_grid("does_not_exist")
+
+
+def test_a_grid_with_a_shared_parent_trains_it_first_and_reports_its_metric(tmp_path, monkeypatch, capsys):
+    grid = Grid(experiment="tests.fake_experiment", config="unused", seeds=(0, 1), parent=("bonus=0.5",),
+                variants={"child": (), "hkt": ("bonus=0.2",)}, metric="epe", metric_label="test EPE (px)", scale=1.0)
+    monkeypatch.setattr(comparison, "load_grid", lambda name: grid)
+    root, out = tmp_path / "runs", tmp_path / "report"
+    assert compare.main(["--grid", "flowish", "--root", str(root), "--out", str(out)]) == 0
+    (parent_call,) = (root / "parent" / "calls.txt").read_text().splitlines()
+    assert "method=parent" in parent_call and "bonus=0.5" in parent_call
+    (child_call,) = (comparison.run_dir(root, "hkt", 1) / "calls.txt").read_text().splitlines()
+    assert f"parent_ckpt={root / 'parent' / 'export' / 'child'}" in child_call
+    assert "[parent] running" in capsys.readouterr().out
+    report = json.loads(out.with_suffix(".json").read_text())
+    rows = {row["variant"]: row for row in report["table"]}
+    assert rows["hkt"]["final_test_epe"]["mean"] == pytest.approx(1.85)
+    assert rows["child"]["best_test_epe"]["by_seed"] == {"0": pytest.approx(1.95), "1": pytest.approx(2.05)}
+    assert report["parent"]["status"] == "done"
+    markdown = out.with_suffix(".md").read_text()
+    assert "final test EPE (px)" in markdown and "| hkt | 2 | 1.85 ± 0.07 (1.80, 1.90)" in markdown
+    assert "Shared parent" in markdown and "final 1.50" in markdown
+    compare.main(["--grid", "flowish", "--root", str(root), "--out", str(out)])  # rerun: everything reused
+    assert "[parent] done, reused" in capsys.readouterr().out
+    assert len((root / "parent" / "calls.txt").read_text().splitlines()) == 1

@@ -94,6 +94,26 @@ def test_another_cpu_decides_again(fresh_choices, monkeypatch, tmp_path):
     assert len(list(tmp_path.glob("conv_choices-*.json"))) == 2
 
 
+def test_capping_xla_at_avx2_decides_again(fresh_choices, monkeypatch, tmp_path):
+    """experiments/emulate_avx2.sh caps XLA's instruction set: XLA's side of every choice changes with it."""
+    fake = FakeMeasure(0.5)
+    monkeypatch.setattr(conv_tuning, "measure", fake)
+    assert _decide(fresh_choices)
+    monkeypatch.setattr(conv_tuning, "_memory", {})
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1 --xla_cpu_max_isa=AVX2")
+    assert conv_tuning.signature(fresh_choices)["xla_max_isa"] == "AVX2"
+    assert _decide(fresh_choices) and fake.calls == 2
+    assert len(list(tmp_path.glob("conv_choices-*.json"))) == 2
+
+
+def test_isa_caps_are_named_with_the_cpu():
+    env = {"XLA_FLAGS": "--xla_cpu_max_isa=AVX2", "HKT_JAX_KERNEL_MARCH": "x86-64-v3", "ATEN_CPU_CAPABILITY": "avx2"}
+    text = cpu_info.describe_cpu("AMD EPYC 9R45", frozenset({"avx2", "avx512f"}), env=env)
+    assert text == "AMD EPYC 9R45 (avx512f; limited to XLA AVX2, kernels x86-64-v3, PyTorch avx2)"
+    assert cpu_info.describe_cpu("AMD EPYC 7R13", frozenset({"avx2"}), env={}) == "AMD EPYC 7R13 (avx2, no avx512)"
+    assert cpu_info.xla_max_isa({"XLA_FLAGS": "--xla_cpu_max_isa=AVX --xla_cpu_max_isa=SSE4_2"}) == "SSE4_2"
+
+
 def test_a_foreign_signature_in_the_file_is_not_trusted(fresh_choices, monkeypatch):
     fake = FakeMeasure(3.0)
     monkeypatch.setattr(conv_tuning, "measure", fake)

@@ -19,6 +19,7 @@ from hkt_jax.methods import plain_loss
 from hkt_jax.models import RAFT
 from hkt_jax.optim import make_schedule
 from hkt_jax.tasks import Flow
+from tests import tb_events
 from tests.conftest import require_shared
 
 SIZE = 64  # RAFT's smallest frame (its correlation pyramid halves H/8 three times)
@@ -179,6 +180,8 @@ def test_smoke_trains_parent_then_hkt_child(smoke_run):
     assert {"loss", "l1", "l2", "l3", "epe"} <= set(rows[0]) and any("eval_epe" in r for r in rows)
     _, spec = checkpoint.load_model(workdir / "export" / "child")
     assert spec["arch"] == "raft" and spec["kwargs"] == {"small": True, "iters": 2}
+    shown = tb_events.images(workdir)["frame1_gt_prediction"]  # TensorBoard: frame | truth | prediction
+    assert list(shown) == [2] and shown[2].shape == (4 * 64, 3 * 64, 3)
 
 
 def test_smoke_resume_continues_exactly(tmp_path):

@@ -16,6 +16,7 @@ from hkt_jax.experiment import run
 from hkt_jax.models import PocketNet, UNet
 from hkt_jax.tasks import make_task
 from hkt_jax.tasks.segmentation import Segmentation
+from tests import tb_events
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,9 @@ def test_smoke_trains_parent_then_hkt_child(smoke_run):
     _, spec = checkpoint.load_model(workdir / "export" / "child")  # the child alone
     assert spec["arch"] == "pocketnet" and spec["kwargs"]["width"] == 8 and spec["kwargs"]["num_classes"] == 3
     assert json.loads((workdir / "config.json").read_text())["seg"]["synthetic_cases"] == 4
+    shown = tb_events.images(workdir)["image_truth_prediction"]  # TensorBoard: image | truth | prediction
+    assert sorted(shown) == [40, 80] and shown[80].shape == (4 * 32, 3 * 32, 3)
+    assert len(np.unique(shown[80].reshape(-1, 3), axis=0)) > 10  # an image, not a blank
 
 
 def test_resume_continues_exactly(tmp_path, smoke_run, cache_dir):

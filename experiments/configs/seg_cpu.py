@@ -17,9 +17,7 @@ momentum, cosine decay; global batch 16 (a multiple of 8).
 """
 
 from hkt_jax.config import ExperimentConfig, HKTSettings, ModelConfig, OptimConfig, TrainSettings
-from hkt_jax.data import DataConfig
-from hkt_jax.tasks.segmentation import SegSettings
-
+from hkt_jax.tasks.segmentation import SegDataConfig, SegSettings
 
 def get_config() -> ExperimentConfig:
     return ExperimentConfig(
@@ -28,7 +26,7 @@ def get_config() -> ExperimentConfig:
         child=ModelConfig(arch="pocketnet", width=16, depth=3),
         parent=ModelConfig(arch="unet", widths=(16, 32, 64)),
         parent_epochs=50.0,  # 1,200 steps
-        data=DataConfig(source="synthetic", name="synthetic_ct"),
+        data=SegDataConfig(source="synthetic"),
         seg=SegSettings(synthetic_cases=24, synthetic_shape=(64, 64, 24), validation_cases=4, test_cases=4),
         optim=OptimConfig(learning_rate=0.1, momentum=0.9, weight_decay=1e-4, schedule="cosine"),
         hkt=HKTSettings(mode="softmax", inherit_loss="mae"),

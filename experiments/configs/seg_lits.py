@@ -26,9 +26,7 @@ the parent likewise, first, in workdir/parent unless --parent_ckpt is given.
 """
 
 from hkt_jax.config import ExperimentConfig, HKTSettings, ModelConfig, OptimConfig, TrainSettings
-from hkt_jax.data import DataConfig
-from hkt_jax.tasks.segmentation import SegSettings
-
+from hkt_jax.tasks.segmentation import SegDataConfig, SegSettings
 
 def get_config() -> ExperimentConfig:
     return ExperimentConfig(
@@ -36,7 +34,7 @@ def get_config() -> ExperimentConfig:
         method="hkt",
         child=ModelConfig(arch="pocketnet", width=32, depth=4),
         parent=ModelConfig(arch="dense_unet", widths=(64, 128, 256, 512)),
-        data=DataConfig(source="image_folder", name="lits", path="data/lits"),
+        data=SegDataConfig(source="lits", name="lits", path="data/lits"),
         seg=SegSettings(window=(-200.0, 250.0), slice_size=256, validation_cases=13, test_cases=26,
                         foreground_fraction=0.5, store_float16=True),
         optim=OptimConfig(learning_rate=0.01, momentum=0.9, weight_decay=1e-4, schedule="cosine"),

@@ -13,9 +13,7 @@ command runs on 1 or 8 (simulated) devices.
 """
 
 from hkt_jax.config import ExperimentConfig, HKTSettings, ModelConfig, OptimConfig, TrainSettings
-from hkt_jax.data import DataConfig
-from hkt_jax.tasks.segmentation import SegSettings
-
+from hkt_jax.tasks.segmentation import SegDataConfig, SegSettings
 
 def get_config() -> ExperimentConfig:
     return ExperimentConfig(
@@ -23,7 +21,7 @@ def get_config() -> ExperimentConfig:
         method="hkt",
         child=ModelConfig(arch="pocketnet", width=8, depth=2),
         parent=ModelConfig(arch="unet", widths=(8, 16)),
-        data=DataConfig(source="synthetic", name="synthetic_ct"),
+        data=SegDataConfig(source="synthetic"),
         seg=SegSettings(synthetic_cases=4, synthetic_shape=(32, 32, 16), validation_cases=1, test_cases=1),
         parent_epochs=25.0,  # 100 steps: the parent must be worth inheriting from
         optim=OptimConfig(learning_rate=0.1, schedule="constant", weight_decay=0.0),

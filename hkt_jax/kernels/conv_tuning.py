@@ -70,7 +70,7 @@ def _threads() -> int:
 def signature(library: build.KernelLibrary) -> dict[str, Any]:
     """Everything a choice depends on besides the convolution itself."""
     return {"cpu": cpu_info.describe_cpu(), "cpu_signature": cpu_info.cpu_signature(), "march": library.march,
-            "library": library.key, "threads": _threads(), "jax": jax.__version__}
+            "xla_max_isa": cpu_info.xla_max_isa(), "library": library.key, "threads": _threads(), "jax": jax.__version__}
 
 
 def choices_dir() -> Path:

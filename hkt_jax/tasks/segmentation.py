@@ -15,9 +15,10 @@ Settings (``config.seg``, ``SegSettings``): HU window, slice size, classes, loss
 weights, sampling and the splits by case. HKT's default wiring for a U-Net pair
 (bottom features after encoder and bottleneck) is the model's ``hkt_boundaries``.
 Data (``data.source``): ``synthetic`` writes synthetic NIfTI cases in the LiTS
-layout once into a cache directory; ``image_folder`` reads ``data.path``, either
-LiTS (``volume-N.nii[.gz]`` / ``segmentation-N.nii[.gz]``) or PNG pairs
-(``images/NAME.png`` with ``masks/NAME.png``), told apart by what is there.
+layout once into a cache directory; ``lits`` reads the LiTS layout at
+``data.path`` (``volume-N.nii[.gz]`` / ``segmentation-N.nii[.gz]``);
+``png_folder`` reads 2D PNG pairs there (``images/NAME.png`` with
+``masks/NAME.png``); ``image_folder`` takes whichever of the two is there.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ import numpy as np
 import optax
 
 from hkt_jax import paths, seg_metrics
-from hkt_jax.data import volumes
+from hkt_jax.data import DataConfig, volumes
 from hkt_jax.tasks.base import Batch, LossFn, Task
 
-DATA_SOURCES = ("synthetic", "image_folder")  # data.source values this task reads
+DATA_SOURCES = ("synthetic", "lits", "png_folder", "image_folder")  # data.source values this task reads
+PNG_LAYOUT = "images/NAME.png with a label map masks/NAME.png"
 # Overlay colours per label (background keeps the grey image): liver green, tumour red, then others.
 LABEL_COLOURS = np.array([[0, 0, 0], [0, 200, 0], [230, 0, 0], [0, 120, 255], [255, 200, 0]], np.float32)
 
@@ -79,6 +81,23 @@ class SegSettings:
 # -- data -------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class SegDataConfig(DataConfig):
+    """``data.*`` of a segmentation run: ``source`` one of ``DATA_SOURCES``, ``path`` the dataset folder
+    (unused for ``synthetic``); slicing, windowing and splits are ``config.seg``."""
+
+    source: str = "synthetic"
+    name: str = "synthetic_ct"
+
+    def __post_init__(self):
+        if self.source not in DATA_SOURCES:
+            raise ValueError(f"data.source={self.source!r}: a segmentation run reads one of {DATA_SOURCES}")
+        if self.source != "synthetic" and not self.path:
+            layout = {"lits": "volume-N.nii[.gz] with segmentation-N.nii[.gz]", "png_folder": PNG_LAYOUT}
+            raise ValueError(f"data.source={self.source!r} needs data.path: a folder of "
+                             f"{layout.get(self.source, 'LiTS volumes or PNG pairs')}")
+
+
 def synthetic_lits_dir(settings: SegSettings, seed: int, cache_dir: str | None = None) -> Path:
     """Synthetic cases in the LiTS layout, written once (atomically) into the data cache."""
     shape = "x".join(map(str, settings.synthetic_shape))
@@ -103,13 +122,17 @@ def load_slices(data_config: Any, settings: SegSettings) -> volumes.SliceSet:
     """Every slice of every case the data config names (see the module docstring)."""
     if data_config.source not in DATA_SOURCES:
         raise ValueError(f"data.source={data_config.source!r}: the segmentation task reads {DATA_SOURCES} "
-                         "(image_folder = a LiTS NIfTI folder or images/ + masks/ PNG pairs at data.path)")
+                         "(lits = a LiTS NIfTI folder, png_folder = images/ + masks/ PNG pairs at data.path, "
+                         "image_folder = either)")
     storage = np.float16 if settings.store_float16 else np.float32
     if data_config.source == "synthetic":
         root = synthetic_lits_dir(settings, data_config.synthetic_seed, data_config.cache_dir)
     else:
         root = Path(data_config.path)
-        if (root / "images").is_dir() and (root / "masks").is_dir():
+        is_png = (root / "images").is_dir() and (root / "masks").is_dir()
+        if data_config.source == "png_folder" and not is_png:
+            raise ValueError(f"data.source=png_folder: {root} does not hold images/ and masks/ (expected {PNG_LAYOUT})")
+        if data_config.source != "lits" and is_png:
             return volumes.load_png_pairs(root, num_classes=settings.num_classes, size=settings.slice_size)
     return volumes.load_lits_slices(volumes.find_lits_cases(root), num_classes=settings.num_classes,
                                     window=settings.window, size=settings.slice_size, storage_dtype=storage)
