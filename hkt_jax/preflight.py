@@ -140,6 +140,8 @@ def check_run(config: Any, workdir: str | os.PathLike, *, runs: list[tuple[Any, 
     check_workdir(workdir)
     if config.parent_ckpt and config.method in NEEDS_PARENT:
         check_model_checkpoint(config.parent_ckpt)
+    if config.init_ckpt and not (Path(workdir) / checkpoint.CHECKPOINTS_SUBDIR).exists():  # only a fresh start reads it
+        check_model_checkpoint(config.init_ckpt, key="init_ckpt")
     check_data_path(config.data)
     for run_config, run_workdir in runs:
         check_config_change(run_config, run_workdir, allow_config_change)

@@ -57,6 +57,14 @@ def test_a_different_network_in_init_ckpt_is_an_error_naming_both(exported, tmp_
         build_run(_config(f"init_ckpt={tmp_path}"))
 
 
+def test_a_missing_init_ckpt_stops_the_job_before_anything_is_written(tmp_path):
+    from hkt_jax.cli import UserError
+
+    with pytest.raises(UserError, match="init_ckpt='/nowhere/export/child': no such directory"):
+        run(_config("init_ckpt=/nowhere/export/child"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_frozen_batch_norm_keeps_running_statistics_and_still_trains():
     before, after = _one_step(build_run(_config("train.freeze_batch_norm=true")))
     for a, b in zip(jax.tree.leaves(before.batch_stats), jax.tree.leaves(after.batch_stats)):

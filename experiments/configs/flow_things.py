@@ -1,14 +1,15 @@
 """3HKT on FlyingThings3D (RAFT's second stage; one GPU).
 
     python -m experiments.flow_hkt --config things --workdir workdirs/flow_things \\
-        data.path=/data/FlyingThings3D --parent_ckpt DIR_OF_A_THINGS_PARENT
+        data.path=/data/FlyingThings3D --parent_ckpt DIR_OF_A_THINGS_PARENT \\
+        init_ckpt=workdirs/flow_chairs/export/child
 
 RAFT's things schedule: AdamW 1.25e-4 (weight decay 1e-4), one-cycle, clip 1.0,
 100k steps of batch 6, 400x720 crops (Things augmentation), clean + final
-passes, 12 iterations. Not yet here: starting the child from the chairs run's
-weights (the core has no ``init from checkpoint`` option yet) and RAFT's frozen
-BatchNorm for this stage (RAFT-S has no BatchNorm; it matters for training a RAFT
-parent with ``method=parent``).
+passes, 12 iterations. As RAFT's chain, the trained network starts from the
+chairs run's export (``init_ckpt``; ``init_ckpt=none`` starts fresh) and its
+BatchNorm is frozen (``train.freeze_batch_norm``: RAFT-S has none, RAFT's
+context encoder has: it matters when a RAFT parent is trained with ``method=parent``).
 """
 
 import dataclasses
@@ -25,6 +26,7 @@ def get_config():
                                  validation_size=400),
         optim=OptimConfig(optimizer="adamw", learning_rate=1.25e-4, weight_decay=1e-4, schedule="one_cycle",
                           pct_start=0.05, clip_norm=1.0),
+        init_ckpt="workdirs/flow_chairs/export/child",
         train=TrainSettings(batch_size=6, steps=100_000, log_every_steps=100, eval_every_steps=5000,
-                            checkpoint_every_steps=5000),
+                            checkpoint_every_steps=5000, freeze_batch_norm=True),
     )
