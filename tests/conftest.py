@@ -1,4 +1,4 @@
-"""Shared test helpers: where the real data lives, and a skip when it is absent."""
+"""Shared test helpers: where the real data lives, a skip when it is absent, an exported network's arrays."""
 
 from __future__ import annotations
 
@@ -25,3 +25,14 @@ def require_shared(*relative: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data not found at {path} (set HKT_SHARED_DATA to the shared data folder)")
     return path
+
+
+def exported_leaves(directory) -> list:
+    """Every array of an exported network, in tree order (to compare two runs' exports exactly)."""
+    import jax
+    import numpy as np
+
+    from hkt_jax import checkpoint
+
+    variables, _ = checkpoint.load_model(directory)
+    return [np.asarray(x) for x in jax.tree.leaves(variables)]

@@ -20,7 +20,7 @@ from hkt_jax.models import RAFT
 from hkt_jax.optim import make_schedule
 from hkt_jax.tasks import Flow
 from tests import tb_events
-from tests.conftest import require_shared
+from tests.conftest import exported_leaves, require_shared
 
 SIZE = 64  # RAFT's smallest frame (its correlation pyramid halves H/8 three times)
 
@@ -159,11 +159,6 @@ def _smoke(*overrides):
                                                        "train.checkpoint_every_steps=2", *overrides])
 
 
-def _leaves(directory):
-    variables, _ = checkpoint.load_model(directory)
-    return [np.asarray(x) for x in jax.tree.leaves(variables)]
-
-
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("flow_smoke")
@@ -191,8 +186,8 @@ def test_smoke_resume_continues_exactly(tmp_path):
     run(_smoke("method=child"), tmp_path / "resumed")
     resumed = run(_smoke("method=child", "train.steps=3"), tmp_path / "resumed")
     assert straight["final_test_epe"] == resumed["final_test_epe"]
-    for a, b in zip(_leaves(tmp_path / "straight" / "export" / "child"),
-                    _leaves(tmp_path / "resumed" / "export" / "child")):
+    for a, b in zip(exported_leaves(tmp_path / "straight" / "export" / "child"),
+                    exported_leaves(tmp_path / "resumed" / "export" / "child")):
         np.testing.assert_array_equal(a, b)
 
 

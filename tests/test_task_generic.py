@@ -15,7 +15,7 @@ import pytest
 from hkt_jax import checkpoint
 from hkt_jax.config import apply_overrides, load_config
 from hkt_jax.experiment import run
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, exported_leaves
 
 
 def _config(*overrides):
@@ -24,13 +24,6 @@ def _config(*overrides):
 
 def _rows(workdir):
     return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def _leaves(directory):
-    variables, _ = checkpoint.load_model(directory)
-    import jax
-
-    return [np.asarray(x) for x in jax.tree.leaves(variables)]
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +63,8 @@ def test_resume_continues_exactly(tmp_path, hkt_run):
     run(_config(f"parent_ckpt={parent}", "train.steps=4", *short), tmp_path / "resumed")
     resumed = run(_config(f"parent_ckpt={parent}", "train.steps=8", *short), tmp_path / "resumed")
     assert straight["final_test_dice"] == resumed["final_test_dice"]
-    for a, b in zip(_leaves(tmp_path / "straight" / "export" / "child"),
-                    _leaves(tmp_path / "resumed" / "export" / "child")):
+    for a, b in zip(exported_leaves(tmp_path / "straight" / "export" / "child"),
+                    exported_leaves(tmp_path / "resumed" / "export" / "child")):
         np.testing.assert_array_equal(a, b)
 
 
