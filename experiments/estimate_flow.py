@@ -47,7 +47,8 @@ def load_raft(model_dir: str | None, corr_impl: str):
     variables, spec = load_model(model_dir)
     if spec.get("arch") != "raft":
         raise ValueError(f"{model_dir} holds a {spec.get('arch')!r} model, not RAFT. {WEIGHTS_HINT}")
-    return RAFT(small=bool(spec["kwargs"].get("small", False)), corr_impl=corr_impl), variables
+    # Inference only: the rolled loop compiles faster (unrolling speeds up training's backward pass).
+    return RAFT(small=bool(spec["kwargs"].get("small", False)), corr_impl=corr_impl, unroll=1), variables
 
 
 def estimate(model, variables, frame1: np.ndarray, frame2: np.ndarray, iters: int) -> np.ndarray:

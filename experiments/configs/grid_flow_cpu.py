@@ -2,9 +2,9 @@
 
     python -m experiments.compare --grid flow_cpu --out experiments/results/compare_flow_cpu
 
-RAFT (4.8M parameters) is trained first from scratch in ROOT/parent (320 steps of
+RAFT (4.8M parameters) is trained first from scratch in ROOT/parent (768 steps of
 batch 8 on 64x64 synthetic crops); then every variant trains a fresh RAFT-S
-child for 192 steps against that frozen parent:
+child for 512 steps against that frozen parent:
 - child: RAFT-S alone (sequence loss);
 - kd: the DRAFT-style baseline, half sequence loss vs ground truth, half vs the parent's final flow;
 - hkt3: the paper's 3HKT (features mixed after `features`, hidden state and context after `context`);
@@ -29,5 +29,5 @@ GRID = Grid(
     metric_label="test EPE (px)",
     scale=1.0,
     description="RAFT parent (trained here, frozen) -> RAFT-S child on synthetic flow, 64x64 crops, 4 iterations, "
-                "192 steps of batch 8 per child; end-point error on 128 held-out synthetic pairs (lower is better).",
+                "512 steps of batch 8 per child; end-point error on 128 held-out synthetic pairs (lower is better).",
 )
