@@ -95,8 +95,8 @@ def build_cases(config: dict, sizes: list[str], tasks: list[str], torch) -> list
         reference = torch_model(torch, size)
         variables = raft_from_torch(reference.state_dict())
         for impl in CORR_IMPLS:
-            model = RAFT(small=size == "small", corr_impl=impl)
-            infer = jax_inference(model, config["infer_iters"])
+            model = RAFT(small=size == "small", corr_impl=impl)  # unrolled iterations: what training runs
+            infer = jax_inference(model.clone(unroll=1), config["infer_iters"])  # rolled, as estimate_flow
             args = (variables, frames[0], frames[1])
             if "inference" in tasks:
                 cases.append({"task": "inference", "size": size, "impl": f"jax {impl}",
