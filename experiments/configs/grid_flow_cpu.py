@@ -17,7 +17,7 @@ from hkt_jax.comparison import Grid
 GRID = Grid(
     experiment="experiments.flow_hkt",
     config="cpu",
-    seeds=(0,),
+    seeds=(0, 1),
     parent=(),
     variants={
         "child": ("method=child",),
