@@ -169,8 +169,7 @@ def metric_keys(grid: Grid) -> tuple[str, str]:
     return f"final_test_{grid.metric}", f"best_test_{grid.metric}"
 
 
-def aggregate(records: Sequence[dict[str, Any]], variants: Sequence[str],
-              keys: Sequence[str] = ("final_test_accuracy", "best_test_accuracy")) -> list[dict[str, Any]]:
+def aggregate(records: Sequence[dict[str, Any]], variants: Sequence[str], keys: Sequence[str]) -> list[dict[str, Any]]:
     """Per variant: mean ± std over the finished seeds of each summary number in ``keys``, every seed's
     value, and the seeds that failed or have not finished (never averaged in)."""
     table = []
@@ -203,8 +202,7 @@ def _stat(stat: dict[str, Any], scale: float) -> str:
     return f"{scale * stat['mean']:.2f} ± {scale * stat['std']:.2f} ({seeds})"
 
 
-def markdown_table(table: Sequence[dict[str, Any]], grid: Grid | None = None) -> str:
-    grid = grid or Grid(experiment="", config="", variants={"_": ()})  # the defaults: test accuracy in %
+def markdown_table(table: Sequence[dict[str, Any]], grid: Grid) -> str:
     final_key, best_key = metric_keys(grid)
     lines = [f"| variant | n | final {grid.metric_label} (mean ± std; per seed) | best-on-validation "
              f"{grid.metric_label} | child params | train img/s | failed / unfinished |",

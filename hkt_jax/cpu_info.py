@@ -97,7 +97,8 @@ def xla_max_isa(env: dict[str, str] | None = None) -> str | None:
 def isa_limits(env: dict[str, str] | None = None) -> dict[str, str]:
     """{"XLA": "AVX2", "kernels": "x86-64-v3", ...}: the instruction-set caps in force (empty: none)."""
     env = os.environ if env is None else env
-    limits = {"XLA": xla_max_isa(env)} if xla_max_isa(env) else {}
+    xla = xla_max_isa(env)
+    limits = {"XLA": xla} if xla else {}
     limits.update({who: env[name] for who, name in ISA_LIMIT_VARIABLES.items() if env.get(name)})
     return limits
 

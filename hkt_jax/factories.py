@@ -104,10 +104,12 @@ def start_from(init_variables: dict[str, Any], directory: str, spec: dict[str, A
                         f"trains {spec.get('arch')} {spec.get('kwargs')}")
     mine = {"params": init_variables["params"]["child"], "batch_stats": init_variables["batch_stats"]["child"]}
     theirs = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    shapes = lambda tree: jax.tree_util.tree_map_with_path(lambda path, x: (jax.tree_util.keystr(path),
-                                                                            tuple(np.shape(x))), tree)
-    if jax.tree.leaves(shapes(mine)) != jax.tree.leaves(shapes(theirs)):
-        differ = sorted(set(jax.tree.leaves(shapes(mine))) ^ set(jax.tree.leaves(shapes(theirs))))
+
+    def shapes(tree):
+        return [(jax.tree_util.keystr(path), np.shape(x)) for path, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+    if shapes(mine) != shapes(theirs):
+        differ = sorted(set(shapes(mine)) ^ set(shapes(theirs)))
         raise ValueError(f"init_ckpt={directory}: its variables do not fit this network: {differ[:8]}")
     theirs = jax.tree.map(lambda new, like: jnp.asarray(new, like.dtype), theirs, mine)
     return {**init_variables, "params": {**init_variables["params"], "child": theirs["params"]},

@@ -122,14 +122,12 @@ class LogImages(Hook):
 
     def __init__(self, run, writer, every: int, total: int):
         from hkt_jax import sharding
-        from hkt_jax.methods import child_variables
+        from hkt_jax.train import make_predict  # the loop module builds the hooks; imported here to avoid a cycle
 
         self.run, self.writer, self.every, self.total = run, writer, every, total
         self.batch = next(iter(run.datasets.eval_batches("validation")))
         self.global_batch = sharding.global_batch(self.batch, run.mesh)
-        model, task = run.model, run.task
-        self.predict = jax.jit(lambda params, batch_stats, batch: model.apply(
-            child_variables(params, batch_stats), task.model_input(batch), train=False))
+        self.predict = jax.jit(make_predict(run.model, run.task))
 
     def __call__(self, done, state, metrics):
         if not _due(done, self.every, self.total):

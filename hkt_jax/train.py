@@ -82,12 +82,21 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
     return train_step
 
 
+def make_predict(model: nn.Module, task: Task):
+    """The network alone on a batch, in inference mode (what evaluation and logged images see)."""
+
+    def predict(params, batch_stats, batch):
+        return model.apply(child_variables(params, batch_stats), task.model_input(batch), train=False)
+
+    return predict
+
+
 def make_eval_step(model: nn.Module, task: Task):
     """The task's eval sums of the network alone, in inference mode."""
+    predict = make_predict(model, task)
 
     def eval_step(params, batch_stats, batch):
-        outputs = model.apply(child_variables(params, batch_stats), task.model_input(batch), train=False)
-        return task.eval_sums(outputs, batch)
+        return task.eval_sums(predict(params, batch_stats, batch), batch)
 
     return eval_step
 
