@@ -14,12 +14,17 @@ import importlib
 import json
 import math
 import statistics
+import subprocess
 from pathlib import Path
 from typing import Any, Sequence
 
+from scipy import stats
+
 FAILED_FILE = "failed.json"
 SUMMARY_FILE = "summary.json"
+ATTEMPTS_FILE = "attempts.json"  # every launch of a run: the commit it ran and its wall time
 PARENT_DIR = "parent"  # ROOT/parent: the grid's shared parent run, when it has one
+PAIRED_BASELINES = ("child", "kd")  # variants every other variant is compared with, seed by seed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +46,9 @@ class Grid:
     # Overrides of one parent run trained first in ROOT/parent (``method=parent``, seed 0); every variant then
     # gets its export as ``parent_ckpt``. None: the config names its parent (or each run trains its own).
     parent: tuple[str, ...] | None = None
+    # Variants built from another config than ``config`` (name -> config), so a variant such as the released
+    # code's ``reference`` has one definition: its config file.
+    variant_configs: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if not self.variants:
@@ -52,6 +60,12 @@ class Grid:
         for name in self.variants:
             if not name or "/" in name or name.startswith("."):
                 raise ValueError(f"variant name {name!r} must be a plain folder name")
+        unknown = sorted(set(self.variant_configs) - set(self.variants))
+        if unknown:
+            raise ValueError(f"variant_configs names variants the grid does not have: {', '.join(unknown)}")
+
+    def config_for(self, variant: str) -> str:
+        return self.variant_configs.get(variant, self.config)
 
 
 def load_grid(name: str) -> Grid:
@@ -83,8 +97,9 @@ def parent_command(grid: Grid, root: Path, python: str = "python") -> list[str]:
 def run_command(grid: Grid, root: Path, variant: str, seed: int, python: str = "python") -> list[str]:
     """The exact command line of one run (rerunning it resumes the run)."""
     parent = [f"parent_ckpt={parent_dir(root) / 'export' / 'child'}"] if grid.parent is not None else []
-    return [python, "-m", grid.experiment, "--config", grid.config, "--workdir", str(run_dir(root, variant, seed)),
-            *grid.common, *parent, *grid.variants[variant], f"{grid.seed_key}={seed}"]
+    return [python, "-m", grid.experiment, "--config", grid.config_for(variant), "--workdir",
+            str(run_dir(root, variant, seed)), *grid.common, *parent, *grid.variants[variant],
+            f"{grid.seed_key}={seed}"]
 
 
 def run_status(directory: Path) -> str:
@@ -104,6 +119,32 @@ def record_failure(directory: Path, returncode: int, output_tail: str) -> None:
 
 def clear_failure(directory: Path) -> None:
     (Path(directory) / FAILED_FILE).unlink(missing_ok=True)
+
+
+def read_attempts(directory: Path) -> list[dict[str, Any]]:
+    path = Path(directory) / ATTEMPTS_FILE
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def record_attempt(directory: Path, commit: str | None, wall_s: float, outcome: str) -> None:
+    """Append one launch of a run (the code it ran and how long): a run continued over several GPU slots
+    keeps every commit that trained it and its total wall time."""
+    attempts = read_attempts(directory) + [{"commit": commit, "wall_s": round(float(wall_s), 3),
+                                            "outcome": outcome}]
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    (Path(directory) / ATTEMPTS_FILE).write_text(json.dumps(attempts, indent=1))
+
+
+def current_commit(repo: Path | None = None) -> str | None:
+    """``git describe``-style id of the code a run is launched with (``+dirty`` with uncommitted changes)."""
+    repo = Path(repo or Path(__file__).resolve().parent.parent)
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def read_metrics(directory: Path) -> list[dict[str, Any]]:
@@ -128,6 +169,10 @@ def run_record(grid: Grid, root: Path, variant: str, seed: int) -> dict[str, Any
                               "workdir": str(directory), "overrides": [*grid.common, *grid.variants[variant]]}
     if record["status"] == "failed":
         record["failure"] = json.loads((directory / FAILED_FILE).read_text())
+    attempts = read_attempts(directory)
+    if attempts:
+        record["commits"] = sorted({a["commit"] for a in attempts if a.get("commit")})
+        record["wall_s"] = sum(a["wall_s"] for a in attempts)
     if record["status"] != "done":
         return record
     record["summary"] = json.loads((directory / SUMMARY_FILE).read_text())
@@ -169,9 +214,28 @@ def metric_keys(grid: Grid) -> tuple[str, str]:
     return f"final_test_{grid.metric}", f"best_test_{grid.metric}"
 
 
+def paired_difference(values: dict[int, float], baseline: dict[int, float]) -> dict[str, Any] | None:
+    """``values - baseline`` over the seeds both have: the mean difference with a 95 % Student-t interval.
+
+    Paired by seed because a seed fixes the data order (and the child's initialisation) in every variant, so
+    the seed-to-seed spread that both share drops out of the comparison. None when no seed is shared."""
+    seeds = sorted(set(values) & set(baseline))
+    if not seeds:
+        return None
+    diffs = [float(values[s]) - float(baseline[s]) for s in seeds]
+    mean, std = mean_std(diffs)
+    if len(diffs) > 1:
+        half = float(stats.t.ppf(0.975, len(diffs) - 1)) * std / math.sqrt(len(diffs))
+        interval = [mean - half, mean + half]
+    else:
+        interval = None  # one seed: no spread to build an interval from
+    return {"mean": mean, "ci95": interval, "n": len(diffs), "by_seed": dict(zip(seeds, diffs))}
+
+
 def aggregate(records: Sequence[dict[str, Any]], variants: Sequence[str], keys: Sequence[str]) -> list[dict[str, Any]]:
     """Per variant: mean ± std over the finished seeds of each summary number in ``keys``, every seed's
-    value, and the seeds that failed or have not finished (never averaged in)."""
+    value, the paired difference to each of ``PAIRED_BASELINES`` present, and the seeds that failed or
+    have not finished (never averaged in)."""
     table = []
     for variant in variants:
         mine = [r for r in records if r["variant"] == variant]
@@ -189,8 +253,34 @@ def aggregate(records: Sequence[dict[str, Any]], variants: Sequence[str], keys: 
         row["parameters"] = params.pop() if len(params) == 1 else sorted(p for p in params if p is not None) or None
         speeds = [r["train_img_per_s"] for r in done if r.get("train_img_per_s")]
         row["train_img_per_s"] = statistics.median(speeds) if speeds else None
+        walls = [r["wall_s"] for r in done if r.get("wall_s")]
+        row["wall_s_by_seed"] = {r["seed"]: r["wall_s"] for r in done if r.get("wall_s")}
+        row["wall_s_median"] = statistics.median(walls) if walls else None
         table.append(row)
+    by_variant = {row["variant"]: row for row in table}
+    for row in table:
+        for key in keys:
+            row[key]["vs"] = {
+                baseline: paired_difference(row[key]["by_seed"], by_variant[baseline][key]["by_seed"])
+                for baseline in PAIRED_BASELINES if baseline in by_variant and baseline != row["variant"]}
     return table
+
+
+def grid_facts(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """What the grid ran on, read from its finished runs: devices, JAX versions, epochs, commits."""
+    done = [r for r in records if r["status"] == "done"]
+
+    def distinct(values):
+        values = sorted({v for v in values if v is not None}, key=str)
+        return values[0] if len(values) == 1 else (values or None)
+
+    trains = [(r.get("config") or {}).get("train") or {} for r in done]
+    epochs = [train.get("epochs") if train.get("steps") is None else None for train in trains]
+    return {"device": distinct(r["summary"].get("device") for r in done),
+            "jax": distinct(r["summary"].get("jax") for r in done),
+            "epochs": distinct(epochs),
+            "steps": distinct(r["summary"].get("steps") for r in done),
+            "commits": sorted({c for r in records for c in r.get("commits", [])})}
 
 
 def _stat(stat: dict[str, Any], scale: float) -> str:
@@ -202,16 +292,31 @@ def _stat(stat: dict[str, Any], scale: float) -> str:
     return f"{scale * stat['mean']:.2f} ± {scale * stat['std']:.2f} ({seeds})"
 
 
+def _difference(diff: dict[str, Any] | None, scale: float) -> str:
+    if not diff:
+        return "–"
+    text = f"{scale * diff['mean']:+.2f}"
+    if diff["ci95"]:
+        low, high = diff["ci95"]
+        text += f" [{scale * low:+.2f}, {scale * high:+.2f}]"
+    return text
+
+
 def markdown_table(table: Sequence[dict[str, Any]], grid: Grid) -> str:
     final_key, best_key = metric_keys(grid)
+    baselines = [b for b in PAIRED_BASELINES if any(b in row[best_key].get("vs", {}) for row in table)]
     lines = [f"| variant | n | final {grid.metric_label} (mean ± std; per seed) | best-on-validation "
-             f"{grid.metric_label} | child params | train img/s | failed / unfinished |",
-             "|---|---|---|---|---|---|---|"]
+             f"{grid.metric_label} | "
+             + "".join(f"best − {b} (paired, 95 % CI) | " for b in baselines)
+             + "child params | train img/s | failed / unfinished |",
+             "|---|---|---|---|" + "---|" * len(baselines) + "---|---|---|"]
     for row in table:
         speed = f"{row['train_img_per_s']:.0f}" if row["train_img_per_s"] else "–"
         params = f"{row['parameters']:,}" if isinstance(row["parameters"], int) else str(row["parameters"] or "–")
         problems = ", ".join([f"seed {s} failed" for s in row["failed_seeds"]]
                              + [f"seed {s} unfinished" for s in row["unfinished_seeds"]]) or "–"
+        differences = "".join(f"{_difference(row[best_key].get('vs', {}).get(b), grid.scale)} | "
+                              for b in baselines)
         lines.append(f"| {row['variant']} | {row['n']} | {_stat(row[final_key], grid.scale)} "
-                     f"| {_stat(row[best_key], grid.scale)} | {params} | {speed} | {problems} |")
+                     f"| {_stat(row[best_key], grid.scale)} | {differences}{params} | {speed} | {problems} |")
     return "\n".join(lines) + "\n"

@@ -107,3 +107,49 @@ def test_a_grid_with_a_shared_parent_trains_it_first_and_reports_its_metric(tmp_
     compare.main(["--grid", "flowish", "--root", str(root), "--out", str(out)])  # rerun: everything reused
     assert "[parent] done, reused" in capsys.readouterr().out
     assert len((root / "parent" / "calls.txt").read_text().splitlines()) == 1
+
+
+def test_paired_differences_match_scipys_paired_t_interval():
+    from scipy import stats
+
+    hkt = {0: 0.912, 1: 0.905, 2: 0.921}
+    child = {0: 0.901, 1: 0.899, 2: 0.915, 3: 0.9}  # seed 3 has no partner: left out
+    diff = comparison.paired_difference(hkt, child)
+    reference = stats.ttest_rel([hkt[s] for s in (0, 1, 2)], [child[s] for s in (0, 1, 2)])
+    low, high = reference.confidence_interval(0.95)
+    assert diff["n"] == 3 and diff["mean"] == pytest.approx(np.mean([0.011, 0.006, 0.006]))
+    assert diff["ci95"] == pytest.approx([low, high])
+    assert comparison.paired_difference({0: 0.5}, {0: 0.4})["ci95"] is None  # one seed: no interval
+    assert comparison.paired_difference({0: 0.5}, {1: 0.4}) is None
+
+
+def test_table_pairs_every_variant_with_child_and_kd_and_names_its_facts(tmp_path):
+    grid = Grid(experiment="x", config="cfg", seeds=(0, 1), variants={"child": (), "kd": (), "hkt": ()},
+                variant_configs={"hkt": "other"})
+    assert comparison.run_command(grid, tmp_path, "hkt", 0)[4] == "other"
+    assert comparison.run_command(grid, tmp_path, "kd", 0)[4] == "cfg"
+    with pytest.raises(ValueError, match="does not have: nope"):
+        Grid(experiment="x", config="y", variants={"a": ()}, variant_configs={"nope": "z"})
+    scores = {"child": (0.90, 0.91), "kd": (0.91, 0.915), "hkt": (0.92, 0.93)}
+    for variant, values in scores.items():
+        for seed, value in enumerate(values):
+            directory = comparison.run_dir(tmp_path, variant, seed)
+            directory.mkdir(parents=True)
+            (directory / "summary.json").write_text(json.dumps(
+                {"final_test_accuracy": value, "best_test_accuracy": value, "device": "1 x H200", "jax": "0.11.2"}))
+            (directory / "config.json").write_text(json.dumps({"train": {"epochs": 200.0, "steps": None}}))
+            comparison.record_attempt(directory, "abc123", 100.0, "stopped")
+            comparison.record_attempt(directory, "def456", 50.0, "done")
+    records = [comparison.run_record(grid, tmp_path, v, s) for s in (0, 1) for v in grid.variants]
+    table = comparison.aggregate(records, list(grid.variants), comparison.metric_keys(grid))
+    hkt = next(row for row in table if row["variant"] == "hkt")
+    assert hkt["best_test_accuracy"]["vs"]["child"]["mean"] == pytest.approx(0.02)
+    assert hkt["best_test_accuracy"]["vs"]["kd"]["by_seed"] == {0: pytest.approx(0.01), 1: pytest.approx(0.015)}
+    assert "child" not in next(row for row in table if row["variant"] == "child")["best_test_accuracy"]["vs"]
+    assert hkt["wall_s_by_seed"] == {0: 150.0, 1: 150.0}
+    facts = comparison.grid_facts(records)
+    assert facts == {"device": "1 x H200", "jax": "0.11.2", "epochs": 200.0, "steps": None,
+                     "commits": ["abc123", "def456"]}
+    markdown = comparison.markdown_table(table, grid)
+    assert "best − child (paired, 95 % CI)" in markdown and "| hkt | 2 |" in markdown
+    assert "+2.00 [" in markdown
