@@ -13,6 +13,7 @@ KITTI protocol). The best model has the lowest validation EPE.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -27,10 +28,10 @@ from hkt_jax.tasks.flow_data import FlowDataConfig, FlowDatasets
 TIMING_BATCH = 8
 
 
-def final_flow_mae(outputs: jax.Array, batch: Batch) -> jax.Array:
-    """The paper's MAE (Eq. 5, 8) for flow: mean |final flow - gt| over valid pixels (< 400 px) and (x, y)."""
+def final_flow_mae(outputs: jax.Array, batch: Batch, max_flow: float = MAX_FLOW) -> jax.Array:
+    """The paper's MAE (Eq. 5, 8) for flow: mean |final flow - gt| over valid pixels (< max_flow px) and (x, y)."""
     final = outputs[-1].astype(jnp.float32)
-    mask = (batch["valid"] >= 0.5) & (jnp.linalg.norm(batch["flow"], axis=-1) < MAX_FLOW)
+    mask = (batch["valid"] >= 0.5) & (jnp.linalg.norm(batch["flow"], axis=-1) < max_flow)
     mask = mask.astype(jnp.float32)[..., None]
     return jnp.sum(mask * jnp.abs(final - batch["flow"])) / jnp.maximum(2.0 * jnp.sum(mask), 1.0)
 
@@ -45,6 +46,12 @@ class Flow(Task):
     inherit_losses: tuple[str, ...] = ("seq", "mae")
     gamma: float = SEQUENCE_GAMMA
     max_flow: float = MAX_FLOW
+
+    @classmethod
+    def from_config(cls, config) -> Flow:
+        """The sequence loss's gamma is the run's ``data.loss_gamma`` (0.85 in RAFT's fine-tuning stages)."""
+        data = getattr(config, "data", None)
+        return cls(gamma=data.loss_gamma) if isinstance(data, FlowDataConfig) else cls()
 
     # -- data and models ------------------------------------------------------------------------
 
@@ -74,7 +81,7 @@ class Flow(Task):
         if name == "seq":
             return self.task_loss
         if name == "mae":
-            return final_flow_mae
+            return functools.partial(final_flow_mae, max_flow=self.max_flow)
         raise ValueError(f"hkt.inherit_loss={name!r}: flow takes one of {self.inherit_losses} "
                          "(seq: RAFT's sequence loss, mae: mean |final flow - gt|)")
 
