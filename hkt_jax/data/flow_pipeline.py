@@ -13,6 +13,7 @@ per example and prefetched by grain's threads.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Iterator, Sequence
@@ -52,6 +53,51 @@ def _stack(samples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {key: np.stack([s[key] for s in samples]).astype(np.float32) for key in samples[0]}
 
 
+@dataclasses.dataclass(frozen=True)
+class MixturePart:
+    """One dataset of a training mixture, repeated ``times`` and augmented its own way."""
+
+    name: str
+    source: FlowSource
+    times: int
+    augment: AugmentConfig | None
+
+    def __len__(self) -> int:
+        return self.times * len(self.source)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowMixture:
+    """RAFT's training mixtures (``100*sintel_clean + 100*sintel_final + 200*kitti + 5*hd1k + things``):
+    the parts one after the other, each repeated, and every sample augmented with its own part's settings
+    (KITTI and HD1K sparse, Sintel and Things dense), as RAFT's ``FlowDataset.__rmul__`` and per-dataset
+    ``aug_params`` do."""
+
+    parts: tuple[MixturePart, ...]
+
+    def __post_init__(self):
+        if not self.parts or any(p.times < 1 or len(p.source) == 0 for p in self.parts):
+            raise ValueError(f"a flow mixture needs non-empty parts repeated >= 1 times, got {self.describe()}")
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def locate(self, index: int) -> tuple[MixturePart, int]:
+        """The part holding mixture ``index`` and the index inside that part's own dataset."""
+        for part in self.parts:
+            if index < len(part):
+                return part, index % len(part.source)
+            index -= len(part)
+        raise IndexError(index)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        part, inner = self.locate(index)
+        return part.source[inner]
+
+    def describe(self) -> str:
+        return " + ".join(f"{p.times}*{p.name}({len(p.source)})" for p in self.parts)
+
+
 class _TrainExample:
     """Local position ``k`` of this process's stream -> augmented sample of its global position."""
 
@@ -75,9 +121,11 @@ class _TrainExample:
     def __call__(self, local_index: int) -> dict[str, np.ndarray]:
         position = self.position(int(local_index))
         epoch, offset = divmod(position, len(self._source))
-        sample = self._source[int(self._epoch_order(epoch)[offset])]
-        if self._config is not None:
-            sample = augment(sample, np.random.default_rng([self._augment_seed, position]), self._config)
+        index = int(self._epoch_order(epoch)[offset])
+        sample = self._source[index]
+        config = self._source.locate(index)[0].augment if isinstance(self._source, FlowMixture) else self._config
+        if config is not None:
+            sample = augment(sample, np.random.default_rng([self._augment_seed, position]), config)
         return {key: sample[key] for key in BATCH_KEYS}
 
 
@@ -113,6 +161,8 @@ def make_flow_train_iterator(
         "num_train": len(source),
         "augment": repr(augment_config),
     }
+    if isinstance(source, FlowMixture):
+        fingerprint["mixture"] = [(p.name, p.times, len(p.source), repr(p.augment)) for p in source.parts]
     return TrainIterator(batches.to_iter_dataset(options), fingerprint)
 
 

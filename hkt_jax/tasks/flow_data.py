@@ -23,11 +23,15 @@ import numpy as np
 
 from hkt_jax.data.flow_augment import AugmentConfig, raft_augment_config
 from hkt_jax.data.flow_datasets import LAYOUTS, open_flow_dataset
-from hkt_jax.data.flow_pipeline import flow_eval_batches, make_flow_train_iterator
+from hkt_jax.data.flow_pipeline import FlowMixture, MixturePart, flow_eval_batches, make_flow_train_iterator
 from hkt_jax.data.pipeline import DataConfig, check_process_layout
 from hkt_jax.data.synthetic_flow import SyntheticFlow
 
 FLOW_SOURCES = ("synthetic", "chairs", "things", "sintel", "kitti", "folder")
+# RAFT's sintel-stage training sets (core/datasets.py, fetch_dataloader): the datasets each one reads. The
+# names are Table 1's columns: C+T+K/S for the Sintel submission, C+T+S+K+H before KITTI fine-tuning.
+SINTEL_MIXES = {"sintel": ("sintel",), "C+T+K/S": ("sintel", "things"),
+                "C+T+S+K+H": ("sintel", "things", "kitti", "hd1k")}
 _HOLDOUT_SEED = 20_200_326  # fixed: the held-out pairs never depend on the run's seed
 
 
@@ -49,6 +53,12 @@ class FlowDataConfig(DataConfig):
     # RAFT's sequence-loss decay (train_standard.sh: 0.8 for chairs and things, 0.85 for sintel and kitti). A
     # loss setting, kept in the flow run's own block so that no other task's config carries it.
     loss_gamma: float = 0.8
+    # RAFT's sintel stage trains on a mixture (SINTEL_MIXES); "sintel" = Sintel alone. The other datasets'
+    # roots are only read by the mixtures.
+    sintel_mix: str = "sintel"
+    things_path: str | None = None
+    kitti_path: str | None = None
+    hd1k_path: str | None = None
 
     def __post_init__(self):
         if self.source not in FLOW_SOURCES:
@@ -61,6 +71,17 @@ class FlowDataConfig(DataConfig):
                 raise ValueError(f"data.{name}={size}: (H, W), multiples of 8 and at least 64 (RAFT's pyramid)")
         if self.iters < 1:
             raise ValueError(f"data.iters must be >= 1, got {self.iters}")
+        if self.sintel_mix not in SINTEL_MIXES:
+            raise ValueError(f"data.sintel_mix={self.sintel_mix!r}: expected one of {tuple(SINTEL_MIXES)}")
+        if self.sintel_mix != "sintel":
+            if self.source != "sintel" or not self.augment:
+                raise ValueError(f"data.sintel_mix={self.sintel_mix!r} is RAFT's sintel stage: it needs "
+                                 "data.source=sintel and data.augment=true")
+            missing = [f"data.{name}_path" for name in SINTEL_MIXES[self.sintel_mix]
+                       if name != "sintel" and not getattr(self, f"{name}_path")]
+            if missing:
+                raise ValueError(f"data.sintel_mix={self.sintel_mix!r} also reads {', '.join(missing)}: set "
+                                 + ", ".join(f"{m}=ROOT" for m in missing))
         if not 0 < self.loss_gamma <= 1:
             raise ValueError(f"data.loss_gamma={self.loss_gamma}: expected in (0, 1] (RAFT: 0.8, or 0.85 fine-tuning)")
         if not set(self.passes) <= {"clean", "final"} or not self.passes:
@@ -141,6 +162,8 @@ def flow_splits(config: FlowDataConfig) -> dict[str, object]:
         passes = [_open("sintel", config.path, split="training", pass_name=p) for p in config.passes]
         train, validation = _hold_out(passes, held, "sintel training")
         test = validation
+        if config.sintel_mix != "sintel":
+            train = sintel_mixture(config, train)
     else:  # kitti, folder
         options = {"split": "training"} if config.source == "kitti" else {}
         train, validation = _hold_out([_open(config.source, config.path, **options)], held, config.source)
@@ -148,6 +171,24 @@ def flow_splits(config: FlowDataConfig) -> dict[str, object]:
     if test is None:
         raise ValueError(f"data.source={config.source!r} tests on held-out pairs: set data.validation_size > 0")
     return {"train": train, "test": test, **({"validation": validation} if validation is not None else {})}
+
+
+def sintel_mixture(config: FlowDataConfig, sintel_train: Concat) -> FlowMixture:
+    """RAFT's sintel stage: ``100*sintel_clean + 100*sintel_final [+ 200*kitti + 5*hd1k] + things`` (its
+    order), each pass of Sintel's training pairs (less the held-out ones) 100 times, with RAFT's per-dataset
+    augmentation: Sintel and Things (clean pass) with the sintel stage's (scale -0.2..0.6), KITTI
+    -0.3..0.5 with flips, HD1K -0.5..0.2 (both sparse)."""
+    crop = config.crop_size
+    sintel_augment = raft_augment_config("sintel", crop)
+    parts = [MixturePart(f"sintel_{name}", source, 100, sintel_augment)
+             for name, source in zip(config.passes, sintel_train.parts)]
+    if "kitti" in SINTEL_MIXES[config.sintel_mix]:
+        kitti_augment = dataclasses.replace(raft_augment_config("kitti", crop), min_scale=-0.3, max_scale=0.5,
+                                            do_flip=True)
+        parts += [MixturePart("kitti", _open("kitti", config.kitti_path, split="training"), 200, kitti_augment),
+                  MixturePart("hd1k", _open("hd1k", config.hd1k_path), 5, raft_augment_config("hd1k", crop))]
+    things = _open("things", config.things_path, pass_name="clean", split="TRAIN")
+    return FlowMixture((*parts, MixturePart("things_clean", things, 1, sintel_augment)))
 
 
 def train_augmentation(config: FlowDataConfig) -> AugmentConfig | None:
@@ -196,5 +237,7 @@ class FlowDatasets:
 
     def describe(self) -> str:
         source = self.config.source + ("" if self.config.source == "synthetic" else f" at {self.config.path}")
+        if isinstance(self._splits["train"], FlowMixture):
+            source += f" (RAFT's {self.config.sintel_mix} mixture: {self._splits['train'].describe()})"
         return (f"{source}, {self.frame_shape[0]}x{self.frame_shape[1]} training frames, {self.iters} iterations: "
                 f"{self.num_train} train / {self.num_validation} validation / {self.num_test} test pairs")
