@@ -29,7 +29,7 @@ from typing import Callable, TypeVar
 
 T = TypeVar("T")
 
-# Exit codes (documented in the README, "When things go wrong").
+# Exit codes (documented in docs/faults.md, "When things go wrong").
 EXIT_OK = 0
 EXIT_USAGE = 2  # bad input: config value, path, data or checkpoint file; nothing was written
 EXIT_NONFINITE = 3  # loss or gradients became NaN/inf; the last good checkpoint is the latest

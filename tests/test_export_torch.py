@@ -1,7 +1,7 @@
 """A trained child, exported with ``export-torch``, classifies real images in plain PyTorch as Flax does.
 
 End to end, as a user would: a short real training run (CLI), ``python -m
-hkt_jax.convert export-torch``, then the README's PyTorch snippet in a fresh
+hkt_jax.convert export-torch``, then the PyTorch snippet of ``docs/converters-and-export.md`` in a fresh
 process that imports nothing from ``tests/``, run on the 20 lossless CIFAR-10
 test images. Flax (in this process, normalising as the training pipeline does)
 is the reference.
@@ -28,8 +28,9 @@ from hkt_jax.models.registry import build_model  # noqa: E402
 from tests.conftest import REPO_ROOT, require_shared  # noqa: E402
 
 MAX_LOGIT_ERROR = 1e-4
-README_MARKER = "<!-- the PyTorch snippet below is run by tests/test_export_torch.py -->"
-# Runs after the README snippet, in the same process: the snippet's `model` and `preprocess` on every image.
+SNIPPET_PAGE = REPO_ROOT / "docs" / "converters-and-export.md"
+SNIPPET_MARKER = "<!-- the PyTorch snippet below is run by tests/test_export_torch.py -->"
+# Runs after the documented snippet, in the same process: the snippet's `model` and `preprocess` on every image.
 ALL_IMAGES = """
 import sys
 from pathlib import Path
@@ -49,10 +50,10 @@ def run(command: list[str], cwd, timeout: int = 240) -> str:
     return result.stdout
 
 
-def readme_snippet() -> str:
-    readme = (REPO_ROOT / "README.md").read_text()
-    assert README_MARKER in readme, "README lost the tested export-torch snippet"
-    match = re.search(r"```python\n(.*?)```", readme[readme.index(README_MARKER):], re.DOTALL)
+def documented_snippet() -> str:
+    page = SNIPPET_PAGE.read_text()
+    assert SNIPPET_MARKER in page, f"{SNIPPET_PAGE.name} lost the tested export-torch snippet"
+    match = re.search(r"```python\n(.*?)```", page[page.index(SNIPPET_MARKER):], re.DOTALL)
     return match.group(1)
 
 
@@ -86,9 +87,9 @@ def test_exported_smoke_child_classifies_real_images_in_pytorch_like_flax(tmp_pa
     assert record["preprocessing"]["layout"] == "NCHW" and record["preprocessing"]["input_range"] == [0, 255]
     assert record["torch_model"]["kwargs"] == {"depth": 8, "num_classes": 10, "shortcut": "A"}
 
-    # The README snippet, verbatim, on one image (cifar10_00_3.png is a cat), then on all 20.
+    # The documented snippet, verbatim, on one image (cifar10_00_3.png is a cat), then on all 20.
     shutil.copy(pngs[0], user_dir / "cat.png")
-    script = readme_snippet() + f"\nSAMPLES = {str(samples)!r}\n" + ALL_IMAGES
+    script = documented_snippet() + f"\nSAMPLES = {str(samples)!r}\n" + ALL_IMAGES
     printed = run([sys.executable, "-c", script], cwd=user_dir)
     torch_logits = np.load(user_dir / "torch_logits.npy")
 

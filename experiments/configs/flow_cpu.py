@@ -1,4 +1,4 @@
-"""3HKT RAFT -> RAFT-S on synthetic flow, sized for a 2-core CPU (the README's CPU-scale comparison).
+"""3HKT RAFT -> RAFT-S on synthetic flow, sized for a 2-core CPU (the CPU-scale comparison in docs/results.md).
 
     python -m experiments.flow_hkt --config cpu --workdir workdirs/flow_cpu
 
