@@ -111,6 +111,27 @@ def test_validation_is_fixed_disjoint_from_train_and_eval_order_is_fixed():
     assert train_seen | set(validation) == set(range(200))
 
 
+def test_low_data_subset_is_per_class_fixed_and_outside_validation():
+    config = synthetic(augment=False, normalization="none", train_per_class=3)
+    source = load_split(config, "train")
+    ids = image_ids(source.images)
+    data = build(config, batch=6, seed=0)
+    assert data.num_train == 3 * len(np.unique(source.labels))
+    seen = {ids[image.tobytes()] for b in take(data.train, 10) for image in as_uint8(b["image"])}
+    assert len(seen) == data.num_train  # the stream only ever shows the subset
+    assert np.bincount(source.labels[sorted(seen)]).tolist() == [3] * len(np.unique(source.labels))
+    other_seed = {ids[image.tobytes()] for b in take(build(config, batch=6, seed=7).train, 10)
+                  for image in as_uint8(b["image"])}
+    assert other_seed == seen  # the same images for every run seed
+    validation = {ids[image.tobytes()] for b in data.eval_batches("validation")
+                  for image, m in zip(as_uint8(b["image"]), b["mask"]) if m}
+    assert seen.isdisjoint(validation) and len(validation) == 40
+    with pytest.raises(ValueError, match="train_per_class"):
+        synthetic(train_per_class=0)
+    with pytest.raises(ValueError, match="has only"):
+        build(synthetic(train_per_class=500))
+
+
 def test_validation_size_zero_disables_validation():
     data = build(synthetic(validation_size=0))
     assert (data.num_train, data.num_validation) == (200, 0)

@@ -45,6 +45,8 @@ NORMALIZATIONS = {
 CROP_PADDING = 4
 # Fixed, so the held-out validation images do not change with the training seed.
 VALIDATION_SPLIT_SEED = 0
+# Fixed, so a low-data subset (data.train_per_class) is the same images in every run.
+TRAIN_SUBSET_SEED = 1
 # Prefetching one batch in a thread overlaps input work with the train step.
 _READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
 # Number of train steps; effectively infinite.
@@ -72,8 +74,13 @@ class DataConfig:
     synthetic_train_size: int = 10_000
     synthetic_test_size: int = 2_000
     synthetic_seed: int = 0
+    # Keep only this many training images of each class (after the validation hold-out): a fixed subset,
+    # the same for every run seed, for low-data experiments. None = every training image.
+    train_per_class: int | None = None
 
     def __post_init__(self):
+        if self.train_per_class is not None and self.train_per_class < 1:
+            raise ValueError(f"data.train_per_class must be a positive integer or none, got {self.train_per_class}.")
         if self.source not in SOURCES:
             raise ValueError(f"data.source={self.source!r}: expected one of {SOURCES}.")
         if self.normalization not in NORMALIZATIONS:
@@ -131,6 +138,20 @@ def split_train_validation(num_examples: int, validation_size: int) -> tuple[np.
         )
     permutation = np.random.default_rng(VALIDATION_SPLIT_SEED).permutation(num_examples)
     return np.sort(permutation[validation_size:]), np.sort(permutation[:validation_size])
+
+
+def per_class_subset(train_indices: np.ndarray, labels: np.ndarray, per_class: int) -> np.ndarray:
+    """Sorted ``per_class`` training indices of every class, drawn with a fixed seed (independent of the
+    run's), so every variant and seed of a low-data grid sees the same images."""
+    rng = np.random.default_rng(TRAIN_SUBSET_SEED)
+    chosen = []
+    for label in np.unique(labels[train_indices]):
+        of_class = train_indices[labels[train_indices] == label]
+        if len(of_class) < per_class:
+            raise ValueError(f"data.train_per_class={per_class}: class {label} has only {len(of_class)} training "
+                             "images")
+        chosen.append(rng.permutation(of_class)[:per_class])
+    return np.sort(np.concatenate(chosen))
 
 
 def crop_and_flip(images: np.ndarray, offsets_y: np.ndarray, offsets_x: np.ndarray, flips: np.ndarray) -> np.ndarray:
@@ -374,6 +395,8 @@ def make_datasets(
         train_indices, validation_indices = split_train_validation(len(train_source), data_config.validation_size)
     else:
         train_indices, validation_indices = np.arange(len(train_source)), np.arange(0)
+    if data_config.train_per_class is not None:
+        train_indices = per_class_subset(train_indices, train_source.labels, data_config.train_per_class)
     num_classes = _infer_num_classes(data_config, train_source, test_source)
     for image_set in (train_source, test_source):
         if image_set.labels.max() >= num_classes:
