@@ -1,7 +1,8 @@
-"""Benchmark the Genetic Attention implementations: ``python -m experiments.bench_ga [--quick] [--json F] [--plot F.png]``.
+"""Benchmark the Genetic Attention implementations:
+``python -m experiments.bench_ga [--quick] [--dtype float32|bfloat16] [--json F] [--plot F.png]``.
 
 For each size (the CIFAR vectors, RAFT features, Sintel resolution, N=16,384)
-and each implementation it reports median forward and forward+backward time,
+and each implementation, ``auto`` included, it reports median forward and forward+backward time,
 achieved GFLOP/s as a fraction of a large float32 matmul's (the roofline;
 "bwd" is the backward alone, f+b minus forward medians), the compiled
 executable's temporary memory (``memory_analysis``), and the error against
@@ -16,6 +17,11 @@ FLOP model (softmax): forward = 4 B N^2 C (Q K^T and alpha V); backward =
 exponentials and the recomputation of alpha inside the chunked backward are
 not counted, so the GFLOP/s are useful work. Gate: 6 B N C forward, 2x that
 backward (memory-bound; no roofline target).
+
+The inputs have ``--dtype`` (the roofline matmul stays float32). The JSON's
+``ga_auto_fb_ms_n16384_f32`` (or ``_bf16``) is ``auto``'s forward+backward median at
+N=16,384, the number a device check compares across machines (null when that size
+did not run, as in ``--quick``).
 
 On CPU, XLA runs plain's whole forward attention as one YNNPACK library
 fusion whose internal N x N buffer ``memory_analysis`` does not count: its
@@ -52,7 +58,8 @@ QUICK_CASES = {
     "n2048": (1, (32, 64), 128),
     "n4096": (1, (64, 64), 64),
 }
-SOFTMAX_IMPLS = ("plain", "chunked", "dot_product_attention")
+SOFTMAX_IMPLS = ("plain", "chunked", "dot_product_attention", "auto")
+DTYPES = {"float32": (jnp.float32, "f32"), "bfloat16": (jnp.bfloat16, "bf16")}
 REFERENCE_ROWS = 256
 ROUND_BUDGET_S = 60.0
 """After 3 rounds, no new round starts once a size has spent this long timing."""
@@ -93,10 +100,10 @@ def _timed_rounds(calls: dict, reps: int) -> dict:
     return times
 
 
-def bench_case(case, batch, spatial, channels, *, reps, chunk_sizes, roofline_size, rng) -> list[dict]:
+def bench_case(case, batch, spatial, channels, *, reps, chunk_sizes, roofline_size, rng, dtype) -> list[dict]:
     """Every mode/implementation on one size, timed in interleaved rounds with the roofline matmul."""
     shape, tokens = (batch, *spatial, channels), math.prod(spatial)
-    child, parent, cotangent = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(3))
+    child, parent, cotangent = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(3))
     reference_rows = rng.choice(tokens, size=min(tokens, REFERENCE_ROWS), replace=False)
     runs = [("gate", "auto", None)]
     if spatial:
@@ -108,6 +115,13 @@ def bench_case(case, batch, spatial, channels, *, reps, chunk_sizes, roofline_si
     calls = {"roofline": lambda: matmul(square, square)}
     rows = []
     for mode, impl, chunk_size in runs:
+        resolved, chunk_rows = None, None
+        if mode == "softmax":
+            try:
+                resolved, chunk_rows = ga.resolve_impl(impl, shape, dtype, chunk_size=chunk_size)
+            except ValueError as refusal:  # cuDNN on a length it does not take: no row, the reason printed
+                print(f"# {case}: skip impl={impl}: {refusal}")
+                continue
         forward = jax.jit(functools.partial(ga.genetic_attention, mode=mode, impl=impl, chunk_size=chunk_size))
         forward_backward = jax.jit(lambda x, t, g, forward=forward: jax.vjp(forward, x, t)[1](g))
         compiled_fwd = forward.lower(child, parent).compile()
@@ -119,7 +133,9 @@ def bench_case(case, batch, spatial, channels, *, reps, chunk_sizes, roofline_si
             "case": case, "batch": batch, "tokens": tokens, "channels": channels, "mode": mode,
             "impl": impl if mode == "softmax" else "-",
             "chunk_size": chunk_size,
-            "chunk_rows": ga.resolve_impl(impl, shape, jnp.float32, chunk_size=chunk_size)[1] if mode == "softmax" else None,
+            "dtype": jnp.dtype(dtype).name,
+            "resolved_impl": resolved,
+            "chunk_rows": chunk_rows,
             "flops_fwd": 6 * batch * tokens * channels if mode == "gate" else 4 * batch * tokens**2 * channels,
             "fwd_temp_mib": compiled_fwd.memory_analysis().temp_size_in_bytes / 2**20,
             "fwd_bwd_temp_mib": compiled_fb.memory_analysis().temp_size_in_bytes / 2**20,
@@ -155,43 +171,52 @@ HEADER = (
 
 def format_row(row) -> str:
     err_plain = "-" if row["err_vs_plain"] is None else f"{row['err_vs_plain']:.1e}"
+    impl = row["impl"] if row["impl"] != "auto" else "auto=" + row["resolved_impl"].replace("dot_product_attention", "dpa")
     bwd = "-" if row["bwd_roofline_frac"] is None else f"{row['bwd_roofline_frac']:.0%}"
     return (
-        f"{row['case']:14s} {row['mode']:7s} {row['impl']:21s} {row['chunk_rows'] or '-':>5} | "
+        f"{row['case']:14s} {row['mode']:7s} {impl:21s} {row['chunk_rows'] or '-':>5} | "
         f"{row['fwd_ms']:8.1f} {row['fwd_gflops']:6.1f} {row['fwd_roofline_frac']:5.0%} | "
         f"{row['fwd_bwd_ms']:8.1f} {row['fwd_bwd_gflops']:6.1f} {row['fwd_bwd_roofline_frac']:5.0%} {bwd:>5s} | "
         f"{row['fwd_temp_mib']:8.1f}/{row['fwd_bwd_temp_mib']:8.1f} | {err_plain:>9s} {row['err_vs_f64']:8.1e}"
     )
 
 
-def run(cases: dict, *, reps: int, chunk_sizes: tuple[int, ...], roofline_size: int) -> dict:
+def run(cases: dict, *, reps: int, chunk_sizes: tuple[int, ...], roofline_size: int, dtype: str = "float32") -> dict:
     device = jax.devices()[0]
+    array_dtype, tag = DTYPES[dtype]
+    device_memory, compute_capability = ga.device_facts(device.platform)
     report = {
         "platform": device.platform, "cpu": cpu_info.describe_cpu(),
         "device_kind": device.device_kind,
+        "device_memory_bytes": device_memory,
+        "compute_capability": compute_capability,
         "jax_version": jax.__version__,
+        "dtype": dtype,
         "reps": reps,
         "roofline_matmul_size": roofline_size,
         "auto_choice": {},
         "rows": [],
     }
     print(f"# device: {device.device_kind} (platform {device.platform}), cpu {cpu_info.describe_cpu()}, jax {jax.__version__}, "
-          f"median of <= {reps} interleaved rounds")
+          f"{dtype} inputs, median of <= {reps} interleaved rounds")
     print(HEADER)
     rng = np.random.default_rng(0)
     for case, (batch, spatial, channels) in cases.items():
         rows = bench_case(
-            case, batch, spatial, channels, reps=reps, chunk_sizes=chunk_sizes, roofline_size=roofline_size, rng=rng
+            case, batch, spatial, channels, reps=reps, chunk_sizes=chunk_sizes, roofline_size=roofline_size, rng=rng,
+            dtype=array_dtype,
         )
         print(f"# {case}: B={batch} N={math.prod(spatial)} C={channels}, roofline {rows[0]['roofline_gflops']:.1f} "
               f"GFLOP/s (median of {rows[0]['rounds']} rounds; best {rows[0]['roofline_best_gflops']:.1f})")
         for row in rows:
             print(format_row(row), flush=True)
         if spatial:
-            impl, chunk_rows = ga.resolve_impl("auto", (batch, *spatial, channels), jnp.float32)
+            impl, chunk_rows = ga.resolve_impl("auto", (batch, *spatial, channels), array_dtype)
             report["auto_choice"][case] = {"impl": impl, "chunk_rows": chunk_rows}
             print(f"#   impl='auto' picks {impl}" + (f" with {chunk_rows} rows per chunk" if chunk_rows else ""))
         report["rows"] += rows
+    auto_n16384 = [r for r in report["rows"] if r["case"] == "n16384" and r["impl"] == "auto"]
+    report[f"ga_auto_fb_ms_n16384_{tag}"] = auto_n16384[0]["fwd_bwd_ms"] if auto_n16384 else None
     if device.platform == "cpu":
         print("# cpu: plain's forward temp omits its N*N weights (inside one YNNPACK fusion; see module docstring)")
     return report
@@ -238,6 +263,7 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk-sizes", default="", help="comma-separated explicit chunk sizes to add as extra rows")
     parser.add_argument("--roofline-size", type=int, help="matmul size for the roofline (default 4096, --quick 2048)")
     parser.add_argument("--cases", default="", help="comma-separated subset of the size names to run")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="input dtype (default float32)")
     parser.add_argument("--json", type=Path, help="write the full report as JSON here")
     parser.add_argument("--plot", type=Path, help="write a PNG bar chart (time, roofline fraction, memory) here")
     args = parser.parse_args(argv)
@@ -250,7 +276,7 @@ def main(argv=None) -> int:
     reps = args.reps or (2 if args.quick else 7)
     chunk_sizes = tuple(int(s) for s in args.chunk_sizes.split(",") if s)
     roofline_size = args.roofline_size or (2048 if args.quick else 4096)
-    report = run(cases, reps=reps, chunk_sizes=chunk_sizes, roofline_size=roofline_size)
+    report = run(cases, reps=reps, chunk_sizes=chunk_sizes, roofline_size=roofline_size, dtype=args.dtype)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))

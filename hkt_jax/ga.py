@@ -19,6 +19,10 @@ rows with a hand-written backward pass, so neither direction keeps more than a
 ``"dot_product_attention"`` hands alpha V to ``jax.nn.dot_product_attention``
 (cuDNN flash attention on NVIDIA GPUs for bf16/f16 inputs; XLA elsewhere,
 which materialises the logits and alpha, 2 x B*N*N floats).
+
+``impl="auto"`` decides before tracing, from the platform, the shape, the dtype
+and the device's total memory only (never from timings or free memory), so every
+run, resumed or parallel, makes the same choice; see ``choose_impl``.
 """
 
 from __future__ import annotations
@@ -35,14 +39,30 @@ MODES = ("auto", "softmax", "gate")
 Impl = Literal["auto", "plain", "chunked", "dot_product_attention"]
 IMPLS = ("auto", "plain", "chunked", "dot_product_attention")
 
-# impl="auto" thresholds, measured with experiments/bench_ga.py on a 2-core x86 CPU
-# (see experiments/results/bench_ga_cpu.json); not tuned for GPUs.
+# impl="auto" on CPUs: thresholds measured with experiments/bench_ga.py on a 2-core x86 CPU
+# (see experiments/results/bench_ga_cpu.json).
 PLAIN_MAX_WEIGHT_BYTES = 4 * 2**20
-"""``plain`` while its B*N*N float32 weights fit in this: below it, keeping alpha for the
+"""CPU: ``plain`` while its B*N*N float32 weights fit in this: below it, keeping alpha for the
 backward pass beats recomputing it; above it ``chunked`` is faster both ways."""
 CHUNK_ROWS = (256, 128)
-"""Auto chunk: 256 query rows when a (B, 256, N) float32 block fits in ``CHUNK_BLOCK_BYTES``, else 128."""
+"""CPU chunk: 256 query rows when a (B, 256, N) float32 block fits in ``CHUNK_BLOCK_BYTES``, else 128."""
 CHUNK_BLOCK_BYTES = 8 * 2**20
+
+# impl="auto" on accelerators (GPUs, and TPUs by the same rule, unmeasured there): plain is the
+# fastest path (on one H200 at N=16,384, float32 forward+backward: plain 4.4 ms, chunked 12.1 ms),
+# so it is taken whenever its temporaries fit in a fixed share of the device's memory.
+ACCELERATOR_MEMORY_FRACTION = 1 / 16
+"""Accelerators: share of the device's memory one GA call's forward+backward temporaries may take.
+The memory is what the device reports to JAX (``memory_stats()["bytes_limit"]``: its total times
+``XLA_PYTHON_CLIENT_MEM_FRACTION``, ~105 GiB on a 141 GiB H200 by default), fixed for the process. Small, because a model can hold several GA calls'
+weights for its backward pass at once next to its own activations; fixed, because a rule on free
+memory would change between runs and a resumed or parallel run must pick the same path."""
+ATTENTION_BUFFERS = 4
+"""(B, N, N) compute-dtype arrays alive at the peak of plain's forward+backward (logits, alpha
+kept for the backward pass, d alpha, d logits; the CPU compile measures 3 to 4); a chunk keeps the
+same number of (B, rows, N) blocks."""
+ASSUMED_DEVICE_MEMORY_BYTES = 16 * 2**30
+"""Accelerator memory assumed when the device does not report ``bytes_limit``."""
 
 _HALF_DTYPES = (jnp.bfloat16, jnp.float16)
 
@@ -74,17 +94,108 @@ def resolve_mode(mode: str, ndim: int) -> str:
     return mode
 
 
-def _check_chunk_size(chunk_size) -> None:
+def _check_impl(impl, chunk_size) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"genetic_attention: `impl` must be one of {IMPLS}, got {impl!r}")
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
         raise ValueError(f"genetic_attention: `chunk_size` must be a positive int or None, got {chunk_size!r}")
+    if chunk_size is not None and impl not in ("auto", "chunked"):
+        raise ValueError(
+            f"genetic_attention: `chunk_size`={chunk_size} only applies to impl='chunked', got impl={impl!r}"
+        )
 
 
-def _auto_chunk_rows(batch: int, tokens: int) -> int:
+def cudnn_refusal(tokens: int, channels: int, dtype, *, platform: str, compute_capability=None) -> str | None:
+    """Why cuDNN flash attention cannot run GA's alpha V on this input; None when it can.
+
+    The shape rules of jax's cuDNN attention (``check_is_flash_attention`` in
+    ``jax/_src/cudnn/fused_attention_stablehlo.py``), checked up front because
+    some refusals come only while lowering, too late to fall back: bf16/f16 on
+    a GPU; head dim (= C) a multiple of 8 and at most 128, or 256 from compute
+    capability 9.0 (Hopper; unknown counts as older); an even token count, as
+    the backward pass refuses odd lengths ("Unsupported sequence length Q 35, KV 35").
+    """
+    if platform != "gpu":
+        return f"cuDNN runs on GPUs only (platform {platform!r})"
+    if jnp.dtype(dtype) not in _HALF_DTYPES:
+        return f"cuDNN flash attention takes bfloat16/float16 only, got {jnp.dtype(dtype)}"
+    max_channels = 256 if compute_capability is not None and tuple(compute_capability) >= (9, 0) else 128
+    if channels % 8 or channels > max_channels:
+        return f"channels (head dim) must be a multiple of 8 and <= {max_channels}, got {channels}"
+    if tokens % 2:
+        return f"the number of tokens (sequence length) must be even, got {tokens}"
+    return None
+
+
+def _attention_bytes(batch: int, rows: int, tokens: int, dtype) -> int:
+    """Peak forward+backward temporaries of ``rows`` query rows against ``tokens`` keys (ATTENTION_BUFFERS)."""
+    return ATTENTION_BUFFERS * _compute_dtype(dtype).itemsize * batch * rows * tokens
+
+
+def _chunk_rows(platform: str, batch: int, tokens: int, dtype, device_memory: int | None) -> int:
+    """Query rows per chunk: the CPU rule, or on accelerators the largest power of two >= 128 in budget."""
     large, small = CHUNK_ROWS
-    rows = large if 4 * batch * large * tokens <= CHUNK_BLOCK_BYTES else small
+    if platform == "cpu":
+        rows = large if 4 * batch * large * tokens <= CHUNK_BLOCK_BYTES else small
+    else:
+        budget, rows = ACCELERATOR_MEMORY_FRACTION * device_memory, small
+        while 2 * rows < tokens and _attention_bytes(batch, 2 * rows, tokens, dtype) <= budget:
+            rows *= 2
     return min(rows, tokens)
+
+
+def choose_impl(
+    platform: str,
+    batch: int,
+    tokens: int,
+    channels: int,
+    dtype,
+    *,
+    device_memory: int | None = None,
+    compute_capability=None,
+) -> tuple[str, int | None]:
+    """What ``impl="auto"`` runs, and its query rows per chunk: a pure function of its arguments.
+
+    CPU (measured on CPU): ``plain`` while its B*N*N float32 weights fit in
+    ``PLAIN_MAX_WEIGHT_BYTES``, else ``chunked`` (256 rows when a (B, 256, N)
+    block fits in ``CHUNK_BLOCK_BYTES``, else 128).
+    GPU and other accelerators: ``dot_product_attention`` (cuDNN) for bf16/f16
+    inputs cuDNN takes (``cudnn_refusal``); otherwise ``plain``, the fastest, while
+    its forward+backward temporaries fit in ``ACCELERATOR_MEMORY_FRACTION`` of
+    ``device_memory`` (the device's total, ``ASSUMED_DEVICE_MEMORY_BYTES`` if
+    unknown), else ``chunked`` with the largest power-of-two rows that fit.
+    """
+    if platform == "cpu":
+        if 4 * batch * tokens * tokens <= PLAIN_MAX_WEIGHT_BYTES:
+            return "plain", None
+        return "chunked", _chunk_rows(platform, batch, tokens, dtype, None)
+    if cudnn_refusal(tokens, channels, dtype, platform=platform, compute_capability=compute_capability) is None:
+        return "dot_product_attention", None
+    device_memory = device_memory or ASSUMED_DEVICE_MEMORY_BYTES
+    if _attention_bytes(batch, tokens, tokens, dtype) <= ACCELERATOR_MEMORY_FRACTION * device_memory:
+        return "plain", None
+    return "chunked", _chunk_rows(platform, batch, tokens, dtype, device_memory)
+
+
+@functools.cache
+def device_facts(platform: str) -> tuple[int | None, tuple[int, ...] | None]:
+    """(total memory in bytes, compute capability) of the platform's first local device, where it says.
+
+    Cached: read once per process, so every trace in a run sees the same numbers.
+    (None, None) for CPUs and for platforms not present (e.g. ``backend="gpu"`` asked on a CPU host).
+    """
+    if platform == "cpu":
+        return None, None
+    try:
+        device = jax.local_devices(backend=platform)[0]
+    except RuntimeError:
+        return None, None
+    memory = (device.memory_stats() or {}).get("bytes_limit")
+    capability = getattr(device, "compute_capability", None)
+    capability = tuple(int(part) for part in str(capability).split(".")) if capability else None
+    return memory, capability
 
 
 def resolve_impl(
@@ -94,37 +205,40 @@ def resolve_impl(
     *,
     chunk_size: int | None = None,
     backend: str | None = None,
+    device_memory: int | None = None,
+    compute_capability=None,
 ) -> tuple[str, int | None]:
     """The softmax implementation (and query rows per chunk) ``impl`` means for this input.
 
-    ``chunk_size`` given means ``chunked`` with that many rows. ``auto``:
-      * GPU, bf16/f16 input -> ``dot_product_attention`` (cuDNN flash attention);
-      * B*N*N*4 bytes of weights <= ``PLAIN_MAX_WEIGHT_BYTES`` (4 MiB) -> ``plain``;
-      * otherwise ``chunked``: 256 query rows per block when a (B, 256, N) float32
-        block fits in ``CHUNK_BLOCK_BYTES`` (8 MiB), else 128.
-    ``impl="chunked"`` without ``chunk_size`` uses the same rows. The thresholds
-    were measured on CPU; on GPU they are a memory rule, not a speed one.
+    ``chunk_size`` given means ``chunked`` with that many rows; ``auto`` is
+    ``choose_impl``; ``chunked`` alone takes ``choose_impl``'s rows rule.
+    ``dot_product_attention`` on a GPU with bf16/f16 input means cuDNN, and an
+    input cuDNN does not take is a ``ValueError`` saying why. ``backend``,
+    ``device_memory`` and ``compute_capability`` default to the devices present.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"genetic_attention: `impl` must be one of {IMPLS}, got {impl!r}")
-    _check_chunk_size(chunk_size)
-    batch, tokens = shape[0], math.prod(shape[1:-1])
+    _check_impl(impl, chunk_size)
+    batch, tokens, channels = shape[0], math.prod(shape[1:-1]), shape[-1]
     if chunk_size is not None:
-        if impl not in ("auto", "chunked"):
-            raise ValueError(
-                f"genetic_attention: `chunk_size`={chunk_size} only applies to impl='chunked', got impl={impl!r}"
-            )
         return "chunked", min(chunk_size, tokens)
+    platform = backend or jax.default_backend()
+    if device_memory is None or compute_capability is None:
+        present_memory, present_capability = device_facts(platform)
+        device_memory = device_memory or present_memory
+        compute_capability = compute_capability or present_capability
     if impl == "auto":
-        backend = backend or jax.default_backend()
-        if backend == "gpu" and jnp.dtype(dtype) in _HALF_DTYPES:
-            impl = "dot_product_attention"
-        elif 4 * batch * tokens * tokens <= PLAIN_MAX_WEIGHT_BYTES:
-            impl = "plain"
-        else:
-            impl = "chunked"
+        return choose_impl(
+            platform, batch, tokens, channels, dtype, device_memory=device_memory, compute_capability=compute_capability
+        )
     if impl == "chunked":
-        return impl, _auto_chunk_rows(batch, tokens)
+        return impl, _chunk_rows(platform, batch, tokens, dtype, device_memory or ASSUMED_DEVICE_MEMORY_BYTES)
+    if impl == "dot_product_attention" and platform == "gpu" and jnp.dtype(dtype) in _HALF_DTYPES:
+        refusal = cudnn_refusal(tokens, channels, dtype, platform=platform, compute_capability=compute_capability)
+        if refusal:
+            raise ValueError(
+                f"genetic_attention: impl='dot_product_attention' runs {jnp.dtype(dtype)} inputs on a GPU through "
+                f"cuDNN flash attention, which does not take shape {tuple(shape)}: {refusal}. "
+                "Use impl='auto' (picks plain or chunked here), 'plain' or 'chunked'."
+            )
     return impl, None
 
 
@@ -229,10 +343,11 @@ def _attend_dot_product(q: jax.Array, kv: jax.Array) -> jax.Array:
     """alpha V through ``jax.nn.dot_product_attention`` as one head (attention with K = V).
 
     On a GPU, bf16/f16 inputs go to cuDNN flash attention as they are (it keeps
-    the softmax and accumulators in float32). cuDNN is asked for by name because
-    ``implementation=None`` still means XLA in jax 0.10. Whatever cuDNN refuses
-    at trace time (head dim, GPU generation, cuDNN version), and every other backend,
-    takes the XLA path in the float32+ compute dtype.
+    the softmax and accumulators in float32); ``resolve_impl`` has already
+    checked that cuDNN takes the shape. cuDNN is asked for by name because
+    ``implementation=None`` still means XLA in jax 0.10. A setup without a
+    usable cuDNN (refused at trace time), and every other backend, takes the
+    XLA path in the float32+ compute dtype.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
     if jax.default_backend() == "gpu" and q.dtype in _HALF_DTYPES:
@@ -240,22 +355,26 @@ def _attend_dot_product(q: jax.Array, kv: jax.Array) -> jax.Array:
             return jax.nn.dot_product_attention(
                 q[:, :, None], kv[:, :, None], kv[:, :, None], scale=scale, implementation="cudnn"
             )[:, :, 0]
-        except (NotImplementedError, RuntimeError, ValueError):
+        except (NotImplementedError, RuntimeError):
             pass
     dt = _compute_dtype(q.dtype)
     q, kv = q.astype(dt)[:, :, None], kv.astype(dt)[:, :, None]
     return jax.nn.dot_product_attention(q, kv, kv, scale=scale, implementation=None)[:, :, 0]
 
 
+def _check_tokens(shape: tuple[int, ...]) -> None:
+    tokens = math.prod(shape[1:-1])
+    if tokens < 2:
+        raise ValueError(
+            "genetic_attention: mode='softmax' needs at least 2 spatial tokens (with one token the "
+            f"softmax is identically 1 and GA is identically 0); got shape {tuple(shape)} "
+            f"({tokens} token). Use mode='gate' for pooled vectors."
+        )
+
+
 def _softmax_ga(child: jax.Array, parent: jax.Array, impl: str, rows: int | None) -> jax.Array:
     b, c = child.shape[0], child.shape[-1]
     n = math.prod(child.shape[1:-1])
-    if n < 2:
-        raise ValueError(
-            "genetic_attention: mode='softmax' needs at least 2 spatial tokens (with one token the "
-            f"softmax is identically 1 and GA is identically 0); got shape {tuple(child.shape)} "
-            f"({n} token). Use mode='gate' for pooled vectors."
-        )
     dt = _compute_dtype(child.dtype)
     q, kv = child.reshape(b, n, c), parent.reshape(b, n, c)
     if impl == "dot_product_attention":
@@ -284,17 +403,18 @@ def genetic_attention(
       mode: ``"softmax"`` (Eq. 2), ``"gate"`` (released code) or ``"auto"``.
       chunk_size: softmax only; process queries in blocks of this many tokens so
         no N x N buffer exists (implies ``impl="chunked"``).
-      impl: softmax implementation, see ``resolve_impl`` for what ``"auto"`` picks.
+      impl: softmax implementation; ``"auto"`` picks by ``choose_impl``.
 
     Returns:
       GA with the shape and dtype of ``child``. Softmax and gate are computed in
       at least float32.
     """
     _check_pair(child, parent)
-    resolved = resolve_mode(mode, child.ndim)
-    impl, rows = resolve_impl(impl, child.shape, child.dtype, chunk_size=chunk_size)
-    if resolved == "gate":
+    if resolve_mode(mode, child.ndim) == "gate":
+        _check_impl(impl, chunk_size)
         return _gate_ga(child, parent)
+    _check_tokens(child.shape)
+    impl, rows = resolve_impl(impl, child.shape, child.dtype, chunk_size=chunk_size)
     return _softmax_ga(child, parent, impl, rows)
 
 
