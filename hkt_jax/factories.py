@@ -153,9 +153,10 @@ def tap_models(child: nn.Module, parent: nn.Module, child_taps: tuple[str, ...] 
     return child, Tapped(parent, taps=tuple(parent_taps), names=names(parent_taps, child))
 
 
-def make_optimization(optim: OptimConfig, steps_per_epoch: int,
-                      total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    schedule = make_schedule(optim, steps_per_epoch, total_steps)
+def make_optimization(optim: OptimConfig, steps_per_epoch: int, total_steps: int,
+                      trained_spec: dict[str, Any] | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """``trained_spec``: the trained network's model spec (a deep CIFAR ResNet may get the low-rate warm-up)."""
+    schedule = make_schedule(optim, steps_per_epoch, total_steps, trained_spec)
     return make_optimizer(optim, schedule), schedule
 
 

@@ -192,7 +192,7 @@ def build_run(config: ExperimentConfig) -> Run:
         init_variables = factories.start_from(init_variables, config.init_ckpt, spec)
     steps_per_epoch = max(1, datasets.num_train // batch_size)
     total_steps = config.train.steps or math.ceil(config.train.epochs * steps_per_epoch)
-    tx, schedule = factories.make_optimization(config.optim, steps_per_epoch, total_steps)
+    tx, schedule = factories.make_optimization(config.optim, steps_per_epoch, total_steps, spec)
     return Run(config, task, model, spec, loss_fn, parent_variables if parent_variables is not None else {},
                parent_info, init_variables, datasets, mesh, conv_impl, steps_per_epoch, total_steps, schedule, tx)
 
