@@ -119,6 +119,31 @@ class KDSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class FitNetSettings:
+    """method=fitnet: one-stage FitNets hint (Romero et al. 2015) as in CRD's benchmark (Tian et al. 2020):
+    CE + weight * MSE at the end of ``stage`` (FitNets: a middle layer; CRD: weight 100, the middle group)."""
+
+    weight: float = 100.0
+    stage: str = "group2"  # the stage whose end gives the hint (CifarResNet: group1 | group2 | group3)
+
+    def __post_init__(self):
+        _check("fitnet.weight", self.weight, self.weight >= 0 and math.isfinite(self.weight), ">= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ATSettings:
+    """method=at: attention transfer (Zagoruyko & Komodakis 2017): CE + beta/2 * the attention losses summed
+    over the group ends; attention map = mean over channels of |A|^p."""
+
+    beta: float = 1000.0
+    p: float = 2.0
+
+    def __post_init__(self):
+        _check("at.beta", self.beta, self.beta >= 0 and math.isfinite(self.beta), ">= 0")
+        _check("at.p", self.p, self.p > 0 and math.isfinite(self.p), "> 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainSettings:
     batch_size: int = 128  # global batch
     epochs: float = 200.0
@@ -169,6 +194,8 @@ class ExperimentConfig:
     optim: OptimConfig = OptimConfig()
     hkt: HKTSettings = HKTSettings()
     kd: KDSettings = KDSettings()
+    fitnet: FitNetSettings = FitNetSettings()
+    at: ATSettings = ATSettings()
     train: TrainSettings = TrainSettings()
     mesh: MeshSettings = MeshSettings()
     seg: SegSettings = SegSettings()  # task=segmentation only (HU window, slice size, losses, splits)

@@ -246,7 +246,8 @@ def startup_block(run, workdir: Path, start_step: int) -> str:
     adapters = run.init_variables["params"].get("adapters")
     if adapters is not None:
         count = parameter_count(adapters)
-        lines.append(f"  adapters: {count:,} Transfer parameters" if count else
+        kind = "FitNet regressor" if config.method == "fitnet" else "Transfer"
+        lines.append(f"  adapters: {count:,} {kind} parameters (trained, not exported)" if count else
                      "  adapters: none (parent and child widths match at every boundary: Transfer is the identity)")
     if run.parent_info:
         meta = run.parent_info.get("metadata", {})
