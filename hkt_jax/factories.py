@@ -20,10 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hkt_jax import checkpoint, fold, sharding
+from hkt_jax import checkpoint, fold, methods, sharding
 from hkt_jax.config import ATSettings, FitNetSettings, HKTSettings, KDSettings, ModelConfig, OptimConfig
 from hkt_jax.hkt import HKT, HKTConfig
-from hkt_jax import methods
 from hkt_jax.methods import NEEDS_PARENT, hkt_loss, kd_loss, plain_loss, trainable_variables
 from hkt_jax.models import build_model, model_spec
 from hkt_jax.models.tapped import Tapped, tapped_boundaries
@@ -181,7 +180,8 @@ def tap_models(child: nn.Module, parent: nn.Module, child_taps: tuple[str, ...] 
 
 
 def make_optimization(optim: OptimConfig, steps_per_epoch: int, total_steps: int,
-                      trained_spec: dict[str, Any] | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+                      trained_spec: dict[str, Any] | None = None
+                      ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """``trained_spec``: the trained network's model spec (a deep CIFAR ResNet may get the low-rate warm-up)."""
     schedule = make_schedule(optim, steps_per_epoch, total_steps, trained_spec)
     return make_optimizer(optim, schedule), schedule

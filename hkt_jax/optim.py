@@ -50,7 +50,8 @@ def low_lr_warmup_steps(optim: OptimConfig, trained_spec: dict[str, Any] | None)
     if optim.low_lr_warmup_min_depth == 0:
         return optim.low_lr_warmup_steps
     spec = trained_spec or {}
-    deep = spec.get("arch") == "cifar_resnet" and spec.get("kwargs", {}).get("depth", 0) >= optim.low_lr_warmup_min_depth
+    depth = spec.get("kwargs", {}).get("depth", 0)
+    deep = spec.get("arch") == "cifar_resnet" and depth >= optim.low_lr_warmup_min_depth
     return optim.low_lr_warmup_steps if deep else 0
 
 
