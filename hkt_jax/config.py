@@ -70,6 +70,14 @@ class OptimConfig:
 
     pct_start: float = 0.05  # one_cycle: share of the steps spent rising to the peak (RAFT: 0.05)
     clip_norm: float | None = None  # clip gradients to this global norm first (RAFT: 1.0); None = off
+    # He et al. 2016 (Sec. 4.2): ResNet-110 trains at lr/10 "until the training error is below 80% (about
+    # 400 iterations)", then at lr; from 0.1 at step 0 it can stay at chance. The first
+    # ``low_lr_warmup_steps`` steps run at learning_rate * low_lr_warmup_factor, then the schedule goes on
+    # as usual - applied only when the trained network is a CIFAR ResNet at least ``low_lr_warmup_min_depth``
+    # deep (``default``: a ResNet-110 parent gets it, the ResNet-20 child does not). 0 steps = off.
+    low_lr_warmup_steps: int = 0
+    low_lr_warmup_factor: float = 0.1
+    low_lr_warmup_min_depth: int = 110
 
     def __post_init__(self):
         _check("optim.learning_rate", self.learning_rate, self.learning_rate > 0 and math.isfinite(self.learning_rate),
@@ -78,6 +86,10 @@ class OptimConfig:
         _check("optim.weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0")
         _check("optim.decay_factor", self.decay_factor, 0 < self.decay_factor <= 1, "in (0, 1]")
         _check("optim.warmup_epochs", self.warmup_epochs, self.warmup_epochs >= 0, ">= 0")
+        _check("optim.low_lr_warmup_steps", self.low_lr_warmup_steps, self.low_lr_warmup_steps >= 0, ">= 0 (0: off)")
+        _check("optim.low_lr_warmup_factor", self.low_lr_warmup_factor, 0 < self.low_lr_warmup_factor <= 1, "in (0, 1]")
+        _check("optim.low_lr_warmup_min_depth", self.low_lr_warmup_min_depth, self.low_lr_warmup_min_depth >= 0,
+               ">= 0 (0: every network)")
         _check("optim.milestones", self.milestones, all(m > 0 for m in self.milestones)
                and list(self.milestones) == sorted(self.milestones), "positive epochs in increasing order")
 
@@ -104,6 +116,31 @@ class KDSettings:
     def __post_init__(self):
         _check("kd.temperature", self.temperature, self.temperature > 0, "> 0")
         _check("kd.weight", self.weight, 0 <= self.weight <= 1, "in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class FitNetSettings:
+    """method=fitnet: one-stage FitNets hint (Romero et al. 2015) as in CRD's benchmark (Tian et al. 2020):
+    CE + weight * MSE at the end of ``stage`` (FitNets: a middle layer; CRD: weight 100, the middle group)."""
+
+    weight: float = 100.0
+    stage: str = "group2"  # the stage whose end gives the hint (CifarResNet: group1 | group2 | group3)
+
+    def __post_init__(self):
+        _check("fitnet.weight", self.weight, self.weight >= 0 and math.isfinite(self.weight), ">= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ATSettings:
+    """method=at: attention transfer (Zagoruyko & Komodakis 2017): CE + beta/2 * the attention losses summed
+    over the group ends; attention map = mean over channels of |A|^p."""
+
+    beta: float = 1000.0
+    p: float = 2.0
+
+    def __post_init__(self):
+        _check("at.beta", self.beta, self.beta >= 0 and math.isfinite(self.beta), ">= 0")
+        _check("at.p", self.p, self.p > 0 and math.isfinite(self.p), "> 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +194,8 @@ class ExperimentConfig:
     optim: OptimConfig = OptimConfig()
     hkt: HKTSettings = HKTSettings()
     kd: KDSettings = KDSettings()
+    fitnet: FitNetSettings = FitNetSettings()
+    at: ATSettings = ATSettings()
     train: TrainSettings = TrainSettings()
     mesh: MeshSettings = MeshSettings()
     seg: SegSettings = SegSettings()  # task=segmentation only (HU window, slice size, losses, splits)

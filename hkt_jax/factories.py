@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hkt_jax import checkpoint, fold, sharding
-from hkt_jax.config import HKTSettings, KDSettings, ModelConfig, OptimConfig
+from hkt_jax import checkpoint, fold, methods, sharding
+from hkt_jax.config import ATSettings, FitNetSettings, HKTSettings, KDSettings, ModelConfig, OptimConfig
 from hkt_jax.hkt import HKT, HKTConfig
 from hkt_jax.methods import NEEDS_PARENT, hkt_loss, kd_loss, plain_loss, trainable_variables
 from hkt_jax.models import build_model, model_spec
@@ -67,6 +67,7 @@ def load_parent(parent_dir: str | Path, *, stage_split: str = "paper", conv_impl
 def make_method(method: str, model: nn.Module, task: Task, example_input: Any, rng: jax.Array, *,
                 parent: nn.Module | None = None, parent_variables: Any = None,
                 hkt: HKTConfig = HKTSettings(), kd: KDSettings = KDSettings(),
+                fitnet: FitNetSettings = FitNetSettings(), at: ATSettings = ATSettings(),
                 freeze_batch_norm: bool = False) -> tuple[Callable, dict[str, Any]]:
     """(loss_fn, initial trainable variables) of a training method (``hkt_jax.methods``).
     ``freeze_batch_norm``: the trained network runs with ``train=False`` (its BatchNorm uses and keeps
@@ -88,7 +89,32 @@ def make_method(method: str, model: nn.Module, task: Task, example_input: Any, r
     if method == "kd":
         return kd_loss(model, parent, task, temperature=kd.temperature, weight=kd.weight,
                        train=train), init_variables
+    if method in methods.FEATURE_METHODS:
+        return feature_method(method, model, parent, task, example_input, rng, parent_variables, init_variables,
+                              fitnet=fitnet, at=at, train=train)
     return plain_loss(model, task, train=train), init_variables
+
+
+def feature_method(method: str, model: nn.Module, parent: nn.Module, task: Task, example_input: Any,
+                   rng: jax.Array, parent_variables: Any, init_variables: dict[str, Any], *,
+                   fitnet: FitNetSettings, at: ATSettings, train: bool) -> tuple[Callable, dict[str, Any]]:
+    """fitnet / at (``hkt_jax.methods``): the stage ends checked on the example input's shapes; FitNet's
+    regressor (child width -> parent width at ``fitnet.stage``) joins the trainable variables as an adapter."""
+    params, stats = init_variables["params"], init_variables["batch_stats"]
+    child_outputs = jax.eval_shape(lambda: methods.run_stages(model, params, stats, example_input, train=False)[0])
+    parent_outputs = jax.eval_shape(lambda: methods.parent_stage_outputs(parent, parent_variables, example_input))
+    points = methods.feature_points(method, model, parent, task, child_outputs, parent_outputs)
+    if method == "at":
+        return methods.at_loss(model, parent, task, beta=at.beta, p=at.p, train=train), init_variables
+    if fitnet.stage not in points:
+        raise ValueError(f"fitnet.stage={fitnet.stage!r}: expected one of the stage ends {points}")
+    index = points.index(fitnet.stage)
+    regressor = methods.HintRegressor(parent_outputs[index].shape[-1])
+    hinted = jnp.zeros(child_outputs[index].shape, child_outputs[index].dtype)
+    regressor_params = regressor.init(jax.random.fold_in(rng, 1), hinted)["params"]
+    loss_fn = methods.fitnet_loss(model, parent, task, regressor, stage_index=index, weight=fitnet.weight,
+                                  train=train)
+    return loss_fn, {**init_variables, "params": {**params, "adapters": {methods.REGRESSOR_KEY: regressor_params}}}
 
 
 def start_from(init_variables: dict[str, Any], directory: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -153,9 +179,11 @@ def tap_models(child: nn.Module, parent: nn.Module, child_taps: tuple[str, ...] 
     return child, Tapped(parent, taps=tuple(parent_taps), names=names(parent_taps, child))
 
 
-def make_optimization(optim: OptimConfig, steps_per_epoch: int,
-                      total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    schedule = make_schedule(optim, steps_per_epoch, total_steps)
+def make_optimization(optim: OptimConfig, steps_per_epoch: int, total_steps: int,
+                      trained_spec: dict[str, Any] | None = None
+                      ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """``trained_spec``: the trained network's model spec (a deep CIFAR ResNet may get the low-rate warm-up)."""
+    schedule = make_schedule(optim, steps_per_epoch, total_steps, trained_spec)
     return make_optimizer(optim, schedule), schedule
 
 

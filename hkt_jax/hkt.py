@@ -31,6 +31,8 @@ from hkt_jax.models.staged import apply_stage, check_staged
 
 LossFn = Callable[[Any, dict[str, jax.Array]], jax.Array]
 DIRECTIONS = ("to_child", "to_parent")
+# Which side's features head inheritance anchors its mixing on (see HKTConfig.head_anchor).
+HEAD_ANCHORS = ("parent", "child")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +71,12 @@ class HKTConfig:
     impl: ga.Impl = "auto"  # softmax GA implementation (see hkt_jax.ga.resolve_impl)
     alphas: tuple[float, float, float] = (0.25, 0.5, 0.25)
     inherit_loss: Literal["mae", "ce", "seq"] = "mae"
+    # Head inheritance (child -> parent) mixing. "parent": Eq. 7, the parent's features are the query and
+    # the child's are inherited, phi = p + lam GA(tau(c), p) (gate form: p + lam (1 - a)(tau(c) - p)).
+    # "child": the authors' released code (``parent_child_attention(out2_h, out_2)``), anchored on the
+    # child in both directions, phi = tau(c) + lam GA(p, tau(c)): with the gate near 1 the parent's head
+    # then sees roughly the child's own features, and L3 sends the child a full gradient.
+    head_anchor: Literal["parent", "child"] = "parent"
     # Per boundary on/off switches (empty = on at every boundary): the paper's ablations.
     backbone: tuple[bool, ...] = ()
     head: tuple[bool, ...] = ()
@@ -83,6 +91,8 @@ class HKTConfig:
             raise ValueError(f"hkt.impl={self.impl!r}: expected one of {ga.IMPLS}")
         if self.inherit_loss not in INHERIT_LOSSES:
             raise ValueError(f"hkt.inherit_loss={self.inherit_loss!r}: expected one of {INHERIT_LOSSES}")
+        if self.head_anchor not in HEAD_ANCHORS:
+            raise ValueError(f"hkt.head_anchor={self.head_anchor!r}: expected one of {HEAD_ANCHORS}")
         validate_alphas(self.alphas)
 
     def resolved_boundaries(self, num_stages: int) -> tuple[Boundary, ...]:
@@ -205,8 +215,11 @@ class HKT:
             z = Extractor(link.sources, link.combine).apply({}, giving)
             target = get_leaf(receiving, link.receiver)
             tau = self._transfer.apply({"params": adapters[key]} if adapters[key] else {}, z, target)
+            query, inherited = target, tau.astype(target.dtype)
+            if direction == "to_parent" and self.config.head_anchor == "child":
+                query, inherited = inherited, target  # the released code: the child's features are the query
             mixed, diagnostic = ga.etm_mix_with_diagnostic(
-                target, tau.astype(target.dtype), lam=self.config.lam, mode=self.config.mode,
+                query, inherited, lam=self.config.lam, mode=self.config.mode,
                 chunk_size=self.config.chunk_size, impl=self.config.impl,
             )
             is_gate = ga.resolve_mode(self.config.mode, target.ndim) == "gate"

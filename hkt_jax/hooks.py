@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from hkt_jax import checkpoint, stopping
 from hkt_jax.models import parameter_count
+from hkt_jax.optim import describe_schedule
 
 
 class Hook:
@@ -245,7 +246,8 @@ def startup_block(run, workdir: Path, start_step: int) -> str:
     adapters = run.init_variables["params"].get("adapters")
     if adapters is not None:
         count = parameter_count(adapters)
-        lines.append(f"  adapters: {count:,} Transfer parameters" if count else
+        kind = "FitNet regressor" if config.method == "fitnet" else "Transfer"
+        lines.append(f"  adapters: {count:,} {kind} parameters (trained, not exported)" if count else
                      "  adapters: none (parent and child widths match at every boundary: Transfer is the identity)")
     if run.parent_info:
         meta = run.parent_info.get("metadata", {})
@@ -260,6 +262,7 @@ def startup_block(run, workdir: Path, start_step: int) -> str:
     devices = run.mesh.devices
     lines.append(f"  mesh:   {devices.size} x {devices.flat[0].platform} {dict(run.mesh.shape)}; "
                  f"conv_impl={run.conv_impl}")
+    lines.append(f"  optim:  {describe_schedule(config.optim, run.spec)}")
     resume = f"resuming from step {start_step} of {run.total_steps}" if start_step else "starting at step 0"
     lines.append(f"  steps:  {run.total_steps} ({run.steps_per_epoch} per epoch, global batch "
                  f"{config.train.batch_size}); {resume}")

@@ -5,9 +5,15 @@ CIFAR recipes use it; AdamW with a one-cycle schedule and global-norm clipping
 is RAFT's recipe (``torch.optim.AdamW`` + ``OneCycleLR(pct_start=0.05,
 cycle_momentum=False, anneal_strategy="linear")`` over ``steps + 100``,
 ``clip_grad_norm_``).
+
+Deep CIFAR ResNets (110 layers and more) may start with a low-rate warm-up
+(``optim.low_lr_warmup_steps``, He et al. 2016, Sec. 4.2): a pure function of
+the step like every schedule here, so a resumed run continues it exactly.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax.numpy as jnp
 import optax
@@ -38,7 +44,50 @@ def one_cycle_schedule(peak: float, total_steps: int, pct_start: float) -> optax
     return schedule
 
 
-def make_schedule(optim: OptimConfig, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+def low_lr_warmup_steps(optim: OptimConfig, trained_spec: dict[str, Any] | None) -> int:
+    """Steps of low-rate warm-up the trained network (its model spec) gets: ``optim.low_lr_warmup_steps``
+    for a CIFAR ResNet at least ``optim.low_lr_warmup_min_depth`` deep (or any network when that is 0)."""
+    if optim.low_lr_warmup_min_depth == 0:
+        return optim.low_lr_warmup_steps
+    spec = trained_spec or {}
+    depth = spec.get("kwargs", {}).get("depth", 0)
+    deep = spec.get("arch") == "cifar_resnet" and depth >= optim.low_lr_warmup_min_depth
+    return optim.low_lr_warmup_steps if deep else 0
+
+
+def with_low_lr_warmup(schedule: optax.Schedule, steps: int, factor: float) -> optax.Schedule:
+    """``schedule`` scaled by ``factor`` for steps [0, steps), unchanged from ``steps`` on."""
+    if steps <= 0:
+        return schedule
+
+    def warmed(step):
+        return jnp.where(jnp.asarray(step) < steps, factor, 1.0) * schedule(step)
+
+    return warmed
+
+
+def describe_schedule(optim: OptimConfig, trained_spec: dict[str, Any] | None = None) -> str:
+    """One line for the start-up block: rate, schedule and whether this network gets the warm-up."""
+    line = f"{optim.optimizer} lr {optim.learning_rate:g}, {optim.schedule}"
+    if optim.schedule == "multistep":
+        line += f" x{optim.decay_factor:g} at epochs {', '.join(f'{m:g}' for m in optim.milestones)}"
+    warmup = low_lr_warmup_steps(optim, trained_spec)
+    if warmup:
+        line += (f"; low-rate warm-up: first {warmup} steps at lr {optim.learning_rate * optim.low_lr_warmup_factor:g}"
+                 f" (He et al. 2016)")
+    elif optim.low_lr_warmup_steps:
+        line += f"; no low-rate warm-up (only for CIFAR ResNets of depth >= {optim.low_lr_warmup_min_depth})"
+    return line
+
+
+def make_schedule(optim: OptimConfig, steps_per_epoch: int, total_steps: int,
+                  trained_spec: dict[str, Any] | None = None) -> optax.Schedule:
+    """The rate per step; ``trained_spec`` (the trained network's model spec) decides the low-rate warm-up."""
+    schedule = _base_schedule(optim, steps_per_epoch, total_steps)
+    return with_low_lr_warmup(schedule, low_lr_warmup_steps(optim, trained_spec), optim.low_lr_warmup_factor)
+
+
+def _base_schedule(optim: OptimConfig, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
     if optim.schedule == "multistep":
         boundaries = {int(m * steps_per_epoch): optim.decay_factor for m in optim.milestones}
         return optax.piecewise_constant_schedule(optim.learning_rate, boundaries)

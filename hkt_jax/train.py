@@ -30,7 +30,7 @@ import optax
 from hkt_jax import checkpoint, factories, hooks, preflight, sharding, stopping
 from hkt_jax.cli import Interrupted, UserError
 from hkt_jax.config import ExperimentConfig
-from hkt_jax.methods import NEEDS_PARENT, child_variables, trainable_variables
+from hkt_jax.methods import NEEDS_PARENT, child_variables, stage_split_for, trainable_variables
 from hkt_jax.metrics import MetricsWriter
 from hkt_jax.models import parameter_count
 from hkt_jax.tasks import Task, make_task
@@ -169,7 +169,7 @@ def build_run(config: ExperimentConfig) -> Run:
     mesh = factories.make_mesh(config.mesh.data, config.mesh.model, global_batch_size=batch_size)
     datasets = task.make_datasets(config.data, global_batch_size=batch_size, seed=config.train.seed)
     trained_cfg = config.parent if config.method == "parent" else config.child
-    stage_split = config.hkt.stage_split if config.method == "hkt" else "paper"
+    stage_split = stage_split_for(config.method, config.hkt.stage_split)
     conv_impl = factories.conv_impl_for_mesh(trained_cfg.conv_impl, mesh)
     model, spec = factories.make_model(trained_cfg, task.model_kwargs(datasets), stage_split=stage_split,
                                        conv_impl=conv_impl)
@@ -186,13 +186,14 @@ def build_run(config: ExperimentConfig) -> Run:
         model, parent = factories.tap_models(model, parent, config.hkt.child_taps, config.hkt.parent_taps)
     loss_fn, init_variables = factories.make_method(
         config.method, model, task, task.example_input(datasets), jax.random.key(config.train.seed),
-        parent=parent, parent_variables=parent_variables, hkt=config.hkt, kd=config.kd,
+        parent=parent, parent_variables=parent_variables, hkt=config.hkt, kd=config.kd, fitnet=config.fitnet,
+        at=config.at,
         freeze_batch_norm=config.train.freeze_batch_norm)
     if config.init_ckpt:
         init_variables = factories.start_from(init_variables, config.init_ckpt, spec)
     steps_per_epoch = max(1, datasets.num_train // batch_size)
     total_steps = config.train.steps or math.ceil(config.train.epochs * steps_per_epoch)
-    tx, schedule = factories.make_optimization(config.optim, steps_per_epoch, total_steps)
+    tx, schedule = factories.make_optimization(config.optim, steps_per_epoch, total_steps, spec)
     return Run(config, task, model, spec, loss_fn, parent_variables if parent_variables is not None else {},
                parent_info, init_variables, datasets, mesh, conv_impl, steps_per_epoch, total_steps, schedule, tx)
 
