@@ -53,8 +53,9 @@ def _inheritance_terms(rows, config: dict) -> list[tuple[str, tuple]]:
     method = config.get("method", "hkt")
     kind = {"mae": "MAE", "ce": "CE", "seq": "sequence loss"}.get(config.get("hkt", {}).get("inherit_loss"), "")
     names = {"l1": f"L1 backbone {kind}".rstrip(), "l3": f"L3 head {kind}".rstrip()}
-    if method == "kd":
-        names = {"l3": "KD term"}
+    baseline_terms = {"kd": "KD term", "fitnet": "FitNet hint MSE", "at": "attention transfer"}
+    if method in baseline_terms:
+        names = {"l3": baseline_terms[method]}
     terms = []
     for key, name in names.items():
         series = _series(rows, key)
