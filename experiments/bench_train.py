@@ -335,10 +335,18 @@ def build_torch(args, config_hkt: dict[str, Any]):
     if config_hkt["hkt"]["stage_split"] != "paper" or config_hkt["hkt"]["mode"] == "softmax":
         return None  # the PyTorch twin covers the paper's 2HKT (pooled vectors, gate GA) only
     programs = {"child_step": child_step, "parent_forward": parent_forward, "hkt_step": hkt_step}
-    if args.torch_compile:
-        programs["hkt_step_compiled"] = make_hkt_step(compiled=True)
-    if args.amp:
-        programs["hkt_step_amp"] = make_hkt_step(amp=True)
+    variant_errors = {}
+    for name, wanted, options in (("hkt_step_compiled", args.torch_compile, {"compiled": True}),
+                                  ("hkt_step_amp", args.amp, {"amp": True})):
+        if not wanted:
+            continue
+        try:  # the first call compiles (torch.compile needs Triton and a C compiler): a failure drops this row only
+            step = make_hkt_step(**options)
+            step()
+            programs[name] = step
+        except Exception as error:  # noqa: BLE001 - any backend failure; the eager rows still stand
+            variant_errors[name] = f"{type(error).__name__}: {str(error)[:500]}"
+            print(f"PyTorch {name} left out: {variant_errors[name]}", file=sys.stderr)
     if device == "cuda":  # CUDA calls return at once: wait for the GPU, as block_until_ready does for JAX
         programs = {name: _then_synchronize(fn, torch.cuda.synchronize) for name, fn in programs.items()}
     return {**programs,
@@ -346,6 +354,7 @@ def build_torch(args, config_hkt: dict[str, Any]):
                      "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                      "threads": torch.get_num_threads(), "channels_last": bool(args.torch_channels_last),
                      "compile": bool(args.torch_compile), "amp": "bfloat16 autocast, channels-last" if args.amp else None,
+                     "variant_errors": variant_errors,
                      "mkldnn": bool(torch.backends.mkldnn.is_available())}}
 
 
