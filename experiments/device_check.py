@@ -18,7 +18,10 @@ ResNet-110 leaving chance) are judged, the speeds are printed as measured.
 ``--quick`` (a 2-core CPU in about 2 minutes): two of the ``gpu`` tests, the smoke's child at 4 steps,
 the benches in quick mode without PyTorch, no real-data runs; the keys are all there, null with a reason
 for what it did not measure. Sub-command logs go to ``--workdir`` (default: a temporary folder).
-Children get ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` unless set, so two can share the GPU.
+Children get ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` unless set, so two can share the GPU, and a JAX
+compilation cache in the workdir (``JAX_COMPILATION_CACHE_DIR`` unless set; the smoke has its own): rerun
+with the same ``--workdir`` and compilation is mostly skipped. A check stopped at its timeout gets Ctrl-C
+first (pytest still writes its report), then SIGKILL.
 """
 
 from __future__ import annotations
@@ -91,6 +94,9 @@ class Runner:
         self.env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE=os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE",
                                                                                  "false"),
                         PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+        # One persistent compilation cache for the checks (the smoke keeps its own, to be cold): a rerun in
+        # the same workdir, and a program two checks both compile, compile once.
+        self.env.setdefault("JAX_COMPILATION_CACHE_DIR", str(workdir / "jax_cache"))
 
     def left_s(self) -> float:
         return self.deadline - time.monotonic()
@@ -118,8 +124,12 @@ class Runner:
             proc.wait(timeout=max(0.0, job["start"] + job["timeout_s"] - time.monotonic()))
         except subprocess.TimeoutExpired:
             timed_out = True
-            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the job and whatever it started
-            proc.wait()
+            os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C: pytest still writes its junit XML, a run its checkpoint
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # its own session: the job and whatever it started
+                proc.wait()
         job["handle"].close()
         seconds = time.monotonic() - job["start"]
         record = {"cmd": job["args"], "rc": proc.returncode, "seconds": round(seconds, 1), "timed_out": timed_out,
@@ -178,9 +188,12 @@ def start_gpu_tests(runner: Runner, quick: bool):
         runner.records["gpu_tests"] = {"skipped": f"pytest is not installed for {sys.executable}: add its wheels "
                                                   "(pytest, pluggy, iniconfig, packaging) to the machine"}
         return None
+    from tests.conftest import GPU_SUBSET  # imports pytest: only now that it is known to be there
+
     xml = runner.workdir / "gpu_tests.xml"
+    modules = [f"tests/{name}" for name in sorted(GPU_SUBSET)]  # collect only these, not the whole suite
     args = ["-m", "pytest", "-q", "-m", "gpu", f"--junitxml={xml}", "-o", "junit_family=xunit1",
-            *(QUICK_TESTS if quick else [])]
+            *(QUICK_TESTS if quick else modules)]
     return runner.start("gpu_tests", args, 90 if quick else 150)
 
 
