@@ -39,8 +39,9 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from hkt_jax import paths
 
@@ -445,7 +446,7 @@ def describe_device(runner: Runner) -> dict[str, Any]:
             "'device_kind': d.device_kind, 'device_count': jax.device_count(), 'jax': jax.__version__, "
             "'cpu_count': os.cpu_count()}))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=runner.env, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, check=False)
     info = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"backend": "unknown"}
     for package in ("torch", "torchvision", "pytest"):
         try:
@@ -480,10 +481,10 @@ def table_rows(results: Results, backend: str) -> list[dict[str, Any]]:
 
 
 def render(report: dict[str, Any]) -> str:
-    lines = [f"device check on {report['device']}{' (--quick)' if report['quick'] else ''}: "
-             f"{report['wall_s']:.0f} s; targets are the H200 ones",
-             f"| {'check':28s} | {'value':>10s} | {'target':>8s} | {'status':9s} | note", f"|{'-' * 30}|{'-' * 12}|"
-             f"{'-' * 10}|{'-' * 11}|------"]
+    title = (f"device check on {report['device']}{' (--quick)' if report['quick'] else ''}: "
+             f"{report['wall_s']:.0f} s; targets are the H200 ones")
+    lines = [title, f"| {'check':28s} | {'value':>10s} | {'target':>8s} | {'status':9s} | note",
+             f"|{'-' * 30}|{'-' * 12}|{'-' * 10}|{'-' * 11}|------"]
     for row in report["table"]:
         value = row["value"]
         shown = "-" if value is None else str(value) if isinstance(value, (bool, int)) else f"{value:.3g}"
