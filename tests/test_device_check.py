@@ -92,3 +92,24 @@ def test_quick_run_reports_every_check_with_a_value_or_a_reason(tmp_path):
     assert "--quick" in report["reasons"]["resnet110_leaves_chance"]
     assert [row["check"] for row in report["table"]] == list(device_check.TARGETS)
     assert "| check" in proc.stdout  # the table
+
+
+def test_tf32_is_set_alike_in_jax_and_pytorch():
+    torch = pytest.importorskip("torch")
+    import jax
+
+    from experiments.bench_train import match_tf32
+
+    before = (jax.config.jax_default_matmul_precision, torch.backends.cuda.matmul.allow_tf32,
+              torch.backends.cudnn.allow_tf32)
+    try:
+        highest = match_tf32(torch, "highest")
+        assert highest["jax_default_matmul_precision"] == "highest" and not highest["jax_tf32"]
+        assert highest["torch_matmul_allow_tf32"] is False and highest["torch_cudnn_allow_tf32"] is False
+        default = match_tf32(torch, "default")
+        assert jax.config.jax_default_matmul_precision is None
+        assert default["jax_tf32"] == (jax.default_backend() == "gpu")
+        assert default["torch_matmul_allow_tf32"] is True and default["torch_cudnn_allow_tf32"] is True
+    finally:
+        jax.config.update("jax_default_matmul_precision", before[0])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before[1:]
