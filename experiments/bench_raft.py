@@ -6,8 +6,9 @@
   loss (gamma 0.8, L1 as princeton-vl's ``sequence_loss``), backward, AdamW update;
   BatchNorm in training mode on both sides.
 
-JAX runs both correlation options (``all_pairs``, ``on_the_fly``); torchvision has the
-all-pairs volume only. Times are medians over rounds; each round runs every case once so
+JAX runs both correlation options (``all_pairs``, ``on_the_fly``; ``--corr_impls`` picks); torchvision
+has the all-pairs volume only. torchvision runs on ``cuda`` when ``torch.cuda.is_available()`` (the
+device JAX uses on a GPU machine), else on the CPU; its times include a ``torch.cuda.synchronize()``. Times are medians over rounds; each round runs every case once so
 all of them see the same machine load. "temp MiB" is the compiled executable's temporary
 memory (``jax.jit(...).lower(...).compile().memory_analysis()``). ``--quick``: small frames
 and few iterations, to check that the script runs.
@@ -81,7 +82,7 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def build_cases(config: dict, sizes: list[str], tasks: list[str], torch) -> list[dict]:
+def build_cases(config: dict, sizes: list[str], tasks: list[str], torch, corr_impls=CORR_IMPLS) -> list[dict]:
     """Each case: name, a zero-argument runner (blocks until done), and its temporary memory."""
     rng = np.random.default_rng(0)
     height, width = config["infer_shape"]
@@ -94,10 +95,10 @@ def build_cases(config: dict, sizes: list[str], tasks: list[str], torch) -> list
     for size in sizes:
         reference = torch_model(torch, size)
         variables = raft_from_torch(reference.state_dict())
-        for impl in CORR_IMPLS:
+        for impl in corr_impls:
             model = RAFT(small=size == "small", corr_impl=impl)  # unrolled iterations: what training runs
             infer = jax_inference(model.clone(unroll=1), config["infer_iters"])  # rolled, as estimate_flow
-            args = (variables, frames[0], frames[1])
+            args = jax.device_put((variables, frames[0], frames[1]))  # on the device once, not per call
             if "inference" in tasks:
                 cases.append({"task": "inference", "size": size, "impl": f"jax {impl}",
                               "temp_mib": temp_mib(infer, *args),
@@ -123,21 +124,30 @@ def build_cases(config: dict, sizes: list[str], tasks: list[str], torch) -> list
     return cases
 
 
+def torch_device(torch) -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def torch_cases(torch, reference, size: str, config: dict, frames, train_frames, target) -> list[dict]:
+    device = torch_device(torch)
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
     def to_torch(images):  # torchvision takes [-1, 1], channels-first
-        return torch.from_numpy(2 * (images / 255.0) - 1).permute(0, 3, 1, 2).float().contiguous()
+        return torch.from_numpy(2 * (images / 255.0) - 1).permute(0, 3, 1, 2).float().contiguous().to(device)
 
     image1, image2 = to_torch(frames[0]), to_torch(frames[1])
+    reference = reference.to(device)
 
     def infer():
         reference.eval()
         with torch.no_grad():
             reference(image1, image2, num_flow_updates=config["infer_iters"])
+        synchronize()
 
-    train_model = torch_model(torch, size).train()
+    train_model = torch_model(torch, size).to(device).train()
     optimizer = torch.optim.AdamW(train_model.parameters(), lr=LEARNING_RATE, weight_decay=1e-5)
     t_image1, t_image2 = to_torch(train_frames[0]), to_torch(train_frames[1])
-    t_target = torch.from_numpy(target).permute(0, 3, 1, 2).contiguous()
+    t_target = torch.from_numpy(target).permute(0, 3, 1, 2).contiguous().to(device)
     weights = sequence_weights(config["train_iters"])
 
     def train():
@@ -146,6 +156,7 @@ def torch_cases(torch, reference, size: str, config: dict, frames, train_frames,
         loss = sum(float(w) * (flow - t_target).abs().mean() for w, flow in zip(weights, flows))
         loss.backward()
         optimizer.step()
+        synchronize()
 
     nan = float("nan")
     return [{"task": "inference", "size": size, "impl": "torchvision eager", "temp_mib": nan, "run": infer},
@@ -159,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="large,small", help="comma-separated: large, small")
     parser.add_argument("--train_shape", help="HxW of the training crops instead of the default (e.g. 184x248)")
     parser.add_argument("--tasks", default="inference,train", help="comma-separated: inference, train")
+    parser.add_argument("--corr_impls", default=",".join(CORR_IMPLS), help="comma-separated JAX correlation options")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
     import torch  # the comparison needs torchvision; the JAX side does not
@@ -171,12 +183,17 @@ def main(argv: list[str] | None = None) -> int:
     device = jax.devices()[0]
     print(f"# CPU: {cpu_info.cpu_model()} (avx512f: {'yes' if 'avx512f' in flags else 'no'}; "
           f"{cpu_info.describe_cpu()}), {torch.get_num_threads()} torch threads")
-    print(f"# JAX {jax.__version__} on {device.platform} ({device.device_kind}); torch {torch.__version__}")
+    print(f"# JAX {jax.__version__} on {device.platform} ({device.device_kind}); torch {torch.__version__} "
+          f"on {torch_device(torch)}")
     print(f"# inference: 1 pair {config['infer_shape'][0]}x{config['infer_shape'][1]}, {config['infer_iters']} iters; "
           f"train step: batch {config['batch']} {config['train_shape'][0]}x{config['train_shape'][1]}, "
           f"{config['train_iters']} iters; median of {args.repeats} rounds after a warm-up; "
           f"load average {' '.join(open('/proc/loadavg').read().split()[:3])}")
-    cases = build_cases(config, sizes, [t for t in args.tasks.split(",") if t], torch)
+    corr_impls = tuple(i for i in args.corr_impls.split(",") if i)
+    unknown = set(corr_impls) - set(CORR_IMPLS)
+    if unknown:
+        parser.error(f"unknown --corr_impls {sorted(unknown)}; choose from {list(CORR_IMPLS)}")
+    cases = build_cases(config, sizes, [t for t in args.tasks.split(",") if t], torch, corr_impls)
     for case in cases:  # warm-up: compiles the JAX functions, fills torch's caches
         case["compile_s"] = timed(case["run"])
         case["times"] = []
@@ -204,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         report = {"load_average": open("/proc/loadavg").read().split()[:3], "cpu": cpu_info.cpu_model(), "avx512f": "avx512f" in flags, "cpu_description": cpu_info.describe_cpu(),
                   "jax": jax.__version__, "torch": torch.__version__, "platform": device.platform,
+                  "device_kind": device.device_kind, "torch_device": torch_device(torch),
                   "config": config, "repeats": args.repeats, "rows": rows}
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"\nwritten to {args.json}")

@@ -12,8 +12,19 @@ the compiled HKT step's HLO (on one device: compiled for a simulated 8-device
 mesh in a subprocess), and side by side, when torch is installed, the same
 three measurements written in plain PyTorch eager (CIFAR ResNets with option-A
 shortcuts, the parent in eval mode under ``no_grad``, gate GA on the pooled
-features, SGD). Every step sees the same batch; the four programs are timed in
+features, SGD). Every step sees the same batch; the programs are timed in
 interleaved rounds, so load from other processes hits them alike.
+
+PyTorch runs on the device JAX would pick if it could: ``cuda`` when ``torch.cuda.is_available()``,
+else the CPU. ``--torch_compile`` adds the HKT step with its loss under ``torch.compile`` (default
+mode; backward through AOTAutograd, the SGD update eager), ``--amp`` the HKT step under bfloat16
+autocast in channels-last (PyTorch's usual mixed precision); both beside eager, both HKT step only
+(the number the comparison is about). ``--matmul_precision`` sets float32 matmuls/convolutions alike
+on both sides: ``default`` is TF32 on NVIDIA GPUs for JAX (XLA's default) and for PyTorch
+(``torch.backends.cuda.matmul.allow_tf32`` and ``torch.backends.cudnn.allow_tf32`` set to True),
+``highest`` is full float32 on both; the table and JSON say which. ``--compute_dtype bfloat16`` passes
+``train.compute_dtype=bfloat16`` into the config the networks are built from (an error naming the
+key where this branch's config has no such key).
 
 JAX convolutions: ``--conv_impl auto`` (default) runs the 3x3 convolutions through the CPU kernels
 of ``hkt_jax.kernels.cpu_conv`` on a one-device CPU run and through XLA otherwise; ``--conv_impl xla``
@@ -86,9 +97,10 @@ class JaxPrograms:
 
 
 def build_jax(args, mesh) -> JaxPrograms:
+    dtype = [f"train.compute_dtype={args.compute_dtype}"] if args.compute_dtype else []
     config = apply_overrides(load_config(args.config), [
         f"child.depth={args.child_depth}", f"parent.depth={args.parent_depth}",
-        f"train.batch_size={args.batch_size}", "train.steps=1000", *args.override,
+        f"train.batch_size={args.batch_size}", "train.steps=1000", *dtype, *args.override,
     ])
     task = Classification()
     classes = {"num_classes": NUM_CLASSES}
@@ -138,6 +150,7 @@ def build_jax(args, mesh) -> JaxPrograms:
 
     info = {
         "config": args.config,
+        "compute_dtype": getattr(config.train, "compute_dtype", "float32"),
         "hkt": dataclasses.asdict(config.hkt),
         "optim": dataclasses.asdict(config.optim),
         "parent_folded": parent is not raw_parent,
@@ -167,8 +180,32 @@ def _later_stage_bytes(child: CifarResNet, params: Any) -> int:
 # -- PyTorch side -------------------------------------------------------------------------------------
 
 
+def torch_device(torch) -> str:
+    """Where the PyTorch twin runs: the GPU when PyTorch sees one (as JAX would use it), else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def match_tf32(torch, precision: str) -> dict[str, Any]:
+    """Set float32 matmul/convolution precision alike in JAX and PyTorch; what each side now does.
+
+    ``default``: XLA's default, TF32 on NVIDIA GPUs since Ampere, so PyTorch is told to allow TF32 too
+    (its own default allows it for convolutions only). ``highest``: full float32 on both sides."""
+    jax.config.update("jax_default_matmul_precision", None if precision == "default" else "highest")
+    allow = precision == "default"
+    settings = {"matmul_precision": precision,
+                "jax_default_matmul_precision": jax.config.jax_default_matmul_precision or "default",
+                "jax_tf32": allow and jax.default_backend() == "gpu"}
+    if torch is not None:
+        torch.backends.cuda.matmul.allow_tf32 = allow
+        torch.backends.cudnn.allow_tf32 = allow
+        settings.update(torch_matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+                        torch_cudnn_allow_tf32=torch.backends.cudnn.allow_tf32)
+    return settings
+
+
 def build_torch(args, config_hkt: dict[str, Any]):
-    """(child step, parent forward, HKT step) in plain PyTorch eager, or None without torch."""
+    """(child step, parent forward, HKT step) in plain PyTorch eager, and the HKT step under
+    ``torch.compile`` / bfloat16 autocast when asked; None without torch."""
     try:
         import torch
         import torch.nn as tnn
@@ -178,6 +215,7 @@ def build_torch(args, config_hkt: dict[str, Any]):
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)
+    device = torch_device(torch)
 
     class Block(tnn.Module):
         def __init__(self, cin, cout, stride):
@@ -216,9 +254,9 @@ def build_torch(args, config_hkt: dict[str, Any]):
         def forward(self, x):
             return self.fc(self.features(x))
 
-    channels_last = torch.channels_last if args.torch_channels_last else torch.contiguous_format
-    child = ResNet(args.child_depth).to(memory_format=channels_last).train()
-    parent = ResNet(args.parent_depth).to(memory_format=channels_last).eval()
+    memory_format = torch.channels_last if args.torch_channels_last else torch.contiguous_format
+    child = ResNet(args.child_depth).to(device=device, memory_format=memory_format).train()
+    parent = ResNet(args.parent_depth).to(device=device, memory_format=memory_format).eval()
     for p in parent.parameters():
         p.requires_grad_(False)
     optim = config_hkt["optim"]
@@ -229,9 +267,9 @@ def build_torch(args, config_hkt: dict[str, Any]):
 
     opt_hkt, opt_child = sgd(child.parameters()), sgd(child.parameters())
     rng = np.random.default_rng(0)
-    x = torch.from_numpy(rng.normal(size=(args.batch_size, 3, 32, 32)).astype(np.float32))
-    x = x.contiguous(memory_format=channels_last)
-    y = torch.from_numpy(rng.integers(0, NUM_CLASSES, args.batch_size).astype(np.int64))
+    x_host = torch.from_numpy(rng.normal(size=(args.batch_size, 3, 32, 32)).astype(np.float32))
+    x = x_host.to(device).contiguous(memory_format=memory_format)
+    y = torch.from_numpy(rng.integers(0, NUM_CLASSES, args.batch_size).astype(np.int64)).to(device)
     lam = config_hkt["hkt"]["lam"]
     a1, a2, a3 = config_hkt["hkt"]["alphas"]
 
@@ -255,25 +293,78 @@ def build_torch(args, config_hkt: dict[str, Any]):
         with torch.no_grad():
             return parent(x)
 
-    def hkt_step():
-        opt_hkt.zero_grad(set_to_none=True)
+    def hkt_loss(child, parent, x):
         feat_c = child.features(x)
         with torch.no_grad():
             feat_p = parent.features(x)
         z_native = child.fc(feat_c)
         z_backbone = child.fc(gate_mix(feat_c, feat_p))  # parent -> child (L1)
         z_head = parent.fc(gate_mix(feat_p, feat_c))  # child -> parent, through the frozen head (L3)
-        loss = a1 * inherit(z_backbone) + a2 * F.cross_entropy(z_native, y) + a3 * inherit(z_head)
+        return a1 * inherit(z_backbone) + a2 * F.cross_entropy(z_native, y) + a3 * inherit(z_head)
+
+    def make_hkt_step(*, compiled: bool = False, amp: bool = False):
+        """The HKT step on its own copies of the two networks (same weights), eager, compiled or AMP."""
+        fmt = torch.channels_last if amp else memory_format
+        own_child = ResNet(args.child_depth).to(device=device, memory_format=fmt).train()
+        own_parent = ResNet(args.parent_depth).to(device=device, memory_format=fmt).eval()
+        own_child.load_state_dict(child.state_dict())
+        own_parent.load_state_dict(parent.state_dict())
+        for p in own_parent.parameters():
+            p.requires_grad_(False)
+        opt = sgd(own_child.parameters())
+        images = x.contiguous(memory_format=fmt)
+        loss_fn = torch.compile(hkt_loss) if compiled else hkt_loss
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=amp):
+                loss = loss_fn(own_child, own_parent, images)
+            loss.backward()
+            opt.step()
+            return loss
+
+        return step
+
+    def hkt_step():
+        opt_hkt.zero_grad(set_to_none=True)
+        loss = hkt_loss(child, parent, x)
         loss.backward()
         opt_hkt.step()
         return loss
 
     if config_hkt["hkt"]["stage_split"] != "paper" or config_hkt["hkt"]["mode"] == "softmax":
         return None  # the PyTorch twin covers the paper's 2HKT (pooled vectors, gate GA) only
-    return {"child_step": child_step, "parent_forward": parent_forward, "hkt_step": hkt_step,
-            "info": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                     "channels_last": bool(args.torch_channels_last),
+    programs = {"child_step": child_step, "parent_forward": parent_forward, "hkt_step": hkt_step}
+    variant_errors = {}
+    for name, wanted, options in (("hkt_step_compiled", args.torch_compile, {"compiled": True}),
+                                  ("hkt_step_amp", args.amp, {"amp": True})):
+        if not wanted:
+            continue
+        try:  # the first call compiles (torch.compile needs Triton and a C compiler): a failure drops this row only
+            step = make_hkt_step(**options)
+            step()
+            programs[name] = step
+        except Exception as error:  # noqa: BLE001 - any backend failure; the eager rows still stand
+            variant_errors[name] = f"{type(error).__name__}: {str(error)[:500]}"
+            print(f"PyTorch {name} left out: {variant_errors[name]}", file=sys.stderr)
+    if device == "cuda":  # CUDA calls return at once: wait for the GPU, as block_until_ready does for JAX
+        programs = {name: _then_synchronize(fn, torch.cuda.synchronize) for name, fn in programs.items()}
+    return {**programs,
+            "info": {"torch": torch.__version__, "device": device,
+                     "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                     "threads": torch.get_num_threads(), "channels_last": bool(args.torch_channels_last),
+                     "compile": bool(args.torch_compile), "amp": "bfloat16 autocast, channels-last" if args.amp else None,
+                     "variant_errors": variant_errors,
                      "mkldnn": bool(torch.backends.mkldnn.is_available())}}
+
+
+def _then_synchronize(fn: Callable, synchronize: Callable) -> Callable:
+    def run():
+        out = fn()
+        synchronize()
+        return out
+
+    return run
 
 
 # -- timing -------------------------------------------------------------------------------------------
@@ -323,6 +414,7 @@ def allreduce_report(args, programs: JaxPrograms | None) -> dict[str, Any]:
            f"--parent_depth={args.parent_depth}", f"--child_depth={args.child_depth}",
            f"--batch_size={args.batch_size}", f"--config={args.config}"]
     cmd += [f"--override={o}" for o in args.override] + (["--no_fold"] if args.no_fold else [])
+    cmd += [f"--compute_dtype={args.compute_dtype}"] if args.compute_dtype else []
     env = sharding.simulated_cpu_env(args.allreduce_devices)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800,
                           cwd=Path(__file__).resolve().parents[1])
@@ -344,11 +436,16 @@ def _probe(args) -> None:
                       "other_collectives": sorted({k for k, _ in ops if k != "all-reduce"})}))
 
 
+CONVOLUTION_CALL_TARGETS = re.compile(r'custom_call_target="(?:__cudnn\$conv\w*|hkt_conv3x3_\w+)"')
+"""Custom calls that are convolutions: cuDNN's on GPUs (``__cudnn$convForward``, ``...BackwardInput``,
+``...BackwardFilter``, ``__cudnn$convBiasActivationForward``) and this project's CPU kernels."""
+
+
 def count_convolutions(hlo_text: str) -> int:
-    """Convolution instructions in a compiled module (inside library fusions too), and calls of the
-    CPU convolution kernels (hkt_jax.kernels.cpu_conv) when those run them."""
+    """Convolutions in a compiled module: XLA ``convolution`` instructions (inside library fusions
+    too) and custom calls that convolve (cuDNN on GPUs, hkt_jax.kernels.cpu_conv on CPU)."""
     xla = len(re.findall(r"\s(?:convolution)\(", hlo_text))
-    return xla + len(re.findall(r'custom_call_target="hkt_conv3x3_\w+"', hlo_text))
+    return xla + len(CONVOLUTION_CALL_TARGETS.findall(hlo_text))
 
 
 def recompute_check(programs: JaxPrograms) -> dict[str, int]:
@@ -369,20 +466,37 @@ def _fmt(ms: float | None, batch: int) -> tuple[str, str]:
     return f"{ms:9.1f}", f"{1000 * batch / ms:8.0f}"
 
 
+def _precision_line(precision: dict[str, Any]) -> str:
+    line = (f"float32 matmul precision {precision['matmul_precision']}: JAX jax_default_matmul_precision="
+            f"{precision['jax_default_matmul_precision']} (TF32: {'yes' if precision['jax_tf32'] else 'no'})")
+    if "torch_matmul_allow_tf32" in precision:
+        line += (f", PyTorch matmul.allow_tf32={precision['torch_matmul_allow_tf32']} "
+                 f"cudnn.allow_tf32={precision['torch_cudnn_allow_tf32']}")
+    return line
+
+
 def render(result: dict[str, Any]) -> str:
     b = result["batch_size"]
     jx, th = result["jax"], result.get("torch") or {}
+    th_info = result.get("torch_info") or {}
     lines = [
         f"HKT training step: ResNet-{result['parent_depth']} -> ResNet-{result['child_depth']}, global batch {b}, "
         f"{result['devices']}, {result.get('cpu', 'CPU not recorded')}; median of {result['rounds']} interleaved rounds; "
         f"JAX convolutions: {result['jax_info']['conv_impl']}; malloc tuned: {result['malloc_tuned']}",
+        f"compute dtype {result['jax_info']['compute_dtype']}; " + _precision_line(result["precision"])
+        + (f"; PyTorch on {th_info['device']} ({th_info['device_name']})" if th_info else ""),
         f"{'':36s}{'JAX ms':>9s} {'img/s':>8s}   {'PyTorch ms':>10s} {'img/s':>8s}   {'JAX/PyTorch':>11s}",
     ]
-    rows = [("(a) child train step", "child_step"), ("(b) parent forward (inference)", "parent_forward"),
-            ("(c) HKT step", "hkt_step")]
-    for label, key in rows:
+    rows = [("(a) child train step", "child_step", "child_step"),
+            ("(b) parent forward (inference)", "parent_forward", "parent_forward"),
+            ("(c) HKT step", "hkt_step", "hkt_step"),
+            ("    vs PyTorch torch.compile", "hkt_step", "hkt_step_compiled"),
+            ("    vs PyTorch AMP (bf16, ch-last)", "hkt_step", "hkt_step_amp")]
+    for label, key, torch_key in rows:
+        if key != torch_key and torch_key not in th:
+            continue
         j = jx[key]["median_ms"]
-        t = th.get(key, {}).get("median_ms") if th else None
+        t = th.get(torch_key, {}).get("median_ms") if th else None
         ratio = f"{j / t:11.2f}" if t else f"{'-':>11s}"
         lines.append(f"{label:36s}{_fmt(j, b)[0]} {_fmt(j, b)[1]}   {_fmt(t, b)[0]:>10s} {_fmt(t, b)[1]:>8s}   {ratio}")
     if "parent_forward_unfolded" in jx:
@@ -408,10 +522,11 @@ def render(result: dict[str, Any]) -> str:
         expected = (info["trainable_bytes"] + info["child_later_stage_bytes"] + 12 * info["bn_channels"])
         lines.append(f"bytes all-reduced per step, {where}: {ar['allreduce_bytes']:,} in "
                      f"{ar.get('num_allreduce_ops', 0)} ops")
-        lines.append(f"  = trainable {info['trainable_bytes']:,} (child {info['child_bytes']:,} + adapters "
-                     f"{info['adapter_bytes']:,}) + later-stage grads reduced per stream "
-                     f"{info['child_later_stage_bytes']:,} + BN statistics {12 * info['bn_channels']:,} "
-                     f"+ scalars {ar['allreduce_bytes'] - expected:,}; frozen parent ({info['parent_bytes']:,} B): 0")
+        if ar["allreduce_bytes"]:
+            lines.append(f"  = trainable {info['trainable_bytes']:,} (child {info['child_bytes']:,} + adapters "
+                         f"{info['adapter_bytes']:,}) + later-stage grads reduced per stream "
+                         f"{info['child_later_stage_bytes']:,} + BN statistics {12 * info['bn_channels']:,} "
+                         f"+ scalars {ar['allreduce_bytes'] - expected:,}; frozen parent ({info['parent_bytes']:,} B): 0")
     return "\n".join(lines)
 
 
@@ -434,6 +549,14 @@ def parse_args(argv=None):
     parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch twin")
     parser.add_argument("--torch_threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     parser.add_argument("--torch_channels_last", action="store_true", help="PyTorch in channels-last memory format")
+    parser.add_argument("--torch_compile", action="store_true",
+                        help="also time the PyTorch HKT step under torch.compile (default mode)")
+    parser.add_argument("--amp", action="store_true",
+                        help="also time the PyTorch HKT step under bfloat16 autocast, channels-last")
+    parser.add_argument("--matmul_precision", default="default", choices=("default", "highest"),
+                        help="float32 matmuls/convolutions on both sides: default (TF32 on NVIDIA GPUs) or highest")
+    parser.add_argument("--compute_dtype", default=None, choices=("float32", "bfloat16"),
+                        help="the networks' compute dtype (config train.compute_dtype; default: the config's)")
     parser.add_argument("--allreduce_devices", type=int, default=8,
                         help="on one device, simulate this many to read the all-reduce volume (<= 1: skip)")
     parser.add_argument("--json", default=None, help="write the full result here")
@@ -452,9 +575,21 @@ def main(argv=None) -> int:
         _probe(args)
         return 0
     load_before = os.getloadavg()
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    precision = match_tf32(None if args.no_torch else torch, args.matmul_precision)
     mesh = sharding.make_mesh()
     sharding.check_global_batch(args.batch_size, mesh)
-    jax_programs = build_jax(args, mesh)
+    try:
+        jax_programs = build_jax(args, mesh)
+    except ValueError as error:
+        if args.compute_dtype and "train.compute_dtype" in str(error):
+            print(f"--compute_dtype {args.compute_dtype}: not available: this branch's config has no "
+                  f"train.compute_dtype key", file=sys.stderr)
+            return 2
+        raise
     programs = {"jax/child_step": jax_programs.child_step, "jax/parent_forward": jax_programs.parent_forward,
                 "jax/hkt_step": jax_programs.hkt_step}
     if jax_programs.info["parent_folded"]:
@@ -473,7 +608,7 @@ def main(argv=None) -> int:
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind} ({os.cpu_count()} CPU cores)", "cpu": cpu_info.describe_cpu(),
         "jax_version": jax.__version__, "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "platform": platform.platform(), "malloc_tuned": malloc_tuned, "jax": jx, "torch": th or None,
-        "torch_info": twin["info"] if twin else None, "jax_info": info,
+        "torch_info": twin["info"] if twin else None, "jax_info": info, "precision": precision,
     }
     result["jax_a_plus_b_ms"] = jx["child_step"]["median_ms"] + jx["parent_forward"]["median_ms"]
     result["jax_overhead_ratio"] = jx["hkt_step"]["median_ms"] / result["jax_a_plus_b_ms"]
@@ -485,6 +620,9 @@ def main(argv=None) -> int:
         result["torch_a_plus_b_ms"] = th["child_step"]["median_ms"] + th["parent_forward"]["median_ms"]
         result["torch_overhead_ratio"] = th["hkt_step"]["median_ms"] / result["torch_a_plus_b_ms"]
         result["hkt_jax_over_torch"] = jx["hkt_step"]["median_ms"] / th["hkt_step"]["median_ms"]
+        for variant in ("compiled", "amp"):
+            if f"hkt_step_{variant}" in th:
+                result[f"hkt_jax_over_torch_{variant}"] = jx["hkt_step"]["median_ms"] / th[f"hkt_step_{variant}"]["median_ms"]
     result["allreduce"] = allreduce_report(args, jax_programs)
     result["convolutions"] = recompute_check(jax_programs)
     result["load_average_before_after"] = [list(load_before), list(os.getloadavg())]

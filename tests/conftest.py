@@ -36,3 +36,38 @@ def exported_leaves(directory) -> list:
 
     variables, _ = checkpoint.load_model(directory)
     return [np.asarray(x) for x in jax.tree.leaves(variables)]
+
+
+# -- accelerators ------------------------------------------------------------------------------------
+
+GPU_SUBSET: dict[str, tuple[str, ...]] = {
+    # module: test functions (empty: the whole module). ``python -m pytest -m gpu`` runs these; the
+    # device check (experiments/device_check.py) runs them on the accelerator present (<= 2 min on one GPU).
+    "test_ga.py": (),  # Genetic Attention: every implementation, values and gradients
+    "test_hkt.py": (),  # the engine: Algorithm 1's streams, losses, frozen parent
+    "test_etm.py": (),  # extractor / transfer / mixture
+    "test_train_loop.py": ("test_run_writes_every_output",),  # one training loop per task
+    "test_flow_task.py": ("test_smoke_trains_parent_then_hkt_child",),
+    "test_seg_task.py": ("test_smoke_trains_parent_then_hkt_child",),
+    "test_sharding.py": ("test_hlo_collective_parser", "test_fsdp_spec_picks_the_largest_divisible_axis"),  # one device
+}
+"""The ``gpu`` subset, in one place (so a test file needs no edit to join or leave it)."""
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        names = GPU_SUBSET.get(item.path.name)
+        if names is not None and (not names or item.originalname in names):
+            item.add_marker(pytest.mark.gpu)
+
+
+@pytest.fixture
+def highest_matmul_precision():
+    """float32 matmuls and convolutions at full float32 precision while the test runs.
+
+    Tests that compare with float64 NumPy or with PyTorch use it: XLA's default on GPUs (TF32, a
+    10-bit mantissa) and TPUs (bfloat16 passes) misses their 1e-5 tolerances, and on CPU it changes nothing."""
+    import jax
+
+    with jax.default_matmul_precision("highest"):
+        yield

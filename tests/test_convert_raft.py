@@ -25,6 +25,8 @@ from hkt_jax.data.flow_io import read_image  # noqa: E402
 from hkt_jax.models import RAFT  # noqa: E402
 from tests.conftest import require_shared  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("highest_matmul_precision")  # compared with float64 / PyTorch: no TF32 on GPUs
+
 ITERS = 12
 MAX_MEAN_EPE_DIFF, MAX_EPE_DIFF = 1e-3, 1e-2
 SIZES = ("large", "small")

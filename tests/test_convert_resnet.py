@@ -32,6 +32,8 @@ from hkt_jax.models.registry import model_spec  # noqa: E402
 from tests.conftest import REPO_ROOT  # noqa: E402
 from tests.conftest import require_shared as shared_data  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("highest_matmul_precision")  # compared with float64 / PyTorch: no TF32 on GPUs
+
 BATCH = 20
 MAX_LOGIT_ERROR = 1e-4
 REAL_CHECKPOINTS = {20: "resnet20-12fca82f.th", 56: "resnet56-4bfd9763.th"}

@@ -17,6 +17,10 @@ from hkt_jax.models import CifarResNet
 # AVX2 + FMA tiles), x86-64-v2 (the 4-float SSE tiles, as on NEON).
 MARCHES = build.runnable_marches()
 
+# The kernels are XLA custom calls registered for the CPU platform: on a GPU/TPU default backend the
+# arrays live on the accelerator and there is nothing to test (resolve_conv_impl then picks "xla").
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU convolution kernels: CPU backend only")
+
 
 @pytest.fixture(scope="module", autouse=True)
 def kernels():

@@ -13,6 +13,8 @@ from experiments.estimate_flow import main, pad_to_multiple_of_8
 from hkt_jax.data.flow_io import FLO_MAGIC, flow_to_color, make_colorwheel, read_flo, read_image, write_flo
 from tests.conftest import require_shared
 
+pytestmark = pytest.mark.usefixtures("highest_matmul_precision")  # compared with float64 / PyTorch: no TF32 on GPUs
+
 
 @pytest.fixture(scope="module")
 def raft_small_dir(tmp_path_factory):

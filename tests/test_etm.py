@@ -10,6 +10,8 @@ import pytest
 from hkt_jax import ga
 from hkt_jax.etm import Extractor, Mixture, Transfer, get_leaf, set_leaf
 
+pytestmark = pytest.mark.usefixtures("highest_matmul_precision")  # compared with float64 / PyTorch: no TF32 on GPUs
+
 
 def _normal(shape, seed):
     return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)

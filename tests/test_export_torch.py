@@ -27,6 +27,8 @@ from hkt_jax.data.pipeline import NORMALIZATIONS  # noqa: E402
 from hkt_jax.models.registry import build_model  # noqa: E402
 from tests.conftest import REPO_ROOT, require_shared  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("highest_matmul_precision")  # compared with float64 / PyTorch: no TF32 on GPUs
+
 MAX_LOGIT_ERROR = 1e-4
 SNIPPET_PAGE = REPO_ROOT / "docs" / "converters-and-export.md"
 SNIPPET_MARKER = "<!-- the PyTorch snippet below is run by tests/test_export_torch.py -->"

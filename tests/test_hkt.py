@@ -21,6 +21,8 @@ from hkt_jax.tasks.classification import classification_ce, classification_mae
 from hkt_jax.models import ToyStagedNet, apply_stage
 from hkt_jax.train import TrainState, make_train_step
 
+pytestmark = pytest.mark.usefixtures("highest_matmul_precision")  # compared with float64 / PyTorch: no TF32 on GPUs
+
 CHILD = ToyStagedNet(widths=(4, 6), strides=(2, 1), num_classes=3)  # half the parent's resolution
 PARENT = ToyStagedNet(widths=(8, 12), strides=(1, 1), num_classes=3)
 

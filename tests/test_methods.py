@@ -14,6 +14,8 @@ from hkt_jax.models import ToyStagedNet
 from hkt_jax.optim import make_optimizer, make_schedule
 from hkt_jax.tasks import Classification
 
+pytestmark = pytest.mark.usefixtures("highest_matmul_precision")  # compared with float64 / PyTorch: no TF32 on GPUs
+
 
 def test_kd_loss_matches_numpy_formula():
     student, teacher = ToyStagedNet(widths=(4, 4), num_classes=5), ToyStagedNet(widths=(6, 6), num_classes=5)

@@ -14,6 +14,8 @@ from hkt_jax.config import apply_overrides
 from hkt_jax.train import train_and_evaluate
 from tests.conftest import REPO_ROOT, require_shared
 
+pytestmark = pytest.mark.usefixtures("highest_matmul_precision")  # compared with float64 / PyTorch: no TF32 on GPUs
+
 
 def _digest(directory):
     files = sorted(p for p in directory.rglob("*") if p.is_file())

@@ -25,6 +25,8 @@ from hkt_jax.models.raft_corr import build_corr, lookup_corr  # noqa: E402
 from hkt_jax.models.staged import run_all_stages  # noqa: E402
 from tests.conftest import require_shared  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("highest_matmul_precision")  # compared with float64 / PyTorch: no TF32 on GPUs
+
 SIZES = ("large", "small")
 CHAIRS = ("chairs0", "chairs1", "chairs2")
 MAX_ENCODER_REL_ERROR = 1e-4

@@ -14,6 +14,8 @@ from hkt_jax.models.registry import parameter_count
 from hkt_jax.models.unet import DenseUNet, PocketNet, UNet
 from hkt_jax.seg_metrics import segmentation_loss
 
+pytestmark = pytest.mark.usefixtures("highest_matmul_precision")  # compared with float64 / PyTorch: no TF32 on GPUs
+
 try:
     import torch
     from torch import nn as tnn
