@@ -10,8 +10,10 @@ the code that produced it.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import sys
@@ -67,34 +69,78 @@ UNREADABLE_SUBDIR = "checkpoints_unreadable"  # where restore moves steps it cou
 def training_manager(workdir: str | os.PathLike, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
     """Checkpoints of (train state, data-iterator position, loop state) under ``workdir/checkpoints``.
 
-    The parent is never in here: it is an input of the run, not its state. Orbax
-    writes each step to a temporary directory renamed into place when complete,
-    so a save that fails (disk full) leaves the previous steps as they were.
+    The parent is never in here: it is an input of the run, not its state. Saves
+    are asynchronous (``save_training``/``finish_save``): orbax copies the arrays
+    to the host, returns, and writes in a background thread, each step into a
+    temporary directory renamed into place when complete, so a save that fails
+    (disk full) leaves the previous steps as they were.
     """
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True)
     return ocp.CheckpointManager(
         Path(workdir).absolute() / CHECKPOINTS_SUBDIR, options=options, item_names=("state", "data", "loop")
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class PendingSave:
+    """A save still being written: its step and the newest finished one before it (what a failure keeps)."""
+
+    step: int
+    previous: int | None
+
+
 def save_training(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict[str, Any],
-                  loop_state: dict[str, Any] | None = None) -> None:
-    """Save one step; a failure raises ``CheckpointSaveError`` naming the intact previous step."""
+                  loop_state: dict[str, Any] | None = None) -> PendingSave:
+    """Start saving one step; ``finish_save`` waits for it (and ``manager.close`` does).
+
+    The arrays are on the host when this returns, so ``state`` may be donated to
+    the next step at once. Call ``finish_save`` of the previous save first: its
+    failure is then reported as its own step. A failure raises
+    ``CheckpointSaveError`` naming the intact previous step.
+    """
     items = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave(data_state)}
     if loop_state is not None:
         items["loop"] = ocp.args.JsonSave(loop_state)
     previous = manager.latest_step()
     try:
         manager.save(step, args=ocp.args.Composite(**items), force=True)
-        manager.wait_until_finished()
     except Exception as error:  # disk full, read-only or vanished directory, quota: all end the run
-        from hkt_jax.cli import CheckpointSaveError
+        raise _save_failed(manager, step, previous, error) from error
+    return PendingSave(step, previous)
 
-        kept = (f"the previous checkpoint (step {previous}) is intact; free space or fix the directory and rerun "
-                f"the same command to continue from step {previous}" if previous is not None else
-                "no earlier checkpoint exists; fix the directory and rerun the same command to start again")
-        raise CheckpointSaveError(f"error: could not save the checkpoint of step {step} in {manager.directory} "
-                                  f"({type(error).__name__}: {_first_line(error)}); {kept}") from error
+
+def finish_save(manager: ocp.CheckpointManager, pending: PendingSave | None) -> None:
+    """Wait until ``pending`` (the manager's last save) is written; its failure raises ``CheckpointSaveError``."""
+    try:
+        manager.wait_until_finished()
+    except Exception as error:
+        if pending is None:
+            raise
+        raise _save_failed(manager, pending.step, pending.previous, error) from error
+
+
+def _save_failed(manager: ocp.CheckpointManager, step: int, previous: int | None, error: BaseException):
+    from hkt_jax.cli import CheckpointSaveError
+
+    _drop_orbax_logs()  # the one line below says it all; orbax's threads would add tracebacks of it
+    kept = (f"the previous checkpoint (step {previous}) is intact; free space or fix the directory and rerun "
+            f"the same command to continue from step {previous}" if previous is not None else
+            "no earlier checkpoint exists; fix the directory and rerun the same command to start again")
+    return CheckpointSaveError(f"error: could not save the checkpoint of step {step} in {manager.directory} "
+                               f"({type(error).__name__}: {_first_line(error)}); {kept}")
+
+
+class _OrbaxLogs(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def _drop_orbax_logs() -> None:
+    """From now on, drop orbax's log records: after a failed save its background threads log tracebacks of
+    the same failure (while the error is raised, or later, when the process exits)."""
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _OrbaxLogs) for f in absl_logger.filters):
+        absl_logger.addFilter(_OrbaxLogs())
 
 
 def _first_line(error: BaseException) -> str:
@@ -122,8 +168,10 @@ def restore_latest_readable(manager: ocp.CheckpointManager, abstract_state: Any)
     """
     from hkt_jax.cli import UserError
 
+    manager.wait_until_finished()  # a save of this manager still being written is not read half-made
     steps = sorted(manager.all_steps(), reverse=True)
     skipped: list[str] = []
+    _quiet_late_callbacks_of_failed_restores()  # before the first try: they can fire while its error unwinds
     for step in steps:
         step_dir = Path(manager.directory) / str(step)
         items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore()}
@@ -133,7 +181,6 @@ def restore_latest_readable(manager: ocp.CheckpointManager, abstract_state: Any)
             restored = manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as error:  # orbax/tensorstore raise many types for a damaged step
             skipped.append(f"step {step} ({type(error).__name__}: {_first_line(error)})")
-            _quiet_late_callbacks_of_failed_restores()
             continue
         if skipped:
             _set_aside(manager, [int(s.split()[1]) for s in skipped])
@@ -159,20 +206,31 @@ def _read_text(path: Path) -> str:
 
 
 def _quiet_late_callbacks_of_failed_restores() -> None:
-    """A failed orbax restore leaves tensorstore reads whose callbacks later find orbax's event loop
-    closed; each would print a harmless ``RuntimeError: Event loop is closed`` traceback. Drop those
-    (only those) from ``sys.unraisablehook``."""
+    """A failed orbax restore leaves tensorstore reads (coroutines such as
+    ``_read_array_index_and_device_put``) whose callbacks find orbax's event loop closed, while the error
+    unwinds or later; each would print a harmless ``Exception ignored in: <coroutine ...>`` /
+    ``RuntimeError: Event loop is closed`` traceback (hundreds of lines for a large state). Drop those
+    (only those) from ``sys.unraisablehook``; anything else still prints."""
     previous = sys.unraisablehook
     if getattr(previous, "hkt_quiet_closed_loop", False):
         return
 
     def hook(unraisable):
-        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+        if _is_orbax_closed_loop_noise(unraisable):
             return
         previous(unraisable)
 
     hook.hkt_quiet_closed_loop = True
     sys.unraisablehook = hook
+
+
+def _is_orbax_closed_loop_noise(unraisable) -> bool:
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return True
+    code = getattr(unraisable.object, "cr_code", None)  # a coroutine of orbax's, collected unfinished
+    return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename and isinstance(
+        error, (RuntimeError, asyncio.CancelledError, GeneratorExit))
 
 
 def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:

@@ -3,7 +3,10 @@
 Each hook is called after every train step with ``(done_steps, state, metrics)``
 and decides for itself whether this step is one of its steps; it returns True
 when it did slow work (an eval pass, a checkpoint), so the speed measurement
-can leave that time out. The loop in ``hkt_jax.train`` knows nothing else.
+can leave that time out. ``due(done)`` says beforehand whether the hook will
+read the state or metrics back to the host (or save them) at that step: the
+loop then first checks the steps' non-finite flags, which otherwise stay on the
+device (no per-step wait). The loop in ``hkt_jax.train`` knows nothing else.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ from hkt_jax.optim import describe_schedule
 
 class Hook:
     def __call__(self, done: int, state: Any, metrics: dict[str, Any]) -> bool:
+        return False
+
+    def due(self, done: int) -> bool:
+        """Whether the call for step ``done`` reads values back from the device, saves or exports."""
         return False
 
     def resume_timing(self) -> None:
@@ -60,10 +67,14 @@ class LogMetrics(Hook):
         self.window: list[dict[str, Any]] = []
         self.window_start = time.perf_counter()
 
+    def due(self, done):
+        return _due(done, self.every, self.total)
+
     def __call__(self, done, state, metrics):
-        # The loop has already waited for this step (it reads the step's finite flag), so the time is real.
+        # Metrics stay on the device until the window is fetched; that fetch waits for the window's last
+        # step, so the time from the previous fetch to this one is the real throughput.
         self.window.append(metrics)
-        if _due(done, self.every, self.total):
+        if self.due(done):
             means = jax.device_get({key: (jnp.sum if key in SUMMED_METRICS else jnp.mean)(
                 jnp.stack([step[key] for step in self.window])) for key in self.window[0]})
             means["img_per_s"] = len(self.window) * self.batch_size / (time.perf_counter() - self.window_start)
@@ -102,8 +113,11 @@ class EvaluateAndKeepBest(Hook):
         value = metadata.get("value", metadata.get(f"validation_{self.metric}"))
         self.best = {"value": value, "step": metadata.get("step")} if value is not None else {}
 
+    def due(self, done):
+        return _due(done, self.every, self.total)
+
     def __call__(self, done, state, metrics):
-        if not _due(done, self.every, self.total):
+        if not self.due(done):
             return False
         from hkt_jax.train import export  # the loop module exports; imported here to avoid a cycle
 
@@ -130,8 +144,11 @@ class LogImages(Hook):
         self.global_batch = sharding.global_batch(self.batch, run.mesh)
         self.predict = jax.jit(make_predict(run.model, run.task))
 
+    def due(self, done):
+        return _due(done, self.every, self.total)
+
     def __call__(self, done, state, metrics):
-        if not _due(done, self.every, self.total):
+        if not self.due(done):
             return False
         outputs = self.predict(state.params, state.batch_stats, self.global_batch)
         if jax.process_count() > 1:  # process 0's examples lead the global batch
@@ -154,20 +171,34 @@ TIME_SYNC_STEPS = 10
 
 class Checkpoint(Hook):
     """The resumable train state, data position and loop state every ``every`` steps, every
-    ``every_minutes`` minutes (0: never by time) and at the end; ``save`` also serves a stop request."""
+    ``every_minutes`` minutes (0: never by time) and at the end; ``save`` also serves a stop request.
 
-    def __init__(self, run, manager, every: int, total: int, every_minutes: float = 0.0, loop_state=None):
+    Saves are asynchronous: each waits for the previous one (long finished, usually), so a failed save is
+    reported at the next save or at ``close`` at the latest, naming its step. ``data_state`` gives the
+    data position after the last batch the saved step consumed (batches prefetched beyond it are not
+    counted); the iterator's own position by default."""
+
+    def __init__(self, run, manager, every: int, total: int, every_minutes: float = 0.0, loop_state=None,
+                 data_state=None):
         self.run, self.manager, self.every, self.total = run, manager, every, total
         self.every_seconds = 60.0 * every_minutes
         self.loop_state = loop_state or (lambda: None)
+        self.data_state = data_state or run.datasets.train.get_state
         self.last_saved_step = manager.latest_step()
         self.last_save_time = time.monotonic()
+        self.pending: checkpoint.PendingSave | None = None
+        self._decision: tuple[int | None, bool] = (None, False)
+
+    def due(self, done):
+        # Decided once per step: on several processes the time check is a collective (every TIME_SYNC_STEPS).
+        if self._decision[0] != done:
+            by_time = bool(self.every_seconds) and (jax.process_count() == 1 or done % TIME_SYNC_STEPS == 0) and \
+                stopping.time_is_due(time.monotonic() - self.last_save_time >= self.every_seconds)
+            self._decision = (done, _due(done, self.every, self.total) or by_time)
+        return self._decision[1]
 
     def __call__(self, done, state, metrics):
-        # Several processes agree on the time (one tiny all-gather), every TIME_SYNC_STEPS steps only.
-        by_time = bool(self.every_seconds) and (jax.process_count() == 1 or done % TIME_SYNC_STEPS == 0) and \
-            stopping.time_is_due(time.monotonic() - self.last_save_time >= self.every_seconds)
-        if not (_due(done, self.every, self.total) or by_time):
+        if not self.due(done):
             return False
         self.save(done, state)
         return True
@@ -175,8 +206,17 @@ class Checkpoint(Hook):
     def save(self, done, state) -> None:
         if self.last_saved_step == done:
             return
-        checkpoint.save_training(self.manager, done, state, self.run.datasets.train.get_state(), self.loop_state())
+        self.wait()
+        self.pending = checkpoint.save_training(self.manager, done, state, self.data_state(), self.loop_state())
         self.last_saved_step, self.last_save_time = done, time.monotonic()
+
+    def wait(self) -> None:
+        """Until the last save is written; its failure raises ``CheckpointSaveError`` (once)."""
+        pending, self.pending = self.pending, None
+        checkpoint.finish_save(self.manager, pending)
+
+    def close(self):
+        self.wait()
 
 
 class Progress(Hook):
@@ -191,7 +231,8 @@ class Progress(Hook):
         self.progress.close()
 
 
-def default_hooks(run, workdir: Path, writer, manager, eval_step, start_step: int, loop_state=None) -> list[Hook]:
+def default_hooks(run, workdir: Path, writer, manager, eval_step, start_step: int, loop_state=None,
+                  data_state=None) -> list[Hook]:
     train = run.config.train
     total = run.total_steps
     progress = tqdm(total=total, initial=start_step, disable=jax.process_index() != 0, desc=run.config.method,
@@ -203,8 +244,13 @@ def default_hooks(run, workdir: Path, writer, manager, eval_step, start_step: in
         if has_images(run.task):
             hooks.append(LogImages(run, writer, eval_every, total))
     hooks += [Checkpoint(run, manager, train.checkpoint_every_steps, total, train.checkpoint_every_minutes,
-                         loop_state), Progress(progress)]
+                         loop_state, data_state), Progress(progress)]
     return hooks
+
+
+def any_due(hooks: list[Hook], done: int) -> bool:
+    """Whether some hook reads back or saves at step ``done`` (every hook is asked: some decide collectively)."""
+    return any([hook.due(done) for hook in hooks])
 
 
 def run_hooks(hooks: list[Hook], done: int, state: Any, metrics: dict[str, Any]) -> None:

@@ -21,6 +21,8 @@ assembles the global array. No ``pmap`` anywhere.
 
 from __future__ import annotations
 
+import collections
+import copy
 import math
 import os
 import re
@@ -250,6 +252,37 @@ def global_batch(local_batch: Any, mesh: Mesh) -> Any:
         return jax.make_array_from_process_local_data(sharding, x)
 
     return jax.tree.map(make, local_batch)
+
+
+class DevicePrefetch:
+    """Global batches put on the devices ``size - 1`` steps ahead of the step that takes them.
+
+    Each ``next`` first reads and places the batch ``size - 1`` steps further (host work and the
+    host-to-device copy overlap the steps still running on the device), then hands out the oldest one.
+    ``position()`` is the source's state after the last batch handed out, not after the prefetched
+    ones: what a checkpoint of the step that consumed it must record to resume on the next batch.
+    (``flax.jax_utils.prefetch_to_device`` is the pmap-era version of this.)
+    """
+
+    def __init__(self, local_batches: Any, mesh: Mesh, size: int = 2):
+        if size < 1:
+            raise ValueError(f"prefetch size must be >= 1, got {size}")
+        self._source, self._mesh, self._size = local_batches, mesh, size
+        self._queue: collections.deque = collections.deque()
+        self._position = copy.deepcopy(local_batches.get_state())
+
+    def __iter__(self) -> "DevicePrefetch":
+        return self
+
+    def __next__(self) -> Any:
+        while len(self._queue) < self._size:
+            local = next(self._source)
+            self._queue.append((global_batch(local, self._mesh), copy.deepcopy(self._source.get_state())))
+        batch, self._position = self._queue.popleft()
+        return batch
+
+    def position(self) -> Any:
+        return self._position
 
 
 # -- what a compiled step communicates ----------------------------------------------------------------

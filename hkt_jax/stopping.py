@@ -2,13 +2,17 @@
 
 ``StopOnSignal`` turns SIGINT/SIGTERM into a request the loop answers after the
 current step (checkpoint of that step, then ``cli.Interrupted``); a second
-signal ends the process at once (the default action). ``NonFiniteGuard`` reads the bitmask the jitted train step
-returns (which of loss, L1-L3, gradient norm, parameters went NaN/inf) and stops
-the run, or counts the skipped update when ``train.skip_nonfinite_steps`` allows
-it. On several processes every decision is one all processes agree on: the
-bitmask is a replicated output of the step, and the signal flag is combined
-over processes every step (a process that got no signal still stops at the same
-step, so the checkpoint collective matches).
+signal ends the process at once (the default action). ``NonFiniteGuard`` keeps the bitmask the jitted train step
+returns (which of loss, L1-L3, gradient norm, parameters went NaN/inf) on the
+device and reads the bits of all steps since the last check only when the loop
+fetches anyway (a logging window, an evaluation, a checkpoint, a stop): then it
+stops the run naming the first bad step, or counts the skipped updates when
+``train.skip_nonfinite_steps`` allows them. Nothing is saved without that check,
+so a checkpoint never holds a non-finite state. On several processes every
+decision is one all processes agree on: the bitmask is a replicated output of
+the step, and the signal flag is combined over processes every
+``SIGNAL_SYNC_STEPS`` steps (a process that got no signal still stops at the
+same step, so the checkpoint collective matches).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -51,14 +55,30 @@ def describe_bits(bits: int) -> str:
 
 
 class NonFiniteGuard:
-    """Stops at the first non-finite step, or tolerates ``max_in_a_row`` skipped updates in a row."""
+    """Stops at the first non-finite step, or tolerates ``max_in_a_row`` skipped updates in a row.
+
+    ``record`` keeps a step's on-device bitmask without waiting for it; ``check_recorded`` reads all kept
+    ones (one wait) and judges them in step order, exactly as if each had been checked at its step."""
 
     def __init__(self, max_in_a_row: int, total_steps: int, where: str):
         self.max_in_a_row, self.total_steps, self.where = max_in_a_row, total_steps, where
         self.in_a_row = 0
         self.skipped = 0
+        self.recorded: list[tuple[int, jax.Array]] = []
 
-    def check(self, done: int, bits: int, latest_checkpoint: int | None) -> None:
+    def record(self, done: int, bits: jax.Array) -> None:
+        self.recorded.append((done, bits))
+
+    def check_recorded(self, latest_checkpoint: Callable[[], int | None]) -> None:
+        """Judge the recorded steps; ``latest_checkpoint()`` (called only to stop) names the last good state."""
+        if not self.recorded:
+            return
+        steps, bits = zip(*self.recorded)
+        self.recorded = []
+        for done, value in zip(steps, jax.device_get(bits)):
+            self.check(done, int(value), latest_checkpoint)
+
+    def check(self, done: int, bits: int, latest_checkpoint: Callable[[], int | None]) -> None:
         if not bits:
             self.in_a_row = 0
             return
@@ -69,6 +89,7 @@ class NonFiniteGuard:
                   f"({self.in_a_row} in a row, train.skip_nonfinite_steps={self.max_in_a_row})",
                   file=sys.stderr, flush=True)
             return
+        latest_checkpoint = latest_checkpoint()
         kept = (f"the latest checkpoint (step {latest_checkpoint}, in {self.where}) holds the last good state"
                 if latest_checkpoint is not None else "no checkpoint was written yet")
         resume = f"continue from step {latest_checkpoint}" if latest_checkpoint is not None else "start again"
@@ -92,6 +113,10 @@ def _any_process(value: int) -> int:
     from jax.experimental import multihost_utils
 
     return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+
+
+# On several processes the signal flag is combined (a tiny all-gather, which waits for the device) this often.
+SIGNAL_SYNC_STEPS = 10
 
 
 class StopOnSignal:
@@ -125,9 +150,12 @@ class StopOnSignal:
               f"({'Ctrl-C' if signum == signal.SIGINT else name} again quits at once, without saving)",
               file=sys.stderr, flush=True)
 
-    def agreed(self) -> int:
-        """The signal number to stop for (0: go on), the same on every process."""
-        return _any_process(self.signum)
+    def agreed(self, done: int) -> int:
+        """The signal number to stop for after step ``done`` (0: go on), the same on every process; on
+        several processes a signal is acted on at the next multiple of ``SIGNAL_SYNC_STEPS``."""
+        if jax.process_count() == 1:
+            return self.signum
+        return _any_process(self.signum) if done % SIGNAL_SYNC_STEPS == 0 else 0
 
 
 def time_is_due(local_due: bool) -> bool:

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from hkt_jax import checkpoint, factories, hooks, preflight, sharding, stopping
-from hkt_jax.cli import Interrupted, UserError
+from hkt_jax.cli import Interrupted, RunStopped, UserError
 from hkt_jax.config import ExperimentConfig
 from hkt_jax.methods import NEEDS_PARENT, child_variables, stage_split_for, trainable_variables
 from hkt_jax.metrics import MetricsWriter
@@ -258,38 +258,51 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, *, allow_c
     guard = stopping.NonFiniteGuard(config.train.skip_nonfinite_steps, run.total_steps, str(manager.directory))
     guard.load_state_dict(loop_state.get("nonfinite", {}))
     writer = MetricsWriter(workdir, resume_step=start_step)
+    batches = sharding.DevicePrefetch(run.datasets.train, run.mesh)
 
     def current_loop_state() -> dict[str, Any]:
         hook_states = {type(h).__name__: h.state_dict() for h in loop_hooks}
         return {"nonfinite": guard.state_dict(), "hooks": {k: v for k, v in hook_states.items() if v is not None}}
 
-    loop_hooks = hooks.default_hooks(run, workdir, writer, manager, eval_step, start_step, current_loop_state)
+    loop_hooks = hooks.default_hooks(run, workdir, writer, manager, eval_step, start_step, current_loop_state,
+                                     batches.position)
     for hook in loop_hooks:
         if type(hook).__name__ in loop_state.get("hooks", {}):
             hook.load_state_dict(loop_state["hooks"][type(hook).__name__])
     saver = next(h for h in loop_hooks if isinstance(h, hooks.Checkpoint))
+
+    def last_good_checkpoint() -> int | None:
+        saver.wait()  # a save in flight is of a step that passed the check, before the bad one
+        return manager.latest_step()
+
+    # The device is never waited for step by step: the steps' non-finite flags are read back only where the
+    # loop fetches anyway (a hook's logging window, evaluation, checkpoint; a stop) and always before it.
     try:
         with stopping.StopOnSignal() as stop:
             for step in range(start_step, run.total_steps):
-                batch = sharding.global_batch(next(run.datasets.train), run.mesh)
-                state, metrics = train_step(state, parent_variables, batch)
-                bits = int(metrics.pop("nonfinite"))  # waits for this step: nothing non-finite reaches a hook
-                guard.check(step + 1, bits, manager.latest_step() if bits else None)
-                hooks.run_hooks(loop_hooks, step + 1, state, metrics)
-                signum = stop.agreed()
-                if signum and step + 1 < run.total_steps:
-                    saver.save(step + 1, state)
+                done = step + 1
+                state, metrics = train_step(state, parent_variables, next(batches))
+                guard.record(done, metrics.pop("nonfinite"))
+                if hooks.any_due(loop_hooks, done):
+                    guard.check_recorded(last_good_checkpoint)
+                hooks.run_hooks(loop_hooks, done, state, metrics)
+                signum = stop.agreed(done)
+                if signum and done < run.total_steps:
+                    guard.check_recorded(last_good_checkpoint)
+                    saver.save(done, state)
                     raise Interrupted(
-                        f"stopped by {signal.Signals(signum).name} at step {step + 1} of {run.total_steps}; "
-                        f"checkpoint saved in {manager.directory / str(step + 1)}. Rerun the same command to "
-                        f"continue from step {step + 1}", signum)
-    except BaseException:  # a stop, a failed save, a bug: close what is open, keep what is saved
-        for closeable in (*loop_hooks, writer, manager):
-            closeable.close()
+                        f"stopped by {signal.Signals(signum).name} at step {done} of {run.total_steps}; "
+                        f"checkpoint saved in {manager.directory / str(done)}. Rerun the same command to "
+                        f"continue from step {done}", signum)
+            guard.check_recorded(last_good_checkpoint)  # a no-op: every hook is due at the last step
+        _close_all(loop_hooks)  # the last checkpoint is written (or its failure raised) before anything is exported
+    except BaseException as stopped:  # a stop, a failed save, a bug: close what is open (finishing saves)
+        try:
+            _close_all((*loop_hooks, writer, manager))
+        except Exception:
+            if isinstance(stopped, RunStopped):  # e.g. the checkpoint this stop saved failed: that is the news
+                raise
         raise
-    for hook in loop_hooks:
-        hook.close()
-
     summary = summarize(run, state, eval_step, workdir, loop_hooks)
     if config.train.skip_nonfinite_steps:
         summary["skipped_nonfinite_steps"] = guard.skipped
@@ -299,6 +312,18 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, *, allow_c
     writer.close()
     manager.close()
     return summary
+
+
+def _close_all(closeables) -> None:
+    """Close each one even when an earlier one fails (a failed save surfaces here); then raise the first error."""
+    errors = []
+    for closeable in closeables:
+        try:
+            closeable.close()
+        except Exception as error:
+            errors.append(error)
+    if errors:
+        raise errors[0]
 
 
 def export(directory: Path, run: Run, state: TrainState, metadata: dict[str, Any]) -> None:
