@@ -1,4 +1,4 @@
-"""``export-onnx``: the PyTorch twins (CIFAR ResNet; torchvision RAFT-S), raw inputs and preprocessing inside,
+"""``export-onnx``: the PyTorch twins (CIFAR ResNet; torchvision RAFT-S; the library's PocketNet), raw inputs and preprocessing inside,
 traced to ONNX, give the project's outputs under onnxruntime at two batch sizes (dynamic batch axis)."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ pytest.importorskip("onnx", reason="torch.onnx.export writes through the onnx pa
 pytest.importorskip("onnxruntime", reason="the check runs the file with onnxruntime (requirements-test.txt)")
 
 from hkt_jax.convert.__main__ import main  # noqa: E402
-from hkt_jax.convert.onnx_export import run_onnx  # noqa: E402
+from hkt_jax.convert.deploy import Deployable  # noqa: E402
+from hkt_jax.convert.onnx_export import export_onnx, run_onnx  # noqa: E402
 from tests.deploy_workdirs import make_workdir, project_outputs, raw_inputs  # noqa: E402
 
 BATCH_SIZES = (1, 3)
@@ -23,14 +24,15 @@ MAX_FLOW_RELATIVE_ERROR = 1e-4
 RAFT_FRAME = 128  # torchvision's RAFT needs frames of at least 128x128
 
 
-@pytest.mark.parametrize("arch", ["cifar_resnet", "raft"])
+@pytest.mark.parametrize("arch", ["cifar_resnet", "raft", "pocketnet"])
 def test_onnx_export_matches_project_outputs(tmp_path, arch, capsys):
     frame = RAFT_FRAME if arch == "raft" else None
     workdir = make_workdir(tmp_path, arch, **({"frame": frame} if frame else {}))
     out = tmp_path / "child.onnx"
     assert main(["export-onnx", "--src", str(workdir), "--out", str(out)]) == 0
     description = json.loads(out.with_suffix(".json").read_text())
-    assert [spec["dtype"] for spec in description["inputs"]] == ["uint8"] * len(description["inputs"])
+    raw_dtype = "float32" if arch == "pocketnet" else "uint8"  # Hounsfield units; pixels
+    assert [spec["dtype"] for spec in description["inputs"]] == [raw_dtype] * len(description["inputs"])
 
     if arch == "raft":  # 64x64 frames are fine for JAX's RAFT, too small for torchvision's
         assert main(["export-onnx", "--src", str(workdir), "--out", str(tmp_path / "x.onnx"), "--frame_size", "64"]) == 1
@@ -54,9 +56,8 @@ def test_onnx_export_matches_project_outputs(tmp_path, arch, capsys):
             np.testing.assert_array_equal(got.argmax(-1), expected.argmax(-1))
 
 
-def test_segmentation_child_says_to_use_stablehlo(tmp_path, capsys):
-    workdir = make_workdir(tmp_path, "pocketnet")
-    assert main(["export-onnx", "--src", str(workdir), "--out", str(tmp_path / "x.onnx")]) == 1
-    assert "use export-stablehlo" in capsys.readouterr().err
+def test_children_without_a_torch_twin_are_refused(tmp_path):
+    deployable = Deployable("dense_unet", apply=None, inputs=(), output="", preprocessing={}, spec={}, variables={})
+    with pytest.raises(ValueError, match="use export-stablehlo"):
+        export_onnx(deployable, tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
-

@@ -1,7 +1,8 @@
 """``export-onnx``: a child's PyTorch twin, preprocessing inside, traced to ONNX.
 
-Children with a PyTorch twin in the library: the CIFAR ResNet (``hkt_cifar_resnet.CifarResNet``) and
-RAFT / RAFT-S (torchvision's ``raft_large`` / ``raft_small``, the layout ``raft_to_torch`` writes).
+Children with a PyTorch twin in the library: the CIFAR ResNet (``hkt_cifar_resnet.CifarResNet``),
+RAFT / RAFT-S (torchvision's ``raft_large`` / ``raft_small``, the layout ``raft_to_torch`` writes) and
+PocketNet / U-Net (``torch_unet.TorchUNet``, the layout ``unet_to_torch`` writes; DenseUNet has none).
 The graph takes the same raw inputs as ``export-stablehlo`` (``hkt_jax.convert.deploy``) and returns
 the same output; the batch axis is dynamic. Traced with PyTorch's TorchScript exporter
 (``dynamo=False``), which needs no network and no onnxscript; RAFT's refinement loop is unrolled
@@ -20,10 +21,12 @@ import numpy as np
 from hkt_jax.convert.deploy import Deployable
 from hkt_jax.convert.raft import raft_to_torch
 from hkt_jax.convert.resnet import require_torch, resnet_config, resnet_to_torch
+from hkt_jax.convert.unet import unet_to_torch
+from hkt_jax.models.registry import build_model
 
 FORMAT = "hkt_jax.export-onnx/1"
 OPSET = 17  # GridSample (RAFT's correlation lookup) needs 16
-ONNX_ARCHS = ("cifar_resnet", "raft")
+ONNX_ARCHS = ("cifar_resnet", "raft", "pocketnet", "unet")
 TORCHVISION_MIN_FRAME = 128
 
 
@@ -68,16 +71,30 @@ def _flow(deployable: Deployable):
     return RawFrameFlow().eval(), torch
 
 
+def _segmenter(deployable: Deployable):
+    torch = require_torch()
+    from hkt_jax.convert.torch_unet import RawSliceSegmenter, TorchUNet
+
+    model = build_model(deployable.spec)
+    network = TorchUNet(model.level_widths, model.bottleneck_width, model.in_channels, model.num_classes)
+    network.load_state_dict(unet_to_torch(deployable.variables, model), strict=True)
+    return RawSliceSegmenter(network.eval(), deployable.preprocessing["window"]).eval(), torch
+
+
+BUILDERS = {"cifar_resnet": _classifier, "raft": _flow, "pocketnet": _segmenter, "unet": _segmenter}
+OUTPUT_NAMES = {"cifar_resnet": "logits", "raft": "flow", "pocketnet": "logits", "unet": "logits"}
+
+
 def export_onnx(deployable: Deployable, out: str | Path, *, opset: int = OPSET) -> Path:
     """Trace the twin of ``deployable`` to ``out`` (and its description to ``out`` with ``.json``)."""
     if deployable.arch not in ONNX_ARCHS:
         raise ValueError(f"export-onnx covers {ONNX_ARCHS} (the children with a PyTorch twin in hkt_jax); "
                          f"{deployable.arch!r} has none: use export-stablehlo")
-    module, torch = (_classifier if deployable.arch == "cifar_resnet" else _flow)(deployable)
+    module, torch = BUILDERS[deployable.arch](deployable)
     examples = tuple(torch.zeros((2, *spec.shape[1:]), dtype=getattr(torch, spec.dtype))
                      for spec in deployable.inputs)
     names = [spec.name for spec in deployable.inputs]
-    output = "logits" if deployable.arch == "cifar_resnet" else "flow"
+    output = OUTPUT_NAMES[deployable.arch]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
