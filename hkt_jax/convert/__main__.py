@@ -4,7 +4,7 @@
   raft          PyTorch RAFT / RAFT-small checkpoint (princeton-vl or torchvision) -> model checkpoint dir
   export-torch      model checkpoint dir or training workdir -> PyTorch .pt file (+ its torch-only model file)
   export-stablehlo  training workdir -> jax.export file (raw inputs in, task output out; needs only jax)
-  export-onnx       training workdir -> ONNX file (ResNet, RAFT; raw inputs in, task output out)
+  export-onnx       training workdir -> ONNX file (ResNet, RAFT, PocketNet/U-Net; raw inputs in, task output out)
 """
 
 from __future__ import annotations
@@ -258,10 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     stablehlo.set_defaults(run=export_stablehlo_command)
 
     onnx = commands.add_parser(
-        "export-onnx", help="training workdir -> ONNX file (CIFAR ResNet, RAFT; needs PyTorch)",
-        description="Trace the child's PyTorch twin (akamaster CIFAR ResNet; torchvision RAFT) with the same raw "
-                    "inputs, preprocessing and output as export-stablehlo to ONNX (TorchScript exporter, dynamic "
-                    "batch axis). Segmentation children have no PyTorch twin in the library: use export-stablehlo.",
+        "export-onnx", help="training workdir -> ONNX file (CIFAR ResNet, RAFT, PocketNet/U-Net; needs PyTorch)",
+        description="Trace the child's PyTorch twin (akamaster CIFAR ResNet; torchvision RAFT; convert.torch_unet "
+                    "for PocketNet / U-Net) with the same raw inputs, preprocessing and output as export-stablehlo "
+                    "to ONNX (TorchScript exporter, dynamic batch axis). DenseUNet has no twin: use "
+                    "export-stablehlo.",
     )
     _add_deployment_arguments(onnx)
     onnx.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s; RAFT needs >= 16)")
