@@ -1,5 +1,6 @@
-"""``export-onnx``: the PyTorch twins (CIFAR ResNet; torchvision RAFT-S; the library's PocketNet), raw inputs and preprocessing inside,
-traced to ONNX, give the project's outputs under onnxruntime at two batch sizes (dynamic batch axis)."""
+"""``export-onnx``: the PyTorch twins (CIFAR ResNet; torchvision RAFT-S; the library's PocketNet), raw inputs
+and preprocessing inside, traced to ONNX, give the project's outputs under onnxruntime at two batch sizes
+(dynamic batch axis)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def test_onnx_export_matches_project_outputs(tmp_path, arch, capsys):
     assert [spec["dtype"] for spec in description["inputs"]] == [raw_dtype] * len(description["inputs"])
 
     if arch == "raft":  # 64x64 frames are fine for JAX's RAFT, too small for torchvision's
-        assert main(["export-onnx", "--src", str(workdir), "--out", str(tmp_path / "x.onnx"), "--frame_size", "64"]) == 1
+        too_small = ["--frame_size", "64"]
+        assert main(["export-onnx", "--src", str(workdir), "--out", str(tmp_path / "x.onnx"), *too_small]) == 1
         assert not (tmp_path / "x.onnx").exists()
         assert "at least 128x128" in capsys.readouterr().err
 

@@ -20,6 +20,7 @@ import jax
 from hkt_jax.checkpoint import load_model, load_model_spec, save_model
 from hkt_jax.convert.deploy import (
     CIFAR_IMAGE_SIZE, RUN_CONFIG_FILE, WORKDIR_CHILD, load_deployable, resolve_model_dir, run_config,
+    run_normalization,
 )
 from hkt_jax.convert.resnet import (
     load_torch_checkpoint, require_torch, resnet_config, resnet_from_torch, resnet_to_torch,
@@ -59,11 +60,7 @@ def export_preprocessing(data: dict, num_classes: int, normalization: str | None
     """What the exported network expects as input: the training run's (``data``) normalisation and class names."""
     from hkt_jax.convert.torch_models import preprocessing_record  # needs torch, like every export
 
-    normalization = normalization or data.get("normalization")
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"{model_dir}: cannot tell the input normalisation the model was trained with (no "
-                         f"{RUN_CONFIG_FILE} of its training run next to it); pass --normalization, one of "
-                         f"{sorted(NORMALIZATIONS)}")
+    normalization = run_normalization(model_dir, normalization)
     class_names = data.get("class_names") or (CIFAR10_CLASSES if data.get("name") == "cifar10" else None)
     if class_names is None or len(class_names) != num_classes:
         class_names = [str(label) for label in range(num_classes)]
