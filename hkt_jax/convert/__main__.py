@@ -2,19 +2,26 @@
 
   resnet        PyTorch CIFAR ResNet checkpoint -> model checkpoint dir (for --parent_ckpt)
   raft          PyTorch RAFT / RAFT-small checkpoint (princeton-vl or torchvision) -> model checkpoint dir
-  export-torch  model checkpoint dir or training workdir -> PyTorch .pt file
+  export-torch      model checkpoint dir or training workdir -> PyTorch .pt file (+ its torch-only model file)
+  export-stablehlo  training workdir -> jax.export file (raw inputs in, task output out; needs only jax)
+  export-onnx       training workdir -> ONNX file (ResNet, RAFT, PocketNet/U-Net; raw inputs in, task output out)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import jax
 
-from hkt_jax.checkpoint import MODEL_SPEC_FILE, load_model, load_model_spec, save_model
+from hkt_jax.checkpoint import load_model, load_model_spec, save_model
+from hkt_jax.convert.deploy import (
+    CIFAR_IMAGE_SIZE, RUN_CONFIG_FILE, WORKDIR_CHILD, load_deployable, resolve_model_dir, run_config,
+    run_normalization,
+)
 from hkt_jax.convert.resnet import (
     load_torch_checkpoint, require_torch, resnet_config, resnet_from_torch, resnet_to_torch,
 )
@@ -24,11 +31,9 @@ from hkt_jax.models.registry import model_spec, parameter_count
 
 # Fields training scripts store next to the weights to say how good they are (akamaster, RepDistiller).
 ACCURACY_FIELDS = ("best_prec1", "best_acc")
-# Where a training run's workdir keeps its exported child.
-WORKDIR_CHILD = Path("export") / "child"
-# The config a training run writes to its workdir; its data section says how inputs were normalised.
-RUN_CONFIG_FILE = "config.json"
-CIFAR_IMAGE_SIZE = (32, 32)
+# export-torch writes the CIFAR ResNet's model definition beside the weights under this name.
+STANDALONE_MODEL_FILE = "hkt_cifar_resnet.py"
+STANDALONE_MODEL_SOURCE = Path(__file__).with_name(STANDALONE_MODEL_FILE)  # hkt_jax.convert.hkt_cifar_resnet
 
 
 def convert_resnet(args: argparse.Namespace) -> None:
@@ -51,37 +56,11 @@ def convert_resnet(args: argparse.Namespace) -> None:
     print(f"  written to:     {out}")
 
 
-def resolve_model_dir(src: Path) -> Path:
-    """A model checkpoint dir as given, or the exported child inside a training workdir."""
-    for candidate in (src, src / WORKDIR_CHILD):
-        if (candidate / MODEL_SPEC_FILE).is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"{src} is neither a model checkpoint dir nor a training workdir: "
-        f"no {src / MODEL_SPEC_FILE} and no {src / WORKDIR_CHILD / MODEL_SPEC_FILE}"
-    )
-
-
-def _run_config(model_dir: Path) -> dict:
-    """The training run's config.json for a model dir a run wrote (WORKDIR/export/child, WORKDIR/best), else {}."""
-    model_dir = model_dir.absolute()
-    workdirs = [model_dir.parents[1]] if model_dir.parts[-2:] == WORKDIR_CHILD.parts else []
-    workdirs += [model_dir.parent] if model_dir.name == "best" else []
-    for workdir in workdirs:
-        if (workdir / RUN_CONFIG_FILE).is_file():
-            return json.loads((workdir / RUN_CONFIG_FILE).read_text())
-    return {}
-
-
 def export_preprocessing(data: dict, num_classes: int, normalization: str | None, model_dir: Path) -> dict:
     """What the exported network expects as input: the training run's (``data``) normalisation and class names."""
     from hkt_jax.convert.torch_models import preprocessing_record  # needs torch, like every export
 
-    normalization = normalization or data.get("normalization")
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"{model_dir}: cannot tell the input normalisation the model was trained with (no "
-                         f"{RUN_CONFIG_FILE} of its training run next to it); pass --normalization, one of "
-                         f"{sorted(NORMALIZATIONS)}")
+    normalization = run_normalization(model_dir, normalization)
     class_names = data.get("class_names") or (CIFAR10_CLASSES if data.get("name") == "cifar10" else None)
     if class_names is None or len(class_names) != num_classes:
         class_names = [str(label) for label in range(num_classes)]
@@ -101,11 +80,11 @@ def export_torch(args: argparse.Namespace) -> None:
         raise ValueError(f"{model_dir} holds a {spec.get('arch')!r} model; export-torch converts 'cifar_resnet' only")
     state_dict = resnet_to_torch(variables)
     torch_kwargs = resnet_config(variables)  # depth, num_classes, shortcut: what torch_models.CifarResNet takes
-    data = _run_config(model_dir).get("data", {})
+    data = run_config(model_dir).get("data", {})
     preprocessing = export_preprocessing(data, torch_kwargs["num_classes"], args.normalization, model_dir)
     description = {
         "format": EXPORT_FORMAT,
-        "torch_model": {"class": "hkt_jax.convert.torch_models.CifarResNet", "arch": "cifar_resnet",
+        "torch_model": {"class": f"{STANDALONE_MODEL_FILE}:CifarResNet", "arch": "cifar_resnet",
                         "kwargs": torch_kwargs},
         "preprocessing": preprocessing,
         "training_data": {key: data[key] for key in ("source", "name", "path") if key in data},
@@ -116,12 +95,16 @@ def export_torch(args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({**description, "state_dict": state_dict}, out)
     out.with_suffix(".json").write_text(json.dumps(description, indent=2) + "\n")
+    model_file = out.parent / STANDALONE_MODEL_FILE
+    shutil.copyfile(STANDALONE_MODEL_SOURCE, model_file)  # torch + numpy only: loads without jax or hkt_jax
     print(f"exported {model_dir} ({spec['kwargs']}) -> {out}")
     print(f"  tensors: {len(state_dict)} (PyTorch akamaster layout, loads with strict=True)")
     print(f"  input:   RGB uint8 -> (x / 255 - mean) / std ({preprocessing['normalization']}), NCHW float32, "
           f"{preprocessing['image_size'][0]}x{preprocessing['image_size'][1]}, {torch_kwargs['num_classes']} classes")
     print(f"  load it: model, preprocess = hkt_jax.convert.torch_models.load_exported({str(out)!r}) "
           f"(same description in {out.with_suffix('.json')})")
+    print(f"  without jax or hkt_jax: {model_file} (torch + numpy only): "
+          f"from {model_file.stem} import load; model, preprocess = load({str(out)!r})")
 
 
 def convert_raft(args: argparse.Namespace) -> None:
@@ -152,6 +135,66 @@ def export_raft_torch(model_dir: Path, out: Path) -> None:
     print(f"exported {model_dir} (RAFT small={small}) -> {out}")
     print(f"  tensors: {len(state_dict)} (torchvision layout: torchvision.models.optical_flow.{builder}(weights=None)"
           ".load_state_dict(..., strict=True); it takes images in [-1, 1])")
+
+
+def _deployable(args: argparse.Namespace):
+    return load_deployable(args.src, normalization=args.normalization, frame_size=args.frame_size,
+                           iters=args.iters, slice_size=args.slice_size)
+
+
+def _print_deployment(kind: str, deployable, out: Path) -> None:
+    inputs = ", ".join(f"{spec.name} {spec.dtype}[{', '.join('B' if n is None else str(n) for n in spec.shape)}]"
+                       for spec in deployable.inputs)
+    print(f"exported {deployable.arch} ({deployable.spec.get('kwargs', {})}) -> {out} ({kind})")
+    print(f"  inputs:        {inputs} (B free)")
+    print(f"  output:        {deployable.output}")
+    print(f"  preprocessing: {deployable.preprocessing} (inside the file)")
+    print(f"  described in:  {out.with_suffix('.json')}")
+
+
+def export_stablehlo_command(args: argparse.Namespace) -> None:
+    from hkt_jax.convert.stablehlo import export_stablehlo
+
+    deployable = _deployable(args)
+    out = Path(args.out)
+    export_stablehlo(deployable, out)
+    _print_deployment("jax.export, CPU, float32", deployable, out)
+    print("  load it:       jax.export.deserialize(bytearray(open(OUT, 'rb').read())).call(*inputs)  (jax + numpy)")
+
+
+def export_onnx_command(args: argparse.Namespace) -> None:
+    from hkt_jax.convert.onnx_export import export_onnx
+
+    deployable = _deployable(args)
+    out = Path(args.out)
+    export_onnx(deployable, out, opset=args.opset)
+    _print_deployment(f"ONNX opset {args.opset}", deployable, out)
+    print("  load it:       onnxruntime.InferenceSession(OUT).run(None, {name: array, ...})")
+
+
+def _size_argument(text: str) -> tuple[int, int]:
+    try:
+        sizes = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected H,W or N, got {text!r}") from None
+    if len(sizes) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected H,W or N, got {text!r}")
+    return (sizes[0], sizes[-1])
+
+
+def _add_deployment_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--src", required=True, help="training workdir (its export/child and config.json), or a "
+                         "model checkpoint dir")
+    command.add_argument("--out", required=True, help="output file (parent dirs are created); a JSON description "
+                         "of inputs, output and preprocessing goes beside it (OUT with .json)")
+    command.add_argument("--normalization", choices=sorted(NORMALIZATIONS), default=None,
+                         help="classifiers: input mean/std; default: the run's data.normalization")
+    command.add_argument("--frame_size", type=_size_argument, default=None, help="RAFT: frame H,W (multiples of "
+                         "8); default: the run's data.crop_size")
+    command.add_argument("--iters", type=int, default=None, help="RAFT: refinement iterations; default: the "
+                         "model's (its training run's)")
+    command.add_argument("--slice_size", type=_size_argument, default=None, help="segmentation: slice H,W or N; "
+                         "default: the run's seg.slice_size")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,6 +243,27 @@ def build_parser() -> argparse.ArgumentParser:
                         help="input mean/std the model was trained with; default: the training run's "
                         f"data.normalization from its {RUN_CONFIG_FILE} (required for models without one)")
     export.set_defaults(run=export_torch)
+
+    stablehlo = commands.add_parser(
+        "export-stablehlo", help="training workdir -> jax.export file (needs only jax + numpy to run)",
+        description="Serialise the child's inference function with jax.export: raw inputs (uint8 NHWC images; "
+                    "RAFT's uint8 frame pair; a CT slice in Hounsfield units) with the run's preprocessing inside, "
+                    "the task's output (logits; last flow; class logits), float32, batch dimension symbolic, "
+                    "weights inside. Runs on CPU with stock jax (XLA convolutions, no custom calls).",
+    )
+    _add_deployment_arguments(stablehlo)
+    stablehlo.set_defaults(run=export_stablehlo_command)
+
+    onnx = commands.add_parser(
+        "export-onnx", help="training workdir -> ONNX file (CIFAR ResNet, RAFT, PocketNet/U-Net; needs PyTorch)",
+        description="Trace the child's PyTorch twin (akamaster CIFAR ResNet; torchvision RAFT; convert.torch_unet "
+                    "for PocketNet / U-Net) with the same raw inputs, preprocessing and output as export-stablehlo "
+                    "to ONNX (TorchScript exporter, dynamic batch axis). DenseUNet has no twin: use "
+                    "export-stablehlo.",
+    )
+    _add_deployment_arguments(onnx)
+    onnx.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s; RAFT needs >= 16)")
+    onnx.set_defaults(run=export_onnx_command)
     return parser
 
 
@@ -207,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ImportError) as error:
         print(f"python -m hkt_jax.convert {args.command}: error: {error}", file=sys.stderr)
         return 1
     return 0

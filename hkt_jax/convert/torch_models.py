@@ -12,15 +12,11 @@ Needs PyTorch (``pip install -r requirements-torch.txt``); the rest of hkt_jax d
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
-import numpy as np
-
 try:
-    import torch
-    import torch.nn.functional as F
+    import torch  # noqa: F401  (checked here so the error names this module and the fix)
     from torch import nn
 except ImportError as error:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError(
@@ -28,121 +24,20 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess by 
         "pip install -r requirements-torch.txt (torch==2.14.1, torchvision==0.29.1)"
     ) from error
 
-# What an exported .pt file holds besides the weights (see hkt_jax.convert.__main__.export_torch).
-EXPORT_FORMAT = "hkt_jax.export-torch/1"
+# The network and its preprocessing live in a file that imports only torch and numpy: export-torch
+# copies it beside the weights, so a deployment box needs neither jax nor hkt_jax.
+from hkt_jax.convert.hkt_cifar_resnet import (  # noqa: E402  (after the torch check above)
+    EXPORT_FORMAT, BasicBlock, CifarResNet, OptionAShortcut, Preprocess, RawImageClassifier,
+)
 
-
-# --- akamaster CIFAR ResNet --------------------------------------------------------------------------------------
-
-
-class OptionAShortcut(nn.Module):
-    """Parameter-free shortcut: every other pixel, zero channels padded on both sides (akamaster's LambdaLayer)."""
-
-    def __init__(self, planes: int):
-        super().__init__()
-        self.pad = planes // 4
-
-    def forward(self, x):
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad), "constant", 0)
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "A"):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes:
-            if shortcut == "A":
-                self.shortcut = OptionAShortcut(planes)
-            else:
-                self.shortcut = nn.Sequential(
-                    nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(planes))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
-class CifarResNet(nn.Module):
-    """ResNet-(6n+2) for 32x32 images, NCHW; the PyTorch twin of ``hkt_jax.models.CifarResNet``."""
-
-    def __init__(self, depth: int = 20, num_classes: int = 10, shortcut: str = "A"):
-        super().__init__()
-        if depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"CifarResNet: depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...), got {depth}")
-        if shortcut not in ("A", "B"):
-            raise ValueError(f"CifarResNet: shortcut must be 'A' or 'B', got {shortcut!r}")
-        blocks = (depth - 2) // 6
-        self.in_planes = 16
-        self.conv1 = nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.layer1 = self._make_layer(16, blocks, 1, shortcut)
-        self.layer2 = self._make_layer(32, blocks, 2, shortcut)
-        self.layer3 = self._make_layer(64, blocks, 2, shortcut)
-        self.linear = nn.Linear(64, num_classes)
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                nn.init.kaiming_normal_(module.weight)
-
-    def _make_layer(self, planes: int, blocks: int, stride: int, shortcut: str) -> nn.Sequential:
-        layers = []
-        for block_stride in [stride] + [1] * (blocks - 1):
-            layers.append(BasicBlock(self.in_planes, planes, block_stride, shortcut))
-            self.in_planes = planes
-        return nn.Sequential(*layers)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer3(self.layer2(self.layer1(out)))
-        out = F.avg_pool2d(out, out.size()[3]).flatten(1)
-        return self.linear(out)
-
+__all__ = ["EXPORT_FORMAT", "TORCH_MODELS", "BasicBlock", "CifarResNet", "OptionAShortcut", "Preprocess",
+           "RawImageClassifier", "load_exported", "preprocessing_record"]
 
 # Architecture names of hkt_jax model specs -> the PyTorch class an export of that architecture loads into.
 TORCH_MODELS = {"cifar_resnet": CifarResNet}
 
 
 # --- exported children -------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Preprocess:
-    """RGB image(s) -> the float32 NCHW batch the exported network was trained on: ``(x / 255 - mean) / std``.
-
-    Takes a PIL image (converted to RGB and resized to ``image_size`` when it differs),
-    or uint8 RGB pixels in [0, 255] as an (H, W, 3) or (N, H, W, 3) array.
-    """
-
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    image_size: tuple[int, int]  # (height, width) the network was trained on
-    class_names: tuple[str, ...]
-
-    def __call__(self, image: Any) -> torch.Tensor:
-        if hasattr(image, "convert"):  # a PIL image
-            image = image.convert("RGB")
-            height, width = self.image_size
-            if image.size != (width, height):
-                image = image.resize((width, height), resample=2)  # PIL.Image.BILINEAR
-            image = np.asarray(image)
-        pixels = np.asarray(image)
-        if pixels.dtype != np.uint8 or pixels.shape[-1] != 3 or pixels.ndim not in (3, 4):
-            raise ValueError(f"expected uint8 RGB pixels (H, W, 3) or (N, H, W, 3), got {pixels.dtype} {pixels.shape}")
-        batch = pixels[None] if pixels.ndim == 3 else pixels
-        mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
-        normalised = (batch.astype(np.float32) / np.float32(255.0) - mean) / std
-        return torch.from_numpy(np.ascontiguousarray(normalised.transpose(0, 3, 1, 2)))
-
-    @classmethod
-    def from_record(cls, record: dict[str, Any]) -> Preprocess:
-        if record.get("layout") != "NCHW" or record.get("input_range") != [0, 255]:
-            raise ValueError(f"unsupported preprocessing record {record}: expected layout NCHW, input_range [0, 255]")
-        return cls(tuple(record["mean"]), tuple(record["std"]), tuple(record["image_size"]),
-                   tuple(record["class_names"]))
 
 
 def preprocessing_record(mean, std, image_size, class_names) -> dict[str, Any]:
