@@ -367,6 +367,8 @@ def summarize(run: Run, state: TrainState, eval_step, workdir: Path, loop_hooks)
     elif best:
         best_vars, _ = checkpoint.load_model(workdir / "best")
         best_trainable = trainable_variables(sharding.put_replicated(best_vars, run.mesh))
-        summary[f"best_test_{metric}"] = run.evaluate_split(
-            eval_step, best_trainable["params"], best_trainable["batch_stats"], "test")[metric]
+        # In the train state's trees (adapters kept, unused by evaluation): the eval step is not traced again.
+        params = {**state.params, **best_trainable["params"]}
+        batch_stats = {**state.batch_stats, **best_trainable["batch_stats"]}
+        summary[f"best_test_{metric}"] = run.evaluate_split(eval_step, params, batch_stats, "test")[metric]
     return summary
