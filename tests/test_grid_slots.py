@@ -15,6 +15,7 @@ import pytest
 from experiments import compare
 from hkt_jax import checkpoint, comparison, grid_pack, grid_runs
 from hkt_jax.comparison import Grid
+from hkt_jax.config import apply_overrides, load_config
 from tests.signal_compare_experiment import ENV as SIGNAL_AT_ENV
 
 SLOW = Grid(experiment="tests.fake_slow_experiment", config="unused", seeds=(0, 1),
@@ -205,3 +206,14 @@ def test_a_grid_stopped_packed_and_continued_elsewhere_ends_as_if_never_stopped(
         assert a[key] == b[key], key
     jax.tree.map(np.testing.assert_array_equal, checkpoint.load_model(resumed / "export" / "child")[0],
                  checkpoint.load_model(reference / "export" / "child")[0])
+
+
+def test_smoke_grid_names_valid_overrides(capsys):
+    grid = comparison.load_grid("smoke_grid")
+    assert len(grid.variants) == 2 and len(grid.seeds) == 2 and grid.parent is not None
+    for variant in grid.variants:
+        config = apply_overrides(load_config(grid.config), [*grid.common, *grid.variants[variant]])
+        assert config.train.steps == 16 and config.train.checkpoint_every_steps == 8
+    assert compare.main(["--grid", "smoke_grid", "--root", "R", "--dry_run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5 and "method=parent" in lines[0] and "parent_ckpt=R/parent/export/child" in lines[1]
