@@ -3,27 +3,42 @@
     python -m experiments.compare --grid cifar_cpu --root workdirs/compare_cifar_cpu \\
         --out experiments/results/compare_cifar_cpu
 
-Runs every variant of ``experiments/configs/grid_<NAME>.py`` for every seed, one
-after the other, each in ``ROOT/<variant>/seed<k>`` as an ordinary experiment
-run (its output goes to ``run.log`` there). A grid with a shared parent trains
-it first in ``ROOT/parent`` and hands its export to every run. Finished runs are reused, unfinished
-ones resume, failed ones are retried and, if they fail again, reported as failed
-(never averaged). ``--report_only`` only re-aggregates what is on disk.
+Runs every variant of ``experiments/configs/grid_<NAME>.py`` for every seed, seed
+by seed, ``--parallel K`` at a time, each in ``ROOT/<variant>/seed<k>`` as an
+ordinary experiment run (its output goes to ``run.log`` there). A grid with a
+shared parent trains it first, alone, in ``ROOT/parent`` and hands its export to
+every run. Finished runs are reused, unfinished ones resume, failed ones are
+retried and, if they fail again, reported as failed (never averaged).
+``--report_only`` only re-aggregates what is on disk.
 Writes ``OUT.md``, ``OUT.json`` (every run's numbers and config) and ``OUT.png``.
+
+For accelerator slots that end (docs/grids.md)::
+
+    python -m experiments.compare --grid G --root ROOT --unpack pack_in \
+        --parallel 4 --time_budget 9 --pack pack_out
+
+``--time_budget`` stops every run cleanly after MIN minutes (each saves its
+current step; exit 0); ``--pack``/``--unpack`` carry the grid's state to the next
+slot in a few small files. SIGTERM/SIGINT to this command stop the runs the same
+way (exit 128 + the signal's number).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-from hkt_jax import comparison
+from hkt_jax import comparison, grid_pack, grid_runs
 
-TAIL_CHARS = 4000
+MIN_START_S = 60.0  # no run starts with less of the time budget left (or a quarter of a shorter budget)
+SIGNAL_GRACE_S = 1.0  # before forwarding: a run the signal reached too (a cgroup-wide SIGTERM) says so first
 
 
 def parse_args(argv):
@@ -36,54 +51,83 @@ def parse_args(argv):
     parser.add_argument("--variants", default=None, help="comma-separated subset of the grid's variants")
     parser.add_argument("--seeds", default=None, help="comma-separated subset of the grid's seeds")
     parser.add_argument("--dry_run", action="store_true", help="print the run commands and exit")
+    parser.add_argument("--parallel", type=int, default=1, metavar="K",
+                        help="run up to K runs at once, one process each (on one GPU each takes memory as it "
+                             "needs it, up to 0.9/K of it)")
+    parser.add_argument("--time_budget", type=float, default=None, metavar="MIN",
+                        help="after MIN minutes every running run saves a checkpoint and stops (exit 0); the "
+                             "same command continues them and skips finished ones")
+    parser.add_argument("--pack", default=None, metavar="DIR",
+                        help="at the end, write what a fresh machine needs to continue the grid into DIR "
+                             f"(at most {grid_pack.MAX_FILES} files, {grid_pack.MAX_BYTES // 2**20} MiB)")
+    parser.add_argument("--unpack", default=None, metavar="DIR",
+                        help="first, restore --root from a pack written by --pack (into a fresh root)")
     return parser.parse_args(argv)
 
 
-def run_one(directory: Path, command: list[str]) -> str:
-    directory.mkdir(parents=True, exist_ok=True)
-    comparison.clear_failure(directory)
-    with open(directory / "run.log", "ab") as log:
-        log.write(f"\n$ {' '.join(command)}\n".encode())
-        log.flush()
-        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
-    if returncode != 0:
-        tail = (directory / "run.log").read_bytes()[-TAIL_CHARS:].decode(errors="replace")
-        comparison.record_failure(directory, returncode, tail)
-        return "failed"
-    return comparison.run_status(directory)
-
-
-def run_parent(grid, root: Path) -> bool:
-    """Trains (or reuses, or resumes) the grid's shared parent; False if it failed."""
-    directory = comparison.parent_dir(root)
+def _queued(label: str, directory: Path, command: list[str]) -> grid_runs.Job | None:
+    """The job of one run, or None (and a line saying so) when it is finished already."""
     status = comparison.run_status(directory)
     if status == "done":
-        print("[parent] done, reused", flush=True)
-        return True
-    print(f"[parent] {'resuming' if status == 'partial' else 'running'} (log: {directory / 'run.log'})", flush=True)
-    start = time.perf_counter()
-    status = run_one(directory, comparison.parent_command(grid, root, python=sys.executable))
-    print(f"[parent] {status} in {time.perf_counter() - start:.0f} s", flush=True)
-    return status == "done"
+        print(f"{grid_runs.heading(label)} done, reused", flush=True)
+        return None
+    verb = {"partial": "resuming", "failed": "retrying"}.get(status, "running")
+    return grid_runs.Job(label, directory, command, verb)
 
 
-def run_grid(grid, root: Path, variants, seeds) -> None:
-    if grid.parent is not None and not run_parent(grid, root):
-        print(f"[parent] failed: no variant can run without it; see {comparison.parent_dir(root) / 'run.log'}")
-        return
+def run_grid(grid, root: Path, variants, seeds, runner: grid_runs.GridRunner) -> None:
+    """The shared parent first, alone (every run loads it), then the runs, ``runner.parallel`` at a time."""
+    if grid.parent is not None:
+        job = _queued("[parent]", comparison.parent_dir(root), comparison.parent_command(grid, root, sys.executable))
+        outcome = runner.run([job])["[parent]"] if job else "done"
+        if outcome != "done":
+            why = {"failed": f"it failed; see {comparison.parent_dir(root) / 'run.log'}",
+                   "stopped": "it stopped before finishing (rerun to continue it)"}.get(outcome, outcome)
+            print(f"[parent] {why}: no run starts without it", flush=True)
+            return
     todo = [(v, s) for s in seeds for v in variants]  # seed-major: an early stop still has every variant
-    for k, (variant, seed) in enumerate(todo, 1):
-        status = comparison.run_status(comparison.run_dir(root, variant, seed))
-        if status == "done":
-            print(f"[{k}/{len(todo)}] {variant} seed {seed}: done, reused", flush=True)
-            continue
-        word = "resuming" if status == "partial" else "retrying" if status == "failed" else "running"
-        print(f"[{k}/{len(todo)}] {variant} seed {seed}: {word} "
-              f"(log: {comparison.run_dir(root, variant, seed) / 'run.log'})", flush=True)
-        start = time.perf_counter()
-        status = run_one(comparison.run_dir(root, variant, seed),
-                         comparison.run_command(grid, root, variant, seed, python=sys.executable))
-        print(f"[{k}/{len(todo)}] {variant} seed {seed}: {status} in {time.perf_counter() - start:.0f} s", flush=True)
+    jobs = [_queued(f"[{k}/{len(todo)}] {variant} seed {seed}", comparison.run_dir(root, variant, seed),
+                    comparison.run_command(grid, root, variant, seed, python=sys.executable))
+            for k, (variant, seed) in enumerate(todo, 1)]
+    outcomes = runner.run([job for job in jobs if job])
+    left = [label for label, outcome in outcomes.items() if outcome in ("stopped", "not started", "partial")]
+    if left:
+        print(f"{len(left)} run(s) unfinished ({runner.stop_reason or 'stopped'}); rerun the same command to "
+              "continue them", flush=True)
+
+
+@contextlib.contextmanager
+def stopping_runs_on_signals(runner: grid_runs.GridRunner):
+    """SIGINT/SIGTERM to this command stop every run after its current step (each saves it); a second one
+    ends them at once. Yields a list that holds the signal received, if any."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handle(signum, frame):
+        name = signal.Signals(signum).name
+        if not received:
+            print(f"\n{name}: every run stops after its current step and saves it ({name} again ends them "
+                  "at once, without saving)", file=sys.stderr, flush=True)
+        received.append(signum)
+        runner.stop(f"{name} received", grace_s=SIGNAL_GRACE_S)
+
+    previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def current_commit() -> str | None:
+    """The commit the runs are launched with (recorded in a pack's manifest)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def plot_report(records, table, path: Path, grid) -> None:
@@ -156,6 +200,12 @@ def main(argv=None) -> int:
         if unknown:
             raise ValueError(f"not in grid {args.grid!r}: {', '.join(unknown)}; variants: {', '.join(grid.variants)}, "
                              f"seeds: {grid.seeds}")
+        if args.time_budget is not None and args.time_budget <= 0:
+            raise ValueError(f"--time_budget must be a positive number of minutes, got {args.time_budget}")
+        runner = grid_runs.GridRunner(
+            parallel=args.parallel,
+            deadline=None if args.time_budget is None else time.monotonic() + 60 * args.time_budget,
+            min_start_s=0.0 if args.time_budget is None else min(MIN_START_S, 60 * args.time_budget / 4))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -167,8 +217,17 @@ def main(argv=None) -> int:
             for variant in variants:
                 print(" ".join(comparison.run_command(grid, root, variant, seed)))
         return 0
-    if not args.report_only:
-        run_grid(grid, root, variants, seeds)
+    signalled: list[int] = []
+    try:
+        if args.unpack:
+            manifest = grid_pack.unpack(Path(args.unpack), root, args.grid)
+            print(f"unpacked {args.unpack} into {root}: {grid_pack.describe(manifest)}", flush=True)
+        if not args.report_only:
+            with stopping_runs_on_signals(runner) as signalled:
+                run_grid(grid, root, variants, seeds, runner)
+    except grid_pack.PackError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     records = [comparison.run_record(grid, root, v, s) for s in seeds for v in variants]
     table = comparison.aggregate(records, variants, comparison.metric_keys(grid))
     out = Path(args.out or root / "report")
@@ -183,7 +242,16 @@ def main(argv=None) -> int:
     plot_report(records, table, out.with_suffix(".png"), grid)
     print(markdown)
     print(f"wrote {out.with_suffix('.md')}, {out.with_suffix('.json')}, {out.with_suffix('.png')}")
+    if args.pack:
+        try:
+            manifest = grid_pack.pack(args.grid, grid, root, Path(args.pack), variants, seeds, commit=current_commit())
+        except grid_pack.PackError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"packed {root} into {args.pack}: {grid_pack.describe(manifest)}")
     failed = sum(len(row["failed_seeds"]) for row in table)
+    if signalled:
+        return 128 + signalled[0]  # as a run stopped by a signal: everything saved, nothing failed
     return 1 if failed and not args.report_only else 0
 
 
