@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -62,6 +62,9 @@ def parse_args(argv):
                              f"(at most {grid_pack.MAX_FILES} files, {grid_pack.MAX_BYTES // 2**20} MiB)")
     parser.add_argument("--unpack", default=None, metavar="DIR",
                         help="first, restore --root from a pack written by --pack (into a fresh root)")
+    parser.add_argument("--parent_ckpt", default=None, metavar="DIR",
+                        help="every run uses this parent (a model checkpoint dir, e.g. a converted ResNet-56) "
+                             "instead of the grid's own; use another --root for it")
     return parser.parse_args(argv)
 
 
@@ -119,15 +122,6 @@ def stopping_runs_on_signals(runner: grid_runs.GridRunner):
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-
-
-def current_commit() -> str | None:
-    """The commit the runs are launched with (recorded in a pack's manifest)."""
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def plot_report(records, table, path: Path, grid) -> None:
@@ -209,6 +203,8 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.parent_ckpt:
+        grid = dataclasses.replace(grid, parent=None, common=(*grid.common, f"parent_ckpt={args.parent_ckpt}"))
     root = Path(args.root or f"workdirs/compare_{args.grid}")
     if args.dry_run:
         if grid.parent is not None:
@@ -233,7 +229,7 @@ def main(argv=None) -> int:
     out = Path(args.out or root / "report")
     out.parent.mkdir(parents=True, exist_ok=True)
     markdown = comparison.markdown_table(table, grid)
-    report = {"grid": args.grid, "table": table, "runs": records}
+    report = {"grid": args.grid, **comparison.grid_facts(records), "table": table, "runs": records}
     if grid.parent is not None:
         report["parent"] = comparison.parent_record(grid, root)
         markdown += comparison.parent_line(grid, report["parent"])
@@ -244,7 +240,7 @@ def main(argv=None) -> int:
     print(f"wrote {out.with_suffix('.md')}, {out.with_suffix('.json')}, {out.with_suffix('.png')}")
     if args.pack:
         try:
-            manifest = grid_pack.pack(args.grid, grid, root, Path(args.pack), variants, seeds, commit=current_commit())
+            manifest = grid_pack.pack(args.grid, grid, root, Path(args.pack), variants, seeds, commit=comparison.current_commit())
         except grid_pack.PackError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

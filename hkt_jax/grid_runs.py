@@ -70,6 +70,7 @@ class GridRunner:
         self.parallel, self.deadline, self.min_start_s = parallel, deadline, min_start_s
         self.env = child_environment(parallel, env)
         self.report, self.poll_s = report, poll_s
+        self.commit = comparison.current_commit()  # recorded with every launch (attempts.json)
         self.stop_reason: str | None = None
         self._forward_at = 0.0
         self._no_more_starts = False
@@ -158,6 +159,7 @@ class GridRunner:
             tail = (directory / "run.log").read_bytes()[-TAIL_CHARS:].decode(errors="replace")
             comparison.record_failure(directory, code, tail)
             status = "failed"
+        comparison.record_attempt(directory, self.commit, seconds, status)
         step = newest_checkpoint_step(directory) if status == "stopped" else None
         where = f" at step {step}" if step is not None else ""
         self.report(f"{heading(running.job.label)} {status}{where} in {seconds:.0f} s")

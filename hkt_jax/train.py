@@ -351,6 +351,7 @@ def summarize(run: Run, state: TrainState, eval_step, workdir: Path, loop_hooks)
         "inference_ms_per_image": inference_ms_per_image(run.model, final_vars,
                                                          run.task.example_input(run.datasets, 128)),
         "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "jax": jax.__version__,
     }
     evaluation = next((h for h in loop_hooks if isinstance(h, hooks.EvaluateAndKeepBest)), None)
     if evaluation is None:
@@ -364,11 +365,13 @@ def summarize(run: Run, state: TrainState, eval_step, workdir: Path, loop_hooks)
     summary["best_step"] = best.get("step")
     if best.get("step") == final_step:
         summary[f"best_test_{metric}"] = test[metric]
+        summary["best_test"] = test
     elif best:
         best_vars, _ = checkpoint.load_model(workdir / "best")
         best_trainable = trainable_variables(sharding.put_replicated(best_vars, run.mesh))
         # In the train state's trees (adapters kept, unused by evaluation): the eval step is not traced again.
         params = {**state.params, **best_trainable["params"]}
         batch_stats = {**state.batch_stats, **best_trainable["batch_stats"]}
-        summary[f"best_test_{metric}"] = run.evaluate_split(eval_step, params, batch_stats, "test")[metric]
+        summary["best_test"] = run.evaluate_split(eval_step, params, batch_stats, "test")
+        summary[f"best_test_{metric}"] = summary["best_test"][metric]
     return summary

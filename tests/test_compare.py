@@ -153,3 +153,17 @@ def test_table_pairs_every_variant_with_child_and_kd_and_names_its_facts(tmp_pat
     markdown = comparison.markdown_table(table, grid)
     assert "best − child (paired, 95 % CI)" in markdown and "| hkt | 2 |" in markdown
     assert "+2.00 [" in markdown
+
+
+def test_parent_ckpt_swaps_in_another_parent_and_launches_are_recorded(tmp_path, monkeypatch, capsys):
+    grid = Grid(experiment="tests.fake_experiment", config="unused", seeds=(0,), parent=("bonus=0.5",),
+                variants={"hkt": ("bonus=0.2",)})
+    monkeypatch.setattr(comparison, "load_grid", lambda name: grid)
+    assert compare.main(["--grid", "g", "--root", str(tmp_path), "--parent_ckpt", "converted/r56", "--dry_run"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()  # no parent run: only the variant's command
+    assert "parent_ckpt=converted/r56" in line and "method=parent" not in line
+    assert compare.main(["--grid", "g", "--root", str(tmp_path / "runs"), "--out", str(tmp_path / "r")]) == 0
+    (attempt,) = comparison.read_attempts(comparison.run_dir(tmp_path / "runs", "hkt", 0))
+    assert attempt["outcome"] == "done" and attempt["wall_s"] > 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert {"device", "jax", "epochs", "commits"} <= set(report)
