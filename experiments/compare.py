@@ -225,7 +225,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     records = [comparison.run_record(grid, root, v, s) for s in seeds for v in variants]
-    table = comparison.aggregate(records, variants, comparison.metric_keys(grid))
+    table = comparison.aggregate(records, variants, comparison.report_keys(grid))
     out = Path(args.out or root / "report")
     out.parent.mkdir(parents=True, exist_ok=True)
     markdown = comparison.markdown_table(table, grid)

@@ -49,6 +49,11 @@ class Grid:
     # Variants built from another config than ``config`` (name -> config), so a variant such as the released
     # code's ``reference`` has one definition: its config file.
     variant_configs: dict[str, str] = dataclasses.field(default_factory=dict)
+    # More test metrics to report beside ``metric``: (name in the summary's final_test / best_test, label),
+    # e.g. ("dice_global/liver", "liver Dice global %") next to the per-case Dice segmentation selects on.
+    extra_metrics: tuple[tuple[str, str], ...] = ()
+    # The paper's number for a variant, shown in its own column (e.g. {"hkt": "94.1 (D-Mean)"}).
+    paper: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if not self.variants:
@@ -176,6 +181,9 @@ def run_record(grid: Grid, root: Path, variant: str, seed: int) -> dict[str, Any
     if record["status"] != "done":
         return record
     record["summary"] = json.loads((directory / SUMMARY_FILE).read_text())
+    for name, _ in grid.extra_metrics:  # flat keys, as the table reads the selection metric
+        for which in ("final_test", "best_test"):
+            record["summary"][f"{which}_{name}"] = (record["summary"].get(which) or {}).get(name)
     config_path = directory / "config.json"
     record["config"] = json.loads(config_path.read_text()) if config_path.exists() else None
     rows = read_metrics(directory)
@@ -212,6 +220,12 @@ def parent_line(grid: Grid, record: dict[str, Any]) -> str:
 
 def metric_keys(grid: Grid) -> tuple[str, str]:
     return f"final_test_{grid.metric}", f"best_test_{grid.metric}"
+
+
+def report_keys(grid: Grid) -> tuple[str, ...]:
+    """Every summary number the table aggregates: the selection metric's, then each extra metric's."""
+    return (*metric_keys(grid), *(f"{which}_{name}" for name, _ in grid.extra_metrics
+                                  for which in ("final_test", "best_test")))
 
 
 def paired_difference(values: dict[int, float], baseline: dict[int, float]) -> dict[str, Any] | None:
@@ -305,11 +319,16 @@ def _difference(diff: dict[str, Any] | None, scale: float) -> str:
 def markdown_table(table: Sequence[dict[str, Any]], grid: Grid) -> str:
     final_key, best_key = metric_keys(grid)
     baselines = [b for b in PAIRED_BASELINES if any(b in row[best_key].get("vs", {}) for row in table)]
+    extras = [(f"final_test_{name}", f"final {label}") for name, label in grid.extra_metrics] + \
+        [(f"best_test_{name}", f"best-on-validation {label}") for name, label in grid.extra_metrics]
+    extras = [(key, label) for key, label in extras if any(key in row for row in table)]
+    paper = [grid.paper] if grid.paper else []
     lines = [f"| variant | n | final {grid.metric_label} (mean ± std; per seed) | best-on-validation "
              f"{grid.metric_label} | "
              + "".join(f"best − {b} (paired, 95 % CI) | " for b in baselines)
+             + "".join(f"{label} | " for _, label in extras) + "".join("paper | " for _ in paper)
              + "child params | train img/s | failed / unfinished |",
-             "|---|---|---|---|" + "---|" * len(baselines) + "---|---|---|"]
+             "|---|---|---|---|" + "---|" * (len(baselines) + len(extras) + len(paper)) + "---|---|---|"]
     for row in table:
         speed = f"{row['train_img_per_s']:.0f}" if row["train_img_per_s"] else "–"
         params = f"{row['parameters']:,}" if isinstance(row["parameters"], int) else str(row["parameters"] or "–")
@@ -317,6 +336,8 @@ def markdown_table(table: Sequence[dict[str, Any]], grid: Grid) -> str:
                              + [f"seed {s} unfinished" for s in row["unfinished_seeds"]]) or "–"
         differences = "".join(f"{_difference(row[best_key].get('vs', {}).get(b), grid.scale)} | "
                               for b in baselines)
+        differences += "".join(f"{_stat(row[key], grid.scale) if key in row else '–'} | " for key, _ in extras)
+        differences += "".join(f"{grid.paper.get(row['variant'], '–')} | " for _ in paper)
         lines.append(f"| {row['variant']} | {row['n']} | {_stat(row[final_key], grid.scale)} "
                      f"| {_stat(row[best_key], grid.scale)} | {differences}{params} | {speed} | {problems} |")
     return "\n".join(lines) + "\n"

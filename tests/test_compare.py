@@ -167,3 +167,25 @@ def test_parent_ckpt_swaps_in_another_parent_and_launches_are_recorded(tmp_path,
     assert attempt["outcome"] == "done" and attempt["wall_s"] > 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert {"device", "jax", "epochs", "commits"} <= set(report)
+
+
+def test_extra_metrics_and_the_papers_numbers_are_reported(tmp_path):
+    grid = Grid(experiment="x", config="c", seeds=(0, 1), variants={"child": (), "hkt": ()}, metric="dice",
+                extra_metrics=(("dice_global/liver", "liver Dice global %"),), paper={"hkt": "94.1"})
+    for variant, offset in (("child", 0.0), ("hkt", 0.01)):
+        for seed in (0, 1):
+            directory = comparison.run_dir(tmp_path, variant, seed)
+            directory.mkdir(parents=True)
+            test = {"dice": 0.9 + offset, "dice_global/liver": 0.92 + offset + seed / 100}
+            (directory / "summary.json").write_text(json.dumps(
+                {"final_test_dice": test["dice"], "best_test_dice": test["dice"], "final_test": test,
+                 **({"best_test": test} if seed else {})}))  # seed 0: written before best_test existed
+    records = [comparison.run_record(grid, tmp_path, v, s) for s in (0, 1) for v in grid.variants]
+    table = comparison.aggregate(records, list(grid.variants), comparison.report_keys(grid))
+    hkt = next(row for row in table if row["variant"] == "hkt")
+    assert hkt["final_test_dice_global/liver"]["by_seed"] == {0: pytest.approx(0.93), 1: pytest.approx(0.94)}
+    assert hkt["best_test_dice_global/liver"]["by_seed"] == {1: pytest.approx(0.94)}
+    assert hkt["final_test_dice_global/liver"]["vs"]["child"]["mean"] == pytest.approx(0.01)
+    markdown = comparison.markdown_table(table, grid)
+    assert "final liver Dice global % | best-on-validation liver Dice global % | paper |" in markdown
+    assert "| 93.50 ± 0.71 (93.00, 94.00) | 94.00 | 94.1 |" in markdown
