@@ -283,6 +283,19 @@ def parent_data_mismatch(parent_info: dict[str, Any], run_data: dict[str, str]) 
     return None
 
 
+def hkt_line(hkt) -> str:
+    """The HKT settings a run trains with, in the paper's symbols."""
+    alphas = ", ".join(f"{a:.3g}" for a in hkt.alphas)
+    parts = [f"hkt:    lambda={hkt.lam:g}, alphas=({alphas}), GA mode={hkt.mode} (impl {hkt.impl}), "
+             f"L1/L3={hkt.inherit_loss}, head anchored on the {hkt.head_anchor}, split={hkt.stage_split}"]
+    if hkt.stages is not None:
+        parts.append(f"stages={hkt.stages}")
+    if hkt.child_taps or hkt.parent_taps:
+        parts.append(f"taps child {','.join(hkt.child_taps) or '(own stages)'} / parent "
+                     f"{','.join(hkt.parent_taps) or '(own stages)'}")
+    return "; ".join(parts)
+
+
 def startup_block(run, workdir: Path, start_step: int) -> str:
     """One compact block saying what this run uses (printed before the first step)."""
     config = run.config
@@ -319,6 +332,9 @@ def startup_block(run, workdir: Path, start_step: int) -> str:
     skip = config.train.skip_nonfinite_steps
     lines.append("  non-finite loss/gradients: " + (f"skip the update, up to {skip} in a row" if skip
                                                     else "stop at the first (train.skip_nonfinite_steps=K skips)"))
+    if config.method == "hkt":
+        lines.append("  " + hkt_line(config.hkt))
+    lines += [f"  note: {note}" for note in run.task.startup_notes(config)]
     mismatch = parent_data_mismatch(run.parent_info, {"source": data.source, "name": data.name}) \
         if run.parent_info else None
     if mismatch:

@@ -184,3 +184,16 @@ def test_hkt_with_the_papers_mae_for_l1_l3_trains(tmp_path):
         losses.append(float(loss))
         assert all(np.isfinite(float(metrics[k])) for k in ("l1", "l2", "l3"))
     assert np.mean(losses[-2:]) < 0.8 * losses[0], losses
+
+
+def test_start_up_names_the_hkt_settings_and_the_sequence_loss_deviation():
+    from hkt_jax import hooks
+
+    config = load_config("flow_smoke")
+    (note,) = make_task("flow", config).startup_notes(config)
+    assert "sequence loss" in note and "hkt.inherit_loss=mae" in note
+    mae = apply_overrides(config, ["hkt.inherit_loss=mae"])
+    assert make_task("flow", mae).startup_notes(mae) == []
+    line = hooks.hkt_line(apply_overrides(config, ["hkt.lam=0.5", "hkt.child_taps=a,b"]).hkt)
+    assert "lambda=0.5" in line and "alphas=(0.25, 0.5, 0.25)" in line and "L1/L3=seq" in line
+    assert "GA mode=auto" in line and "taps child a,b" in line

@@ -96,6 +96,10 @@ class Task(abc.ABC):
             return True
         return candidate > best if self.selection_mode == "max" else candidate < best
 
+    def startup_notes(self, config: Any) -> list[str]:
+        """Lines the start-up block adds for this task, e.g. where its settings deviate from the paper."""
+        return []
+
     def describe_data(self, datasets: Any) -> str:
         return (f"{datasets.num_train} train / {datasets.num_validation} validation / "
                 f"{datasets.num_test} test examples")

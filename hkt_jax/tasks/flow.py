@@ -53,6 +53,12 @@ class Flow(Task):
         data = getattr(config, "data", None)
         return cls(gamma=data.loss_gamma) if isinstance(data, FlowDataConfig) else cls()
 
+    def startup_notes(self, config) -> list[str]:
+        if config.method == "hkt" and config.hkt.inherit_loss == "seq":
+            return ["L1/L3 are RAFT's sequence loss on the backbone and head streams, where the paper says MAE "
+                    "(hkt.inherit_loss=mae: mean |final flow - gt|)"]
+        return []
+
     # -- data and models ------------------------------------------------------------------------
 
     def make_datasets(self, data_config, *, global_batch_size, seed, process_index=None, process_count=None):
