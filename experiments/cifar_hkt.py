@@ -5,7 +5,9 @@ reference: the authors' released code, smoke: seconds on a CPU). Any config
 field can be overridden by its dotted path, e.g. ``method=child train.steps=500``.
 Rerunning with the same workdir resumes. Errors and early stops end in one line and an
 exit code (``hkt_jax.cli``: 2 bad input, 3 non-finite loss, 4 failed save, 130 Ctrl-C,
-143 SIGTERM); ``--debug`` shows tracebacks. On CPU, glibc is told to reuse freed memory
+143 SIGTERM); ``--debug`` shows tracebacks. Compiled programs are kept for the next run in
+``~/.cache/hkt_jax/jax_compilation_cache`` (``$HKT_JAX_COMPILE_CACHE``; ``--no_compile_cache`` or
+``HKT_JAX_COMPILE_CACHE=0`` turns that off). On CPU, glibc is told to reuse freed memory
 (``hkt_jax.malloc_tuning``; ``HKT_JAX_MALLOC_TUNING=0`` turns that off).
 """
 
@@ -18,6 +20,7 @@ import sys
 import jax
 
 from hkt_jax import cli
+from hkt_jax.compile_cache import describe, enable_compile_cache
 from hkt_jax.config import apply_overrides, load_config
 from hkt_jax.experiment import run
 from hkt_jax.malloc_tuning import tune_malloc_for_xla
@@ -47,6 +50,9 @@ def _train(args) -> int:
     config = cli.as_user_error(lambda: apply_overrides(load_config(args.config), overrides))
     cli.as_user_error(lambda: initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
                                                      auto=args.distributed))
+    cache = enable_compile_cache(not args.no_compile_cache)  # before the first compilation
+    if jax.process_index() == 0:
+        print(describe(cache), flush=True)
     summary = run(config, args.workdir or f"workdirs/{args.config}", allow_config_change=args.allow_config_change)
     if jax.process_index() == 0:
         print(json.dumps(summary, indent=2))

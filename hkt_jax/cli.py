@@ -4,7 +4,7 @@ Every experiment entry point (``experiments/cifar_hkt.py``, ``flow_hkt.py``,
 ``seg_hkt.py``) wraps its work in ``main_guard``::
 
     parser = argparse.ArgumentParser(...)
-    cli.add_common_arguments(parser)          # --debug, --allow_config_change
+    cli.add_common_arguments(parser)          # --debug, --allow_config_change, --no_compile_cache
     args = parser.parse_args(argv)
     return cli.main_guard(lambda: work(args), debug=args.debug)
 
@@ -74,6 +74,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow_config_change", action="store_true",
                         help="resume a workdir although its config.json differs in keys that are not always safe "
                              "to change (e.g. the learning rate); the new values are used from the restored step on")
+    parser.add_argument("--no_compile_cache", action="store_true",
+                        help="do not keep compiled programs for the next run (default: JAX's persistent compilation "
+                             "cache in $HKT_JAX_COMPILE_CACHE or ~/.cache/hkt_jax/jax_compilation_cache; "
+                             "HKT_JAX_COMPILE_CACHE=0 also turns it off)")
 
 
 def as_user_error(make: Callable[[], T]) -> T:

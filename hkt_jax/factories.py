@@ -10,6 +10,7 @@ composes them for ``train_and_evaluate``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -70,6 +71,7 @@ def make_method(method: str, model: nn.Module, task: Task, example_input: Any, r
                 fitnet: FitNetSettings = FitNetSettings(), at: ATSettings = ATSettings(),
                 freeze_batch_norm: bool = False) -> tuple[Callable, dict[str, Any]]:
     """(loss_fn, initial trainable variables) of a training method (``hkt_jax.methods``).
+    The variables are initialised inside ``jax.jit`` (``jit_init``).
     ``freeze_batch_norm``: the trained network runs with ``train=False`` (its BatchNorm uses and keeps
     the running statistics; in this project's models ``train`` switches nothing else)."""
     train = not freeze_batch_norm
@@ -84,8 +86,8 @@ def make_method(method: str, model: nn.Module, task: Task, example_input: Any, r
             boundaries = tapped_boundaries(model, parent, engine_config.boundaries)
             engine_config = dataclasses.replace(engine_config, boundaries=boundaries)
         engine = HKT(model, parent, engine_config, task=task)
-        return hkt_loss(engine, train=train), engine.init(rng, example_input, parent_variables)
-    init_variables = trainable_variables(model.init(rng, example_input, train=False))
+        return hkt_loss(engine, train=train), jit_init(engine.init)(rng, example_input, parent_variables)
+    init_variables = trainable_variables(jit_init(functools.partial(model.init, train=False))(rng, example_input))
     if method == "kd":
         return kd_loss(model, parent, task, temperature=kd.temperature, weight=kd.weight,
                        train=train), init_variables
@@ -115,6 +117,17 @@ def feature_method(method: str, model: nn.Module, parent: nn.Module, task: Task,
     loss_fn = methods.fitnet_loss(model, parent, task, regressor, stage_index=index, weight=fitnet.weight,
                                   train=train)
     return loss_fn, {**init_variables, "params": {**params, "adapters": {methods.REGRESSOR_KEY: regressor_params}}}
+
+
+def jit_init(init_fn: Callable) -> Callable:
+    """``init_fn`` (a Flax ``init``) compiled as one program: one compilation instead of one per eager
+    operation (about a hundred at a run's start-up), and one the persistent compilation cache can keep.
+
+    On CPU the program is compiled without XLA's algebraic simplifier, whose rewrites of the initialisers'
+    float arithmetic change some values by one ulp: without it they equal the eager initialisation bit for
+    bit (``tests/test_startup.py``), so a seed still gives the network it gave before."""
+    options = {"xla_disable_hlo_passes": "algsimp"} if jax.default_backend() == "cpu" else {}
+    return jax.jit(init_fn, compiler_options=options)
 
 
 def start_from(init_variables: dict[str, Any], directory: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -182,9 +195,12 @@ def tap_models(child: nn.Module, parent: nn.Module, child_taps: tuple[str, ...] 
 def make_optimization(optim: OptimConfig, steps_per_epoch: int, total_steps: int,
                       trained_spec: dict[str, Any] | None = None
                       ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """``trained_spec``: the trained network's model spec (a deep CIFAR ResNet may get the low-rate warm-up)."""
+    """(optimizer, schedule). ``trained_spec``: the trained network's model spec (a deep CIFAR ResNet may get
+    the low-rate warm-up). The optimizer's ``init`` runs inside ``jax.jit`` (one compilation, not one per eager
+    operation; its state is zeros and counters either way)."""
     schedule = make_schedule(optim, steps_per_epoch, total_steps, trained_spec)
-    return make_optimizer(optim, schedule), schedule
+    tx = make_optimizer(optim, schedule)
+    return tx._replace(init=jax.jit(tx.init)), schedule
 
 
 def make_mesh(data: int = -1, model: int = 1, *, global_batch_size: int | None = None) -> jax.sharding.Mesh:

@@ -1,4 +1,9 @@
-"""Shared test helpers: where the real data lives, a skip when it is absent, an exported network's arrays."""
+"""Shared test helpers: where the real data lives, a skip when it is absent, an exported network's arrays.
+
+The suite runs with the experiment commands' persistent compilation cache off (``HKT_JAX_COMPILE_CACHE=0``,
+inherited by every subprocess): tests never write into the user's ``~/.cache``, and each test compiles what
+it runs. ``tests/test_startup.py`` turns it on, in a temporary folder, where it tests the cache.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ import pytest
 from hkt_jax import paths
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+os.environ[paths.COMPILE_CACHE_ENV] = "0"
 
 
 def shared_data_dir() -> Path:

@@ -25,6 +25,7 @@ from hkt_jax.data.sources import (
     NUM_CLASSES_BY_NAME,
     SHARED_ARCHIVE_HINT,
     ImageSet,
+    TFDSNotInstalled,
     load_cifar_pickle,
     load_tfds,
     make_synthetic,
@@ -98,16 +99,19 @@ def resolve_auto_source(config: DataConfig) -> DataConfig:
     try:
         open_tfds(config.name, "train", config.path)
         return dataclasses.replace(config, source="tfds")
-    except FileNotFoundError as tfds_missing:
+    except FileNotFoundError as tfds_missing:  # not prepared, or tensorflow-datasets not installed
         archive = shared_cifar10_archive()
         if config.name != "cifar10" or not archive.is_file():
             raise FileNotFoundError(
                 f"data.source='auto' found no data: {tfds_missing} (no shared archive at {archive} either)."
             ) from tfds_missing
+        not_installed = isinstance(tfds_missing, TFDSNotInstalled)
+        why = "cannot be read (tensorflow-datasets is not installed)" if not_installed else "is not prepared"
     logger.warning(
-        "data.source=auto: TFDS %s is not prepared; using the shared JPEG-q75 archive %s, "
+        "data.source=auto: TFDS %s %s; using the shared JPEG-q75 archive %s, "
         "which is lossy (about 10 points lower test accuracy than official CIFAR-10).",
         config.name,
+        why,
         archive,
     )
     return dataclasses.replace(config, source="image_folder", path=str(archive))

@@ -87,15 +87,25 @@ def _check_name(name: str, source: str) -> None:
         )
 
 
+class TFDSNotInstalled(FileNotFoundError):
+    """TFDS data cannot be read without the tensorflow-datasets package: to the user, data not found here."""
+
+
 def open_tfds(name: str, split: str, data_dir: str | None = None):
     """The random-access (ArrayRecord) source of a prepared TFDS dataset.
 
     `tfds.data_source` works without TensorFlow, but it cannot download or
-    prepare data here, so a missing dataset is reported with the ways out.
+    prepare data here, so a missing dataset (or a missing tensorflow-datasets
+    package) is reported with the ways out.
     """
-    import tensorflow_datasets as tfds  # deferred: only this source needs it
-
     _check_name(name, "tfds")
+    try:
+        import tensorflow_datasets as tfds  # deferred: only this source needs it
+    except ImportError as error:  # not in requirements.txt nor on the GPU image
+        raise TFDSNotInstalled(
+            f"data.source='tfds' needs tensorflow-datasets, which is not installed here ({error}). "
+            f"`pip install tensorflow-datasets` or use another data.source. {SHARED_ARCHIVE_HINT}"
+        ) from error
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as error:  # tfds raises several unrelated types here
