@@ -134,21 +134,23 @@ def test_hkt_mixes_bfloat16_and_differentiates_into_float32(name, monkeypatch):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_a_bfloat16_step_is_finite_and_close_to_float32(name):
-    """One real plain-training step per task: finite, and its loss within bfloat16's reach of float32's."""
+def test_a_bfloat16_train_step_is_finite(name):
+    """One real plain-training step per task: finite, float32 parameters after the update, and (the small
+    models; RAFT's compile is the suite's cost) a loss within bfloat16's reach of float32's."""
     losses = {}
-    for compute_dtype in ("float32", "bfloat16"):
+    for compute_dtype in ("bfloat16", "float32") if name != "flow" else ("bfloat16",):
         child, _, task, batch = _pair(name, compute_dtype)
-        variables = child.init(jax.random.key(0), task.model_input(batch), train=False)
-        loss_fn, _ = factories.make_method("plain", child, task, task.model_input(batch), jax.random.key(0))
+        x = task.model_input(batch)
+        loss_fn, variables = factories.make_method("plain", child, task, x, jax.random.key(0))
         tx = optax.sgd(0.01)
-        state = initial_state({"params": {"child": variables["params"]},
-                               "batch_stats": {"child": variables.get("batch_stats", {})}}, tx)
+        state = initial_state(variables, tx)
         state, metrics = jax.jit(make_train_step(loss_fn, tx, optax.constant_schedule(0.01)))(state, {}, batch)
         assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
-        assert _dtypes(state.params) == {F32}
+        assert metrics["loss"].dtype == F32 and _dtypes(state.params) == {F32}
+        assert _dtypes(state.batch_stats) <= {F32}
         losses[compute_dtype] = float(metrics["loss"])
-    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.05, abs=0.05)
+    if "float32" in losses:
+        assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.03)
 
 
 def test_bfloat16_run_exports_float32_and_records_the_dtype(tmp_path):

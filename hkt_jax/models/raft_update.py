@@ -61,7 +61,8 @@ class ConvGRU(nn.Module):
             hx = jnp.concatenate([h, x], axis=-1)
             z = nn.sigmoid(conv(self.hidden_dim, kernel, f"convz{suffix}", self.dtype)(hx))
             r = nn.sigmoid(conv(self.hidden_dim, kernel, f"convr{suffix}", self.dtype)(hx))
-            q = jnp.tanh(conv(self.hidden_dim, kernel, f"convq{suffix}", self.dtype)(jnp.concatenate([r * h, x], axis=-1)))
+            rhx = jnp.concatenate([r * h, x], axis=-1)
+            q = jnp.tanh(conv(self.hidden_dim, kernel, f"convq{suffix}", self.dtype)(rhx))
             h = (1 - z) * h + z * q
         return h
 
