@@ -118,6 +118,9 @@ class KDSettings:
         _check("kd.weight", self.weight, 0 <= self.weight <= 1, "in [0, 1]")
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
 @dataclasses.dataclass(frozen=True)
 class FitNetSettings:
     """method=fitnet: one-stage FitNets hint (Romero et al. 2015) as in CRD's benchmark (Tian et al. 2020):
@@ -155,6 +158,10 @@ class TrainSettings:
     skip_nonfinite_steps: int = 0  # non-finite loss/gradients: skip up to this many updates in a row (0: stop)
     seed: int = 0
     freeze_batch_norm: bool = False  # RAFT's freeze_bn: the trained network's BatchNorm keeps its running stats
+    # Activations (child, frozen parent, Transfer adapters, GA inputs) in this dtype; parameters, optimizer
+    # state, BatchNorm statistics, losses and metrics stay float32, and so do exports. A run setting, not
+    # part of the model spec: checkpoints load in either dtype.
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self):
         _check("train.batch_size", self.batch_size, self.batch_size > 0, "a positive integer")
@@ -168,6 +175,8 @@ class TrainSettings:
         _check("train.checkpoint_every_minutes", self.checkpoint_every_minutes,
                self.checkpoint_every_minutes >= 0 and math.isfinite(self.checkpoint_every_minutes), ">= 0 (0: off)")
         _check("train.skip_nonfinite_steps", self.skip_nonfinite_steps, self.skip_nonfinite_steps >= 0, ">= 0")
+        _check("train.compute_dtype", self.compute_dtype, self.compute_dtype in COMPUTE_DTYPES,
+               f"one of {COMPUTE_DTYPES}")
 
 
 @dataclasses.dataclass(frozen=True)

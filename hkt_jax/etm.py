@@ -88,7 +88,8 @@ class Transfer(nn.Module):
     ``like`` is the receiving activation (only its shape is read). Channel
     projection is a 1x1 convolution (a Dense on the channel axis); resizing is
     bilinear with half-pixel centres, as ``F.interpolate(align_corners=False)``.
-    Whichever of the two shrinks the tensor more runs first.
+    Whichever of the two shrinks the tensor more runs first. It computes in the receiver's dtype
+    (the run's compute dtype; its parameters stay float32).
     """
 
     @nn.compact
@@ -104,7 +105,7 @@ class Transfer(nn.Module):
         needs_resize = tuple(z.shape[1:-1]) != target_spatial
 
         def project(x):
-            return nn.Dense(out_channels, name="proj")(x) if needs_projection else x
+            return nn.Dense(out_channels, dtype=like.dtype, name="proj")(x) if needs_projection else x
 
         def resize(x):
             if not needs_resize:

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from hkt_jax import checkpoint, fold, methods, sharding
-from hkt_jax.config import ATSettings, FitNetSettings, HKTSettings, KDSettings, ModelConfig, OptimConfig
+from hkt_jax.config import COMPUTE_DTYPES, ATSettings, FitNetSettings, HKTSettings, KDSettings, ModelConfig, OptimConfig
 from hkt_jax.hkt import HKT, HKTConfig
 from hkt_jax.methods import NEEDS_PARENT, hkt_loss, kd_loss, plain_loss, trainable_variables
 from hkt_jax.models import build_model, model_spec
@@ -38,28 +38,40 @@ def conv_impl_for_mesh(conv_impl: str, mesh: jax.sharding.Mesh) -> str:
     return conv_impl if single_cpu else "xla"
 
 
+def compute_dtype_overrides(compute_dtype: str) -> dict[str, Any]:
+    """Build-time ``build_model`` overrides for ``train.compute_dtype``: the activations' dtype is a
+    run setting, never part of a spec, so one checkpoint builds in float32 or bfloat16 alike."""
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype={compute_dtype!r}: expected one of {COMPUTE_DTYPES}")
+    return {} if compute_dtype == "float32" else {"dtype": jnp.dtype(compute_dtype)}
+
+
 def make_model(model_config: ModelConfig, data_kwargs: dict[str, Any], *, stage_split: str = "paper",
-               conv_impl: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+               conv_impl: str | None = None, compute_dtype: str = "float32") -> tuple[nn.Module, dict[str, Any]]:
     """(module, spec) from the model config plus what the data decides (``Task.model_kwargs``, e.g.
-    ``num_classes``); the spec is what an exported checkpoint records to rebuild it."""
+    ``num_classes``); the spec is what an exported checkpoint records to rebuild it (without
+    ``compute_dtype``, which only sets the module's activations' dtype)."""
     kwargs = {**model_config.kwargs(), **data_kwargs}
     if conv_impl is not None and "conv_impl" in kwargs:
         kwargs["conv_impl"] = conv_impl
     spec = model_spec(model_config.arch, **kwargs)
-    return build_model(spec, stage_split=stage_split), spec
+    return build_model(spec, stage_split=stage_split, **compute_dtype_overrides(compute_dtype)), spec
 
 
 def load_parent(parent_dir: str | Path, *, stage_split: str = "paper", conv_impl: str | None = None,
-                expected_kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, Any, dict[str, Any]]:
+                expected_kwargs: dict[str, Any] | None = None,
+                compute_dtype: str = "float32") -> tuple[nn.Module, Any, dict[str, Any]]:
     """(module, variables, spec) of a frozen parent, its BatchNorm folded where a rule is registered.
 
-    ``expected_kwargs`` (e.g. the task's ``num_classes``) must match what the checkpoint records."""
+    ``expected_kwargs`` (e.g. the task's ``num_classes``) must match what the checkpoint records. The
+    parent runs in ``compute_dtype``; its variables stay as saved (float32)."""
     variables, spec = checkpoint.load_model(parent_dir)
     for key, value in (expected_kwargs or {}).items():
         recorded = spec.get("kwargs", {}).get(key)
         if recorded is not None and recorded != value:
             raise ValueError(f"parent at {parent_dir} has {key}={recorded} but this run needs {key}={value}")
-    overrides = {"stage_split": stage_split, **({"conv_impl": conv_impl} if conv_impl is not None else {})}
+    overrides = {"stage_split": stage_split, **({"conv_impl": conv_impl} if conv_impl is not None else {}),
+                 **compute_dtype_overrides(compute_dtype)}
     parent = build_model(spec, **overrides)
     parent, variables = fold.fold_parent(parent, variables)
     return parent, variables, spec

@@ -320,7 +320,7 @@ def startup_block(run, workdir: Path, start_step: int) -> str:
     lines.append(f"  data:   {data.source} {data.name}: {run.task.describe_data(run.datasets)}")
     devices = run.mesh.devices
     lines.append(f"  mesh:   {devices.size} x {devices.flat[0].platform} {dict(run.mesh.shape)}; "
-                 f"conv_impl={run.conv_impl}")
+                 f"conv_impl={run.conv_impl}; compute_dtype={config.train.compute_dtype}")
     lines.append(f"  optim:  {describe_schedule(config.optim, run.spec)}")
     resume = f"resuming from step {start_step} of {run.total_steps}" if start_step else "starting at step 0"
     lines.append(f"  steps:  {run.total_steps} ({run.steps_per_epoch} per epoch, global batch "

@@ -171,8 +171,9 @@ def build_run(config: ExperimentConfig) -> Run:
     trained_cfg = config.parent if config.method == "parent" else config.child
     stage_split = stage_split_for(config.method, config.hkt.stage_split)
     conv_impl = factories.conv_impl_for_mesh(trained_cfg.conv_impl, mesh)
+    compute_dtype = config.train.compute_dtype
     model, spec = factories.make_model(trained_cfg, task.model_kwargs(datasets), stage_split=stage_split,
-                                       conv_impl=conv_impl)
+                                       conv_impl=conv_impl, compute_dtype=compute_dtype)
     parent = parent_variables = None
     parent_info: dict[str, Any] = {}
     if config.method in NEEDS_PARENT:
@@ -180,7 +181,8 @@ def build_run(config: ExperimentConfig) -> Run:
             raise ValueError(f"method={config.method!r} needs a parent: set parent_ckpt=DIR")
         parent, parent_variables, parent_spec = factories.load_parent(
             config.parent_ckpt, stage_split=stage_split, conv_impl=factories.conv_impl_for_mesh(
-                config.parent.conv_impl, mesh), expected_kwargs=task.model_kwargs(datasets))
+                config.parent.conv_impl, mesh), expected_kwargs=task.model_kwargs(datasets),
+            compute_dtype=compute_dtype)
         parent_info = {"dir": str(config.parent_ckpt), **parent_spec}
     if config.method == "hkt":
         model, parent = factories.tap_models(model, parent, config.hkt.child_taps, config.hkt.parent_taps)
@@ -327,11 +329,13 @@ def _close_all(closeables) -> None:
 
 
 def export(directory: Path, run: Run, state: TrainState, metadata: dict[str, Any]) -> None:
-    """The trained network alone, with what it was trained on (so a later run can check it as a parent)."""
+    """The trained network alone, with what it was trained on (so a later run can check it as a parent).
+    Variables are float32 whatever ``train.compute_dtype`` was; the metadata records that dtype."""
     variables = jax.device_get(child_variables(state.params, state.batch_stats))
     data = {"task": run.task.name, "source": run.config.data.source, "name": run.config.data.name}
+    trained = {"data": data, "compute_dtype": run.config.train.compute_dtype}
     # Every process calls orbax (its save is a collective); only process 0 writes files.
-    checkpoint.save_model(directory, variables, {**run.spec, "metadata": {"data": data, **metadata}})
+    checkpoint.save_model(directory, variables, {**run.spec, "metadata": {**trained, **metadata}})
 
 
 def summarize(run: Run, state: TrainState, eval_step, workdir: Path, loop_hooks) -> dict[str, Any]:

@@ -180,6 +180,8 @@ class CifarResNet(nn.Module):
         if not 0 <= index < len(names):
             raise ValueError(f"CifarResNet: stage index {index} out of range for stages {names}")
         name = names[index]
+        if index == 0:  # the image, cast to the compute dtype (a no-op in float32)
+            x = jnp.asarray(x, self.dtype)
         if name == "features":
             x = self._stem(x, train)
             for g in range(len(GROUP_WIDTHS)):

@@ -66,6 +66,7 @@ class RAFT(nn.Module):
     corr_impl: str = "all_pairs"  # or "on_the_fly": same flows, no N^2 volume (large frames)
     iters: int = 12  # iterations of the "flow" stage (``__call__`` takes its own)
     unroll: int | bool = True  # iterations per scan step (True: all; see above)
+    dtype: Any = jnp.float32  # encoders and update block; correlation, coordinates and flows stay float32
 
     stage_names = ("features", "context", "flow")
 
@@ -84,18 +85,19 @@ class RAFT(nn.Module):
     def setup(self):
         if self.corr_impl not in CORR_IMPLS:
             raise ValueError(f"unknown corr_impl {self.corr_impl!r}; expected one of {CORR_IMPLS}")
-        self.fnet = Encoder(128 if self.small else 256, "instance", self.small)
-        self.cnet = Encoder(self.hidden_dim + self.context_dim, "none" if self.small else "batch", self.small)
+        self.fnet = Encoder(128 if self.small else 256, "instance", self.small, self.dtype)
+        self.cnet = Encoder(self.hidden_dim + self.context_dim, "none" if self.small else "batch", self.small,
+                            self.dtype)
         scan = nn.scan(
             RefinementStep, variable_broadcast="params", split_rngs={"params": False},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), out_axes=0, unroll=self.unroll,
         )
-        self.update_block = scan(self.small, self.radius)
+        self.update_block = scan(self.small, self.radius, self.dtype)
 
     def features(self, image1: jax.Array, image2: jax.Array) -> dict[str, jax.Array]:
         check_frames(image1, image2)
-        image1 = 2 * (jnp.asarray(image1, jnp.float32) / 255.0) - 1
-        image2 = 2 * (jnp.asarray(image2, jnp.float32) / 255.0) - 1
+        image1 = (2 * (jnp.asarray(image1, jnp.float32) / 255.0) - 1).astype(self.dtype)
+        image2 = (2 * (jnp.asarray(image2, jnp.float32) / 255.0) - 1).astype(self.dtype)
         fmaps = self.fnet(jnp.concatenate([image1, image2]), train=False)  # instance norm: batch-independent
         fmap1, fmap2 = jnp.split(fmaps, 2)
         return {"fmap1": fmap1, "fmap2": fmap2, "image1": image1}
@@ -110,7 +112,8 @@ class RAFT(nn.Module):
         batch, height, width, _ = fmap1.shape
         coords0 = coords_grid(batch, height, width)
         coords1 = coords0 if x.get("flow_init") is None else coords0 + x["flow_init"]
-        _, flows = self.update_block((x["net"], coords1), jnp.arange(iters), corr_state, x["inp"], coords0)
+        net = x["net"].astype(self.dtype)  # the scan carry keeps one dtype
+        _, flows = self.update_block((net, coords1), jnp.arange(iters), corr_state, x["inp"], coords0)
         return flows
 
     def stage(self, index: int, x: Any, *, train: bool = False) -> Any:

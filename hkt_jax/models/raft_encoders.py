@@ -9,7 +9,7 @@ so the converters' name table stays one-to-one.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
@@ -22,21 +22,23 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def conv(features: int, kernel: int | tuple[int, int], *, stride: int = 1, name: str | None = None,
-         kernel_init=conv_init) -> nn.Conv:
+         kernel_init=conv_init, dtype: Any = jnp.float32) -> nn.Conv:
     """A PyTorch-style conv: explicit symmetric padding kernel // 2 (``"SAME"`` differs for stride 2)."""
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
     return nn.Conv(features, (kh, kw), strides=(stride, stride), padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
-                   kernel_init=kernel_init, name=name)
+                   kernel_init=kernel_init, dtype=dtype, name=name)
 
 
 def instance_norm(x: jax.Array, epsilon: float = 1e-5) -> jax.Array:
-    """``nn.InstanceNorm2d`` defaults: per sample and channel, biased variance, no affine terms."""
-    mean = x.mean(axis=(1, 2), keepdims=True)
-    var = jnp.square(x - mean).mean(axis=(1, 2), keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + epsilon)
+    """``nn.InstanceNorm2d`` defaults: per sample and channel, biased variance, no affine terms.
+    Statistics in float32 (at least), the result in ``x``'s dtype."""
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = x32.mean(axis=(1, 2), keepdims=True)
+    var = jnp.square(x32 - mean).mean(axis=(1, 2), keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + epsilon)).astype(x.dtype)
 
 
-def normalize(kind: Norm, name: str, train: bool):
+def normalize(kind: Norm, name: str, train: bool, dtype: Any = jnp.float32):
     """The encoders' norm layer: instance norm (no parameters), BatchNorm, or nothing.
 
     Call inside a compact method: the BatchNorm becomes a child of the caller named ``name``.
@@ -44,7 +46,7 @@ def normalize(kind: Norm, name: str, train: bool):
     if kind == "instance":
         return instance_norm
     if kind == "batch":  # PyTorch BatchNorm2d: momentum 0.1 (= 0.9 here), eps 1e-5
-        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)
     return lambda x: x
 
 
@@ -54,16 +56,17 @@ class ResidualBlock(nn.Module):
     features: int
     norm: Norm
     stride: int = 1
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        y = conv(self.features, 3, stride=self.stride, name="conv1")(x)
-        y = nn.relu(normalize(self.norm, "norm1", train)(y))
-        y = conv(self.features, 3, name="conv2")(y)
-        y = nn.relu(normalize(self.norm, "norm2", train)(y))
+        y = conv(self.features, 3, stride=self.stride, name="conv1", dtype=self.dtype)(x)
+        y = nn.relu(normalize(self.norm, "norm1", train, self.dtype)(y))
+        y = conv(self.features, 3, name="conv2", dtype=self.dtype)(y)
+        y = nn.relu(normalize(self.norm, "norm2", train, self.dtype)(y))
         if self.stride != 1:
-            x = conv(self.features, 1, stride=self.stride, name="downsample")(x)
-            x = normalize(self.norm, "norm3", train)(x)
+            x = conv(self.features, 1, stride=self.stride, name="downsample", dtype=self.dtype)(x)
+            x = normalize(self.norm, "norm3", train, self.dtype)(x)
         return nn.relu(x + y)
 
 
@@ -73,18 +76,19 @@ class BottleneckBlock(nn.Module):
     features: int
     norm: Norm
     stride: int = 1
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        y = conv(self.features // 4, 1, name="conv1")(x)
-        y = nn.relu(normalize(self.norm, "norm1", train)(y))
-        y = conv(self.features // 4, 3, stride=self.stride, name="conv2")(y)
-        y = nn.relu(normalize(self.norm, "norm2", train)(y))
-        y = conv(self.features, 1, name="conv3")(y)
-        y = nn.relu(normalize(self.norm, "norm3", train)(y))
+        y = conv(self.features // 4, 1, name="conv1", dtype=self.dtype)(x)
+        y = nn.relu(normalize(self.norm, "norm1", train, self.dtype)(y))
+        y = conv(self.features // 4, 3, stride=self.stride, name="conv2", dtype=self.dtype)(y)
+        y = nn.relu(normalize(self.norm, "norm2", train, self.dtype)(y))
+        y = conv(self.features, 1, name="conv3", dtype=self.dtype)(y)
+        y = nn.relu(normalize(self.norm, "norm3", train, self.dtype)(y))
         if self.stride != 1:
-            x = conv(self.features, 1, stride=self.stride, name="downsample")(x)
-            x = normalize(self.norm, "norm4", train)(x)
+            x = conv(self.features, 1, stride=self.stride, name="downsample", dtype=self.dtype)(x)
+            x = normalize(self.norm, "norm4", train, self.dtype)(x)
         return nn.relu(x + y)
 
 
@@ -94,13 +98,14 @@ class Encoder(nn.Module):
     output_dim: int
     norm: Norm
     small: bool = False
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         stem, widths, block = (32, (32, 64, 96), BottleneckBlock) if self.small else (64, (64, 96, 128), ResidualBlock)
-        x = conv(stem, 7, stride=2, name="conv1")(x)
-        x = nn.relu(normalize(self.norm, "norm1", train)(x))
+        x = conv(stem, 7, stride=2, name="conv1", dtype=self.dtype)(x)
+        x = nn.relu(normalize(self.norm, "norm1", train, self.dtype)(x))
         for stage, (width, stride) in enumerate(zip(widths, (1, 2, 2)), start=1):
-            x = block(width, self.norm, stride, name=f"layer{stage}_0")(x, train=train)
-            x = block(width, self.norm, 1, name=f"layer{stage}_1")(x, train=train)
-        return conv(self.output_dim, 1, name="conv2")(x)
+            x = block(width, self.norm, stride, self.dtype, name=f"layer{stage}_0")(x, train=train)
+            x = block(width, self.norm, 1, self.dtype, name=f"layer{stage}_1")(x, train=train)
+        return conv(self.output_dim, 1, name="conv2", dtype=self.dtype)(x)

@@ -115,7 +115,7 @@ class StagedUNet(nn.Module):
         if index == 0:
             _check_input(type(self).__name__, x, self.in_channels, len(self.level_widths))
             skips = []
-            h = x
+            h = jnp.asarray(x, self.dtype)  # the image in the compute dtype (a no-op in float32)
             for level, encoder in enumerate(self.encoders):
                 if level:
                     h = nn.max_pool(h, (2, 2), strides=(2, 2))
