@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Literal, Sequence
 
+import chex
 import flax.linen as nn
 import jax
 
@@ -186,6 +187,7 @@ class HKT:
         def init_adapter(direction, boundary, link, giving, receiving):
             z = Extractor(link.sources, link.combine).apply({}, giving)
             like = get_leaf(receiving, link.receiver)
+            self._check_features(direction, boundary, link, z, like)
             key = _adapter_key(direction, boundary, link)
             adapter_vars = self._transfer.init(jax.random.fold_in(adapter_rng, len(adapters)), z, like)
             adapters[key] = dict(adapter_vars.get("params", {}))
@@ -202,6 +204,15 @@ class HKT:
             "batch_stats": {"child": child_vars.get("batch_stats", {})},
         }
 
+    def _check_features(self, direction: str, boundary: int, link: LeafLink, giving: Any, receiving: Any) -> str:
+        """Both sides of a wire are feature arrays (B, [*spatial,] C); an error names the boundary and leaf.
+        Returns that name for later checks."""
+        where = (f"HKT boundary {boundary} (after stage {self.child.stage_names[boundary]!r}), {direction}, "
+                 f"{'leaf ' + repr(link.receiver) if link.receiver else 'the whole stage output'}")
+        chex.assert_rank([giving, receiving], {2, 3, 4, 5},
+                         custom_message=f"{where}: features must be (B, [*spatial,] C)")
+        return where
+
     def _links(self, boundary: int, direction: str) -> tuple[LeafLink, ...]:
         b = self.boundaries[boundary]
         active = b.backbone if direction == "to_child" else b.head
@@ -214,7 +225,9 @@ class HKT:
             key = _adapter_key(direction, boundary, link)
             z = Extractor(link.sources, link.combine).apply({}, giving)
             target = get_leaf(receiving, link.receiver)
+            where = self._check_features(direction, boundary, link, z, target)
             tau = self._transfer.apply({"params": adapters[key]} if adapters[key] else {}, z, target)
+            chex.assert_equal_shape([tau, target], custom_message=f"{where}: Transfer did not align the features")
             query, inherited = target, tau.astype(target.dtype)
             if direction == "to_parent" and self.config.head_anchor == "child":
                 query, inherited = inherited, target  # the released code: the child's features are the query

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,8 +112,7 @@ def test_lambda_zero_native_only_is_a_plain_child_step(pair, plain_step, stages)
     hkt_value, hkt_grads = jax.jit(jax.value_and_grad(
         lambda p: loss_fn(p, variables["batch_stats"], parent_vars, batch)[0]))(variables["params"])
     np.testing.assert_allclose(float(hkt_value), float(plain_value), rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(hkt_grads["child"]), jax.tree.leaves(plain_grads["child"])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    chex.assert_trees_all_close(hkt_grads["child"], plain_grads["child"], rtol=1e-4, atol=1e-6)
 
 
 def test_one_cycle_adamw_and_clipping_follow_pytorch():

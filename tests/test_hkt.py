@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 import optax
 import pytest
 
@@ -111,7 +113,7 @@ def test_parent_frozen_child_trains_and_head_inheritance_reaches_child(parent_va
     start_child = jax.tree.map(np.array, variables["params"]["child"])
     for _ in range(3):
         state, _ = step(state, parent_variables, batch)
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), before, parent_variables)
+    chex.assert_trees_all_equal(before, jax.device_get(parent_variables))
     changed = jax.tree.map(lambda a, b: bool(np.any(a != np.asarray(b))), start_child, state.params["child"])
     assert all(jax.tree.leaves(changed))
 
@@ -212,3 +214,26 @@ def test_bad_engine_configs():
         HKT(CHILD, PARENT, HKTConfig(boundaries=(Boundary(),)))
     with pytest.raises(TypeError, match="staged model"):
         HKT(CHILD, object(), HKTConfig())
+
+
+class Squash(nn.Module):
+    """A staged model whose first stage hands on one number per example: no features to mix."""
+
+    stage_names = ("squash", "head")
+
+    def setup(self):
+        self.dense = nn.Dense(3)
+
+    def stage(self, index, x, *, train=False):
+        return x.mean(axis=(1, 2, 3)) if index == 0 else self.dense(x[:, None])
+
+    def __call__(self, x, train=False):
+        return self.stage(1, self.stage(0, x, train=train), train=train)
+
+
+def test_boundary_inputs_of_the_wrong_rank_name_the_boundary():
+    x = _data()["image"]
+    parent_vars = Squash().init(jax.random.key(1), x)
+    engine = HKT(Squash(), Squash(), HKTConfig(inherit_loss="ce"), task=Classification())
+    with pytest.raises(AssertionError, match=r"HKT boundary 0 \(after stage 'squash'\), to_child.*\(B, \[\*spatial,\] C\)"):
+        engine.init(jax.random.key(0), x, parent_vars)
