@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         median, torch_median = statistics.median(case["times"]), statistics.median(torch_case["times"])
         rows.append({key: case[key] for key in ("task", "size", "impl", "temp_mib", "compile_s", "times")}
                     | {"median_s": median, "torch_over_this": torch_median / median})
-    print(f"\n| task | model | implementation | median s | torchvision / this | temp MiB | first call s |")
+    print("\n| task | model | implementation | median s | torchvision / this | temp MiB | first call s |")
     print("|---|---|---|---:|---:|---:|---:|")
     for row in rows:
         mib = "-" if np.isnan(row["temp_mib"]) else f"{row['temp_mib']:.0f}"

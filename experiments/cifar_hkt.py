@@ -20,7 +20,7 @@ import sys
 import jax
 
 from hkt_jax import cli
-from hkt_jax.compile_cache import describe, enable_compile_cache
+from hkt_jax.compile_cache import enable_compile_cache
 from hkt_jax.config import apply_overrides, load_config
 from hkt_jax.experiment import run
 from hkt_jax.malloc_tuning import tune_malloc_for_xla
@@ -50,9 +50,7 @@ def _train(args) -> int:
     config = cli.as_user_error(lambda: apply_overrides(load_config(args.config), overrides))
     cli.as_user_error(lambda: initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
                                                      auto=args.distributed))
-    cache = enable_compile_cache(not args.no_compile_cache)  # before the first compilation
-    if jax.process_index() == 0:
-        print(describe(cache), flush=True)
+    enable_compile_cache(not args.no_compile_cache)  # before the first compilation; the start-up block names it
     summary = run(config, args.workdir or f"workdirs/{args.config}", allow_config_change=args.allow_config_change)
     if jax.process_index() == 0:
         print(json.dumps(summary, indent=2))

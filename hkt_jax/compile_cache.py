@@ -65,9 +65,16 @@ def enable_compile_cache(enabled: bool = True) -> Path | None:
     return directory
 
 
+def current() -> Path | None:
+    """The folder JAX's persistent compilation cache writes to in this process (None: off)."""
+    if not jax.config.jax_enable_compilation_cache or not jax.config.jax_compilation_cache_dir:
+        return None
+    return Path(jax.config.jax_compilation_cache_dir)
+
+
 def describe(directory: Path | None) -> str:
     """The start-up line that says where compiled programs are kept."""
     if directory is None:
-        return "hkt_jax: compilation cache off (every run compiles its programs again)"
-    return (f"hkt_jax: compilation cache in {directory} (reruns skip compiling; off with --no_compile_cache "
+        return "compilation cache off (every run compiles its programs again)"
+    return (f"compilation cache in {directory} (reruns skip compiling; off with --no_compile_cache "
             f"or {paths.COMPILE_CACHE_ENV}=0)")

@@ -289,6 +289,6 @@ class HKT:
         l1 = self.inherit_loss(outputs["backbone"], batch)
         l2 = self.task_loss(outputs["native"], batch)
         l3 = self.inherit_loss(outputs["head"], batch)
-        total = sum(a * l for a, l in ((a1, l1), (a2, l2), (a3, l3)) if a != 0.0)
+        total = sum(a * term for a, term in ((a1, l1), (a2, l2), (a3, l3)) if a != 0.0)
         metrics.update(loss=total, l1=l1, l2=l2, l3=l3)
         return total, {"batch_stats": new_stats, "metrics": metrics, "outputs": outputs["native"]}

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from hkt_jax import checkpoint, stopping
+from hkt_jax import checkpoint, compile_cache, stopping
 from hkt_jax.models import parameter_count
 from hkt_jax.optim import describe_schedule
 
@@ -322,6 +322,7 @@ def startup_block(run, workdir: Path, start_step: int) -> str:
     lines.append(f"  mesh:   {devices.size} x {devices.flat[0].platform} {dict(run.mesh.shape)}; "
                  f"conv_impl={run.conv_impl}; compute_dtype={config.train.compute_dtype}")
     lines.append(f"  optim:  {describe_schedule(config.optim, run.spec)}")
+    lines.append(f"  {compile_cache.describe(compile_cache.current())}")
     resume = f"resuming from step {start_step} of {run.total_steps}" if start_step else "starting at step 0"
     lines.append(f"  steps:  {run.total_steps} ({run.steps_per_epoch} per epoch, global batch "
                  f"{config.train.batch_size}); {resume}")

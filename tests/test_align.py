@@ -28,11 +28,11 @@ def hsic_cka_reference(x: np.ndarray, y: np.ndarray) -> float:
     n = len(x)
     h = np.eye(n) - np.ones((n, n)) / n
 
-    def hsic(k, l):
-        return np.trace(k @ h @ l @ h) / (n - 1) ** 2
+    def hsic(k_x, k_y):
+        return np.trace(k_x @ h @ k_y @ h) / (n - 1) ** 2
 
-    k, l = x @ x.T, y @ y.T
-    return hsic(k, l) / np.sqrt(hsic(k, k) * hsic(l, l))
+    k_x, k_y = x @ x.T, y @ y.T
+    return hsic(k_x, k_y) / np.sqrt(hsic(k_x, k_x) * hsic(k_y, k_y))
 
 
 @pytest.fixture
