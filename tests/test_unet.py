@@ -18,69 +18,16 @@ pytestmark = pytest.mark.usefixtures("highest_matmul_precision")  # compared wit
 
 try:
     import torch
-    from torch import nn as tnn
 except ImportError:  # only the PyTorch comparisons need it (requirements-torch.txt); the rest runs without
     torch = None
 needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch not installed (pip install -r requirements-torch.txt)")
 
 
-# -- an independent PyTorch U-Net (module names as milesial/Pytorch-UNet, bilinear=False) ----------
+# -- the PyTorch U-Net in milesial/Pytorch-UNet's module names (bilinear=False): the export's twin, written
+# in PyTorch with its own layers, the reference the converter and the Flax U-Net are compared with ---------
 
 if torch is not None:
-
-    class TorchDoubleConv(tnn.Module):
-        def __init__(self, cin, cout):
-            super().__init__()
-            self.double_conv = tnn.Sequential(
-                tnn.Conv2d(cin, cout, 3, padding=1, bias=False), tnn.BatchNorm2d(cout), tnn.ReLU(),
-                tnn.Conv2d(cout, cout, 3, padding=1, bias=False), tnn.BatchNorm2d(cout), tnn.ReLU(),
-            )
-
-        def forward(self, x):
-            return self.double_conv(x)
-
-
-    class TorchDown(tnn.Module):
-        def __init__(self, cin, cout):
-            super().__init__()
-            self.maxpool_conv = tnn.Sequential(tnn.MaxPool2d(2), TorchDoubleConv(cin, cout))
-
-        def forward(self, x):
-            return self.maxpool_conv(x)
-
-
-    class TorchUp(tnn.Module):
-        def __init__(self, cin, skip):
-            super().__init__()
-            self.up = tnn.ConvTranspose2d(cin, skip, 2, stride=2)
-            self.conv = TorchDoubleConv(2 * skip, skip)
-
-        def forward(self, x, skip):
-            return self.conv(torch.cat([skip, self.up(x)], dim=1))
-
-
-    class TorchUNet(tnn.Module):
-        def __init__(self, widths, bottleneck, in_channels, num_classes):
-            super().__init__()
-            depth = len(widths)
-            self.inc = TorchDoubleConv(in_channels, widths[0])
-            chans = list(widths) + [bottleneck]
-            for k in range(1, depth + 1):
-                setattr(self, f"down{k}", TorchDown(chans[k - 1], chans[k]))
-            for k in range(1, depth + 1):
-                setattr(self, f"up{k}", TorchUp(chans[depth - k + 1], widths[depth - k]))
-            self.outc = tnn.Module()
-            self.outc.conv = tnn.Conv2d(widths[0], num_classes, 1)
-            self.depth = depth
-
-        def forward(self, x):
-            skips = [self.inc(x)]
-            for k in range(1, self.depth + 1):
-                skips.append(getattr(self, f"down{k}")(skips[-1]))
-            x = skips.pop()
-            for k in range(1, self.depth + 1):
-                x = getattr(self, f"up{k}")(x, skips.pop())
-            return self.outc.conv(x)
+    from hkt_jax.convert.torch_unet import TorchUNet
 
 
 def _randomise(module, seed):
