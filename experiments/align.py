@@ -5,7 +5,7 @@
 
 Runs both networks on N test images of the shared CIFAR-10 archive (a fixed
 random subset, seed 0; ``--data`` for another image folder), computes linear CKA
-between the outputs of every candidate submodule call (``hkt_jax.align``), and
+between the outputs of every candidate submodule call (``hkt_jax.models.align``), and
 chooses K pairs increasing on both networks with the largest summed CKA (``--k``;
 default: K by the largest gap). Prints a table and the override line for
 ``hkt.parent_taps`` / ``hkt.child_taps``; ``--json`` writes the pairs and the full
@@ -26,8 +26,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from hkt_jax import align
-from hkt_jax.checkpoint import load_model
+from hkt_jax.models import align
+from hkt_jax.training.checkpoint import load_model
 from hkt_jax.data.image_folder import load_image_folder, shared_cifar10_archive
 from hkt_jax.data.pipeline import NORMALIZATIONS
 from hkt_jax.models.registry import ARCHITECTURES, build_model

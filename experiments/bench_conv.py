@@ -22,7 +22,7 @@ from pathlib import Path
 
 import jax
 
-from hkt_jax import cpu_info
+from hkt_jax.runtime import cpu_info
 from hkt_jax.kernels import conv_tuning, cpu_conv
 
 # (H=W, Ci, Co, stride) of CIFAR ResNet-20/56/110: the stem, the three stages, the two downsampling convs.

@@ -43,7 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hkt_jax import cpu_info, ga
+from hkt_jax.runtime import cpu_info
+from hkt_jax.engine import ga
 
 # name: (batch, spatial, channels); spatial () means pooled vectors (gate only).
 FULL_CASES = {

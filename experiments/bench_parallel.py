@@ -4,7 +4,7 @@
 
 Why: ``experiments.compare --parallel K`` could run K seeds of a grid as K processes (each an ordinary,
 resumable run) or as one program stepping K seeds' states through ``jax.vmap`` of the library's step
-(``hkt_jax.train.make_train_step``). This measures both on the devices present, with the smoke sizes
+(``hkt_jax.training.run.make_train_step``). This measures both on the devices present, with the smoke sizes
 (ResNet-14 parent, frozen -> ResNet-8 child, 2HKT, batch 32 per seed): training images per second in
 all, after compilation (median of ``--rounds`` alternating measurements). Processes are started together, compile, wait at a barrier, then time the same
 number of steps; the vmapped program times K seeds per step. Writes a table and, with ``--json``, the
@@ -26,16 +26,16 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from hkt_jax import train
-from hkt_jax.config import apply_overrides, load_config
+from hkt_jax.training.config import apply_overrides, load_config
+from hkt_jax.training.run import build_run, initial_state, make_train_step
 
 OVERRIDES = ("method=hkt", "train.batch_size=32")
 
 
 def build(seed: int, parent_ckpt: str):
     config = apply_overrides(load_config("smoke"), [*OVERRIDES, f"parent_ckpt={parent_ckpt}", f"train.seed={seed}"])
-    run = train.build_run(config)
-    return run, train.initial_state(run.init_variables, run.tx), next(run.datasets.train)
+    run = build_run(config)
+    return run, initial_state(run.init_variables, run.tx), next(run.datasets.train)
 
 
 def time_steps(step, state, parent, batch, steps: int) -> tuple[float, object]:
@@ -54,7 +54,7 @@ def time_steps(step, state, parent, batch, steps: int) -> tuple[float, object]:
 def single(seed: int, parent_ckpt: str, steps: int) -> None:
     """One process, one seed (as one run of the grid): compile, say ready, wait for "go", time, print JSON."""
     run, state, batch = build(seed, parent_ckpt)
-    step = jax.jit(train.make_train_step(run.loss_fn, run.tx, run.schedule, run.task))
+    step = jax.jit(make_train_step(run.loss_fn, run.tx, run.schedule, run.task))
     state, metrics = step(state, run.parent_variables, batch)
     jax.block_until_ready(metrics)
     print("ready", flush=True)
@@ -84,7 +84,7 @@ def vmapped(k: int, parent_ckpt: str, steps: int) -> float:
     run = built[0][0]
     states = jax.tree.map(lambda *xs: np.stack(xs), *[state for _, state, _ in built])
     batches = jax.tree.map(lambda *xs: np.stack(xs), *[batch for _, _, batch in built])
-    step = jax.jit(jax.vmap(train.make_train_step(run.loss_fn, run.tx, run.schedule, run.task),
+    step = jax.jit(jax.vmap(make_train_step(run.loss_fn, run.tx, run.schedule, run.task),
                             in_axes=(0, None, 0)))
     seconds, _ = time_steps(step, states, run.parent_variables, batches, steps)
     return k * len(built[0][2]["label"]) / seconds

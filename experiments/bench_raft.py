@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hkt_jax import cpu_info
+from hkt_jax.runtime import cpu_info
 from hkt_jax.convert import raft_from_torch
 from hkt_jax.models import RAFT
 

@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hkt_jax.hkt import HKT, HKTConfig
+from hkt_jax.tasks import Classification
+from hkt_jax.engine.hkt import HKT, HKTConfig
 from hkt_jax.models import CifarResNet, Tapped, tapped_boundaries
 
 GROUP_NAMES = ("group1", "group2", "group3", "head")
@@ -42,7 +43,7 @@ NUM_CLASSES = 10
 
 def describe_cpu() -> str:
     try:
-        from hkt_jax.cpu_info import describe_cpu as describe
+        from hkt_jax.runtime.cpu_info import describe_cpu as describe
         return describe()
     except ImportError:  # fall back to /proc/cpuinfo's first model name and flags
         fields = {}
@@ -80,7 +81,7 @@ def build_step(args, tapped: bool, parent_vars: Any, batch: dict[str, jax.Array]
     if tapped:
         config = HKTConfig(lam=0.6, mode=args.mode, alphas=(0.25, 0.5, 0.25), inherit_loss="mae",
                            boundaries=tapped_boundaries(child, parent))
-    engine = HKT(child, parent, config)
+    engine = HKT(child, parent, config, task=Classification())
     variables = engine.init(jax.random.key(2), batch["image"][:2], parent_vars)
     tx = optax.sgd(0.01, momentum=0.9)
 

@@ -29,7 +29,7 @@ key where this branch's config has no such key).
 JAX convolutions: ``--conv_impl auto`` (default) runs the 3x3 convolutions through the CPU kernels
 of ``hkt_jax.kernels.cpu_conv`` on a one-device CPU run and through XLA otherwise; ``--conv_impl xla``
 times XLA's own convolutions. ``--malloc_tuning`` first tells glibc to reuse freed memory, as
-``experiments.cifar_hkt`` does (``hkt_jax.malloc_tuning``); JAX and PyTorch share the process, so both
+``experiments.cifar_hkt`` does (``hkt_jax.runtime.malloc_tuning``); JAX and PyTorch share the process, so both
 run under it. Without it (the default) both use the default allocator.
 
 Default: ResNet-110 -> ResNet-20, batch 128, the ``default`` config's HKT
@@ -57,12 +57,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hkt_jax import cpu_info, factories, fold, sharding, train
-from hkt_jax.config import apply_overrides, load_config
+from hkt_jax.runtime import cpu_info
+from hkt_jax.training import factories, sharding
+from hkt_jax.models import fold
+from hkt_jax.training.config import apply_overrides, load_config
 from hkt_jax.kernels import cpu_conv
-from hkt_jax.malloc_tuning import tune_malloc_for_xla
+from hkt_jax.runtime.malloc_tuning import tune_malloc_for_xla
 from hkt_jax.models import CifarResNet, parameter_count
 from hkt_jax.tasks import Classification
+from hkt_jax.training.run import compile_steps, initial_state
 
 NUM_CLASSES = 10
 
@@ -117,9 +120,9 @@ def build_jax(args, mesh) -> JaxPrograms:
     def make(method):
         loss_fn, init_variables = factories.make_method(method, child, task, sample, jax.random.key(2), parent=parent,
                                                         parent_variables=parent_vars, hkt=config.hkt, kd=config.kd)
-        state = train.initial_state(init_variables, tx)
+        state = initial_state(init_variables, tx)
         state = sharding.put(state, sharding.state_shardings(state, mesh))
-        step, _ = train.compile_steps(task=task, model=child, loss_fn=loss_fn, tx=tx, schedule=schedule,
+        step, _ = compile_steps(task=task, model=child, loss_fn=loss_fn, tx=tx, schedule=schedule,
                                       parent_variables=parent_vars, mesh=mesh, state=state)
         return step, state, init_variables
 

@@ -35,7 +35,7 @@ import threading
 import time
 from pathlib import Path
 
-from hkt_jax import comparison, grid_pack, grid_runs
+from hkt_jax.grids import comparison, pack as grid_pack, runs as grid_runs
 
 MIN_START_S = 60.0  # no run starts with less of the time budget left (or a quarter of a shorter budget)
 SIGNAL_GRACE_S = 1.0  # before forwarding: a run the signal reached too (a cgroup-wide SIGTERM) says so first

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hkt_jax import paths
+from hkt_jax.runtime import paths
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CIFAR_ARCHIVE = Path("cifar10-q75") / "cifar10-q75-imagefolder.tar.gz"
@@ -433,7 +433,7 @@ def check_real_data_loop(runner: Runner, results: Results, archive: Path, parent
 
 
 def compute_dtype_available() -> bool:
-    from hkt_jax.config import apply_overrides, load_config
+    from hkt_jax.training.config import apply_overrides, load_config
 
     try:
         apply_overrides(load_config("default"), ["train.compute_dtype=bfloat16"])
@@ -456,7 +456,7 @@ def describe_device(runner: Runner) -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             info[package] = None
     if info["backend"] == "cpu":
-        from hkt_jax import cpu_info
+        from hkt_jax.runtime import cpu_info
 
         info["cpu"] = cpu_info.describe_cpu()
     return info

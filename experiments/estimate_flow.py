@@ -41,7 +41,7 @@ def load_raft(model_dir: str | None, corr_impl: str):
         raise ValueError(f"no --model given. {WEIGHTS_HINT}")
     if not Path(model_dir).is_dir():
         raise FileNotFoundError(f"model directory {model_dir} not found. {WEIGHTS_HINT}")
-    from hkt_jax.checkpoint import load_model
+    from hkt_jax.training.checkpoint import load_model
     from hkt_jax.models import RAFT
 
     variables, spec = load_model(model_dir)

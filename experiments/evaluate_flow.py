@@ -54,7 +54,7 @@ def evaluate_source(predict: Callable[[dict], np.ndarray], source, *, pad_mode: 
     has ``valid`` 0, so it never counts). Writes [ground truth | prediction] PNGs of the first ``num_png``."""
     from hkt_jax.data.flow_io import flow_to_color, write_image
     from hkt_jax.data.flow_pipeline import flow_eval_batches
-    from hkt_jax.flow_metrics import finalize_flow_metrics, flow_metric_sums
+    from hkt_jax.tasks.flow_metrics import finalize_flow_metrics, flow_metric_sums
 
     totals: dict[str, list[np.ndarray]] = {}
     for index, batch in enumerate(flow_eval_batches(_First(source, max_samples), pad_mode=pad_mode)):
@@ -80,7 +80,7 @@ def load_predictor(model_dir: str, iters: int) -> Callable[[dict], np.ndarray]:
     """A jit-compiled ``batch -> final flow`` of the RAFT checkpoint in ``model_dir`` at ``iters`` iterations."""
     import jax
 
-    from hkt_jax.checkpoint import load_model
+    from hkt_jax.training.checkpoint import load_model
     from hkt_jax.models import build_model
 
     if not Path(model_dir).is_dir():

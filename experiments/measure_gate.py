@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hkt_jax.convert import resnet_from_torch
-from hkt_jax.ga import gate_values
+from hkt_jax.engine.ga import gate_values
 from hkt_jax.models import CifarResNet, run_all_stages
 
 CHECKPOINTS = {20: "resnet20-12fca82f.th", 56: "resnet56-4bfd9763.th"}

@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend first)
 from matplotlib.lines import Line2D  # noqa: E402
 
-from hkt_jax.metrics import read_metrics  # noqa: E402
+from hkt_jax.training.metrics import read_metrics  # noqa: E402
 
 GA_KEY = re.compile(r"(?P<kind>gate|ga_ratio)/(?P<direction>to_child|to_parent)_(?P<boundary>\w+)")
 GA_UNITS = {"gate": "gate a (1 = nothing inherited)", "ga_ratio": "‖GA‖ / ‖x′‖"}

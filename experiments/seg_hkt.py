@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 
 from experiments import cifar_hkt
-from hkt_jax.experiment_cli import argv_with_config
+from hkt_jax.training.experiment_cli import argv_with_config
 
 
 def main(argv=None) -> int:

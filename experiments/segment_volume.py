@@ -116,10 +116,10 @@ def _nifti_stem(path: Path) -> str:
 def segment(args) -> int:
     import nibabel as nib
 
-    from hkt_jax import checkpoint
+    from hkt_jax.training import checkpoint
     from hkt_jax.data import volumes
     from hkt_jax.models import build_model
-    from hkt_jax.seg_metrics import DiceAccumulator
+    from hkt_jax.tasks.seg_metrics import DiceAccumulator
 
     model_dir = Path(args.model)
     out = Path(args.out)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hkt_jax import paths
+from hkt_jax.runtime import paths
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def exported_leaves(directory) -> list:
     import jax
     import numpy as np
 
-    from hkt_jax import checkpoint
+    from hkt_jax.training import checkpoint
 
     variables, _ = checkpoint.load_model(directory)
     return [np.asarray(x) for x in jax.tree.leaves(variables)]

@@ -1,7 +1,7 @@
 """Tiny finished training workdirs (random-init children, ``export/child`` + ``config.json``) and the
 project's own outputs on raw inputs, for the deployment-export tests.
 
-A workdir is what ``hkt_jax.train.export`` leaves: the child saved with ``checkpoint.save_model``
+A workdir is what ``hkt_jax.training.run.export`` leaves: the child saved with ``checkpoint.save_model``
 and the run's config; no training runs here. The reference outputs go through the project's eval
 path: the task's ``make_predict`` on a batch prepared by the project's data code.
 """
@@ -18,15 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hkt_jax.checkpoint import load_model, save_model
+from hkt_jax.training.checkpoint import load_model, save_model
 from hkt_jax.data.pipeline import _Normalizer
 from hkt_jax.data.volumes import window_hu
-from hkt_jax.methods import trainable_variables
+from hkt_jax.training.methods import trainable_variables
 from hkt_jax.models.registry import build_model, model_spec
 from hkt_jax.tasks.classification import Classification
 from hkt_jax.tasks.flow import Flow
 from hkt_jax.tasks.segmentation import Segmentation
-from hkt_jax.train import make_predict
+from hkt_jax.training.run import make_predict
 from tests.conftest import REPO_ROOT, shared_data_dir
 
 NORMALIZATION = "cifar"  # not the default (imagenet): the export must read the run's own

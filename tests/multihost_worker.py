@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import traceback
+from hkt_jax.training.run import compile_steps, initial_state
 
 GLOBAL_BATCH = 16
 IMAGE = 8
@@ -26,7 +27,7 @@ PARENT_WIDTHS = (16, 32)  # distinct from the child's: no parent shape can pass 
 
 
 def _models(parent_widths=PARENT_WIDTHS):
-    from hkt_jax.hkt import HKTConfig
+    from hkt_jax.engine.hkt import HKTConfig
     from hkt_jax.models import ToyStagedNet
 
     child = ToyStagedNet(widths=CHILD_WIDTHS, strides=(2, 1), num_classes=CLASSES)
@@ -55,8 +56,8 @@ def build(mesh, *, parent_widths=PARENT_WIDTHS, method="hkt", shard_trainable=Fa
     import jax
     import jax.numpy as jnp
 
-    from hkt_jax import factories, sharding, train
-    from hkt_jax.config import OptimConfig
+    from hkt_jax.training import factories, sharding
+    from hkt_jax.training.config import OptimConfig
     from hkt_jax.tasks import Classification
 
     child, parent, hkt_config = _models(parent_widths)
@@ -71,12 +72,12 @@ def build(mesh, *, parent_widths=PARENT_WIDTHS, method="hkt", shard_trainable=Fa
                                                     parent_variables=parent_variables, hkt=hkt_config)
     tx, schedule = factories.make_optimization(
         OptimConfig(learning_rate=0.1, momentum=0.9, weight_decay=1e-4, schedule="constant"), 1, STEPS)
-    state = train.initial_state(init_variables, tx)
+    state = initial_state(init_variables, tx)
     state_sh = sharding.state_shardings(state, mesh, shard_trainable=shard_trainable)
     kwargs = {} if parent_min_elements is None else {"min_elements": parent_min_elements}
     placed_state = sharding.put(state, state_sh)
     placed_parent = sharding.put(parent_variables, sharding.parent_shardings(parent_variables, mesh, **kwargs))
-    train_step, _ = train.compile_steps(task=task, model=child, loss_fn=loss_fn, tx=tx, schedule=schedule,
+    train_step, _ = compile_steps(task=task, model=child, loss_fn=loss_fn, tx=tx, schedule=schedule,
                                         parent_variables=parent_variables, mesh=mesh, state=placed_state,
                                         shard_trainable=shard_trainable, parent_min_elements=parent_min_elements)
     return placed_state, placed_parent, train_step
@@ -107,7 +108,7 @@ def hkt_steps(mesh, steps=STEPS, **build_kwargs):
     """Losses per step and the final trainable params (flat numpy dict) for the toy pair."""
     import jax
 
-    from hkt_jax import sharding
+    from hkt_jax.training import sharding
 
     state, parent_variables, train_step = build(mesh, **build_kwargs)
     losses, metrics_rows = [], []
@@ -133,7 +134,7 @@ def _plain(result):
 
 
 def task_steps(args):
-    from hkt_jax import sharding
+    from hkt_jax.training import sharding
 
     mesh = sharding.make_mesh(-1, args.model)
     out = hkt_steps(mesh)
@@ -147,7 +148,7 @@ def _checkpoint_roundtrip(out, mesh, workdir):
     import jax
     import numpy as np
 
-    from hkt_jax import checkpoint, sharding
+    from hkt_jax.training import checkpoint, sharding
 
     state, train_step, parent_variables = out["state"], out["train_step"], out["parent_variables"]
     manager = checkpoint.training_manager(workdir)
@@ -171,7 +172,7 @@ def _checkpoint_roundtrip(out, mesh, workdir):
 
 def task_allreduce(args):
     """All-reduce bytes of the compiled HKT step (two parent sizes) and of the plain child step."""
-    from hkt_jax import sharding
+    from hkt_jax.training import sharding
     from hkt_jax.models import parameter_count
 
     mesh = sharding.make_mesh(-1, 1)
@@ -198,7 +199,7 @@ def task_allreduce(args):
 
 def task_model_axis(args):
     """model=2: the parent's leaves are sharded and the losses equal the replicated run's."""
-    from hkt_jax import sharding
+    from hkt_jax.training import sharding
 
     sharded = _plain(hkt_steps(sharding.make_mesh(-1, 2), steps=3))
     replicated = _plain(hkt_steps(sharding.make_mesh(-1, 1), steps=3))
@@ -210,7 +211,7 @@ def task_errors(args):
     """Clear errors: a global batch the mesh cannot split; a mesh larger than the devices."""
     import numpy as np
 
-    from hkt_jax import sharding
+    from hkt_jax.training import sharding
 
     messages = {}
     mesh = sharding.make_mesh(-1, 1)
@@ -248,7 +249,7 @@ def main(argv=None) -> int:
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
 
-    from hkt_jax import sharding
+    from hkt_jax.training import sharding
 
     if args.coordinator:
         sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id,

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from experiments import cifar_hkt
-from hkt_jax import hooks
+from hkt_jax.training import hooks
 
 ENV = "HKT_TEST_SIGNAL_COMPARE_AT"
 

@@ -14,8 +14,8 @@ from PIL import Image
 from scipy.stats import ortho_group
 
 from experiments import align as align_cli
-from hkt_jax import align
-from hkt_jax.checkpoint import load_model, save_model
+from hkt_jax.models import align
+from hkt_jax.training.checkpoint import load_model, save_model
 from hkt_jax.models.tapped import Tapped
 from hkt_jax.models.registry import model_spec
 from hkt_jax.models.toy import ToyStagedNet

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from experiments import compare
-from hkt_jax import comparison
-from hkt_jax.comparison import Grid
+from hkt_jax.grids import comparison
+from hkt_jax.grids.comparison import Grid
 
 GRID = Grid(experiment="tests.fake_experiment", config="unused", seeds=(0, 1, 2),
             variants={"base": (), "better": ("bonus=0.1",), "broken": ("fail=1",)})

@@ -7,10 +7,11 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from hkt_jax import factories
-from hkt_jax.comparison import load_grid
-from hkt_jax.config import apply_overrides, load_config
-from hkt_jax.hkt import HKT
+from hkt_jax.training import factories
+from hkt_jax.grids.comparison import load_grid
+from hkt_jax.training.config import apply_overrides, load_config
+from hkt_jax.tasks import Classification
+from hkt_jax.engine.hkt import HKT
 
 
 @pytest.mark.parametrize("name", ["default", "reference", "smoke", "cifar_cpu"])
@@ -19,7 +20,7 @@ def test_shipped_configs_build_their_models_and_engine(name):
     config = load_config(name)
     models = [factories.make_model(c, {"num_classes": 10}, stage_split=config.hkt.stage_split, conv_impl="xla")[0]
               for c in (config.child, config.parent)]
-    engine = HKT(*models, config.hkt)
+    engine = HKT(*models, config.hkt, task=Classification())
     assert len(engine.boundaries) == len(models[0].stage_names) - 1
     x = jnp.zeros((1, 32, 32, 3))
     shapes = jax.eval_shape(lambda: engine.init(jax.random.key(0), x, models[1].init(jax.random.key(1), x)))

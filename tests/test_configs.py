@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from hkt_jax import comparison
-from hkt_jax.config import load_config
-from hkt_jax.experiment_cli import config_name
+from hkt_jax.grids import comparison
+from hkt_jax.training.config import load_config
+from hkt_jax.training.experiment_cli import config_name
 from hkt_jax.models import parameter_count
 from hkt_jax.models.registry import build_model, model_spec
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from hkt_jax import cpu_info
+from hkt_jax.runtime import cpu_info
 from hkt_jax.kernels import cpu_conv, conv_tuning
 
 

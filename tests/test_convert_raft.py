@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch", reason="the RAFT converter tests need PyTor
 torchvision = pytest.importorskip("torchvision", reason="the RAFT converter tests need torchvision")
 from torchvision.models.optical_flow import raft_large, raft_small  # noqa: E402
 
-from hkt_jax.checkpoint import load_model  # noqa: E402
+from hkt_jax.training.checkpoint import load_model  # noqa: E402
 from hkt_jax.convert import raft_from_torch, raft_to_torch  # noqa: E402
 from hkt_jax.convert.__main__ import main  # noqa: E402
 from hkt_jax.data.flow_io import read_image  # noqa: E402

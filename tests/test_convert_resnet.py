@@ -22,7 +22,7 @@ from flax import traverse_util
 torch = pytest.importorskip("torch", reason="the *_vs_reference converter tests need PyTorch (requirements-test.txt)")
 from torch import nn  # noqa: E402
 
-from hkt_jax.checkpoint import load_model, save_model  # noqa: E402
+from hkt_jax.training.checkpoint import load_model, save_model  # noqa: E402
 from hkt_jax.convert import resnet_from_torch, resnet_to_torch  # noqa: E402
 from hkt_jax.convert.__main__ import build_parser, main  # noqa: E402
 from hkt_jax.convert.torch_models import CifarResNet as TorchCifarResNet  # noqa: E402

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hkt_jax import ga
-from hkt_jax.etm import Extractor, Mixture, Transfer, get_leaf, set_leaf
+from hkt_jax.engine import ga
+from hkt_jax.engine.etm import Extractor, Mixture, Transfer, get_leaf, set_leaf
 
 pytestmark = pytest.mark.usefixtures("highest_matmul_precision")  # compared with float64 / PyTorch: no TF32 on GPUs
 

@@ -22,7 +22,7 @@ import pytest
 
 pytest.importorskip("torch", reason="export-torch needs PyTorch (requirements-torch.txt)")
 
-from hkt_jax.checkpoint import load_model  # noqa: E402
+from hkt_jax.training.checkpoint import load_model  # noqa: E402
 from hkt_jax.data.pipeline import NORMALIZATIONS  # noqa: E402
 from hkt_jax.models.registry import build_model  # noqa: E402
 from tests.conftest import REPO_ROOT, require_shared  # noqa: E402

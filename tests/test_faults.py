@@ -22,9 +22,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from experiments import cifar_hkt
-from hkt_jax import checkpoint, cli, hooks, sharding, stopping
-from hkt_jax.config import apply_overrides, load_config
-from hkt_jax.train import build_run, initial_state
+from hkt_jax.training import checkpoint, faults, hooks, sharding, stopping
+from hkt_jax.training.config import apply_overrides, load_config
+from hkt_jax.training.run import build_run, initial_state
 from tests.conftest import REPO_ROOT
 
 TOY = ["--config", "toy_segmentation", "method=child"]  # 16 steps; log every 4, eval + checkpoint every 8
@@ -135,7 +135,7 @@ def _run_toy_process(workdir, *overrides, stdout=None, stderr=subprocess.PIPE, s
     """The entry point in its own process; ``slow_saves`` makes every checkpoint save wait a minute first."""
     entry = ["-m", "experiments.cifar_hkt"]
     if slow_saves:
-        entry = ["-c", "import sys, time; import hkt_jax.checkpoint as c; save = c.save_training; "
+        entry = ["-c", "import sys, time; import hkt_jax.training.checkpoint as c; save = c.save_training; "
                        "c.save_training = lambda *a, **k: (time.sleep(60), save(*a, **k))[1]; "
                        "from experiments.cifar_hkt import main; sys.exit(main())"]
     cmd = [sys.executable, *entry, *TOY, "--workdir", str(workdir), *overrides]
@@ -166,7 +166,7 @@ def test_real_process_sigterm_then_double_ctrl_c(tmp_path):
     process.send_signal(signal.SIGTERM)
     sent = time.perf_counter()
     _, err = process.communicate(timeout=120)
-    assert process.returncode == cli.EXIT_SIGTERM, err[-2000:]
+    assert process.returncode == faults.EXIT_SIGTERM, err[-2000:]
     assert time.perf_counter() - sent < 30
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
@@ -198,7 +198,7 @@ def test_blown_up_learning_rate_stops_and_keeps_the_last_good_checkpoint(tmp_pat
     workdir = tmp_path / "run"
     # The learning rate warms up to 1e5 over the 16 steps: sane at first, the gradients overflow at step 4.
     warmup = ["optim.schedule=cosine", "optim.warmup_epochs=1", "train.checkpoint_every_steps=2"]
-    assert _main(workdir, "optim.learning_rate=1e5", *warmup) == cli.EXIT_NONFINITE
+    assert _main(workdir, "optim.learning_rate=1e5", *warmup) == faults.EXIT_NONFINITE
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: step 4 of 16: non-finite gradient norm: training stopped")
     assert "latest checkpoint (step 2" in err[-1] and "Traceback" not in "\n".join(err)
@@ -209,7 +209,7 @@ def test_blown_up_learning_rate_stops_and_keeps_the_last_good_checkpoint(tmp_pat
     assert all(step <= 2 for step in _logged_steps(workdir))
 
     # A saner learning rate is a config change: refused, naming the key, unless allowed.
-    assert _main(workdir, "optim.learning_rate=0.05", *warmup) == cli.EXIT_USAGE
+    assert _main(workdir, "optim.learning_rate=0.05", *warmup) == faults.EXIT_USAGE
     refused = capsys.readouterr().err.strip()
     assert refused.count("\n") == 0 and "--allow_config_change" in refused
     assert "optim.learning_rate: 100000.0 -> 0.05" in refused and "optim.schedule" not in refused
@@ -225,7 +225,7 @@ def test_nonfinite_step_found_at_a_later_fetch_is_named_and_never_saved(tmp_path
     workdir = tmp_path / "run"
     schedule = ["optim.schedule=cosine", "optim.warmup_epochs=1", "train.checkpoint_every_steps=3",
                 "train.log_every_steps=8"]
-    assert _main(workdir, "optim.learning_rate=1e5", *schedule) == cli.EXIT_NONFINITE
+    assert _main(workdir, "optim.learning_rate=1e5", *schedule) == faults.EXIT_NONFINITE
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: step 4 of 16: non-finite gradient norm: training stopped")
     assert "latest checkpoint (step 3" in err[-1]
@@ -237,7 +237,7 @@ def test_skip_nonfinite_steps_keeps_the_old_state_and_counts(tmp_path, capsys):
     budget is used up in a row."""
     workdir = tmp_path / "run"
     assert _main(workdir, "optim.learning_rate=1e6", "train.skip_nonfinite_steps=2",
-                 "train.log_every_steps=1") == cli.EXIT_NONFINITE
+                 "train.log_every_steps=1") == faults.EXIT_NONFINITE
     err = capsys.readouterr().err
     assert "step 3: non-finite" in err and "update skipped (1 in a row" in err and "(2 in a row" in err
     assert "error: step 5 of 16: non-finite" in err and "after 3 in a row" in err
@@ -249,8 +249,8 @@ def test_train_step_names_the_nonfinite_term_and_keeps_the_old_state_when_skippi
     import jax.numpy as jnp
     import optax
 
-    from hkt_jax.stopping import describe_bits
-    from hkt_jax.train import TrainState, make_train_step
+    from hkt_jax.training.stopping import describe_bits
+    from hkt_jax.training.run import TrainState, make_train_step
 
     def loss_fn(params, batch_stats, parent_variables, batch):  # L3 goes NaN when the batch says so
         l2 = jnp.sum((params["w"] - batch["x"]) ** 2)
@@ -320,7 +320,7 @@ def _not_progress(err: str) -> list[str]:
 def test_truncated_newest_checkpoint_falls_back_and_ends_bit_identical(uninterrupted, tmp_path, monkeypatch, capsys):
     workdir = tmp_path / "run"
     _at_step(monkeypatch, 12, lambda: os.kill(os.getpid(), signal.SIGINT))
-    assert _main(workdir) == cli.EXIT_SIGINT
+    assert _main(workdir) == faults.EXIT_SIGINT
     monkeypatch.undo()
     capsys.readouterr()
     assert _steps(workdir) == [8, 12]
@@ -343,7 +343,7 @@ def test_truncated_newest_checkpoint_falls_back_and_ends_bit_identical(uninterru
     for step_dir in (workdir / "checkpoints").iterdir():
         if step_dir.name.isdigit():
             (step_dir / "state" / "_METADATA").unlink()
-    assert _main(workdir) == cli.EXIT_USAGE
+    assert _main(workdir) == faults.EXIT_USAGE
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: no readable checkpoint in ") and "step 16 (" in err[0]
 
@@ -360,7 +360,7 @@ def test_failed_save_mid_run_keeps_the_previous_checkpoint(uninterrupted, tmp_pa
 
     monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "async_save", save)
     _at_step(monkeypatch, 12, lambda: disk.update(full=True))
-    assert _main(workdir) == cli.EXIT_SAVE_FAILED
+    assert _main(workdir) == faults.EXIT_SAVE_FAILED
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: could not save the checkpoint of step 16") and "No space left" in err
     assert "previous checkpoint (step 8) is intact" in err

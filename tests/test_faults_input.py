@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from experiments import cifar_hkt
-from hkt_jax import cli, preflight
+from hkt_jax.training import faults, preflight
 from hkt_jax.data.image_folder import load_image_folder
 from hkt_jax.data.sources import checked_image_set
 from tests.conftest import REPO_ROOT
@@ -90,7 +90,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(bad_inputs, capsys, name):
     argv, named = cases[name]
     before = sorted(p for p in tmp.rglob("*"))
     start = time.perf_counter()
-    assert cifar_hkt.main(argv) == cli.EXIT_USAGE
+    assert cifar_hkt.main(argv) == faults.EXIT_USAGE
     assert time.perf_counter() - start < 60
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
@@ -101,7 +101,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(bad_inputs, capsys, name):
 
 def test_debug_shows_the_traceback(bad_inputs):
     tmp, cases = bad_inputs
-    with pytest.raises(cli.UserError, match="hkt.lam=2"):
+    with pytest.raises(faults.UserError, match="hkt.lam=2"):
         cifar_hkt.main([*cases["hkt.lam of the run after its parent"][0], "--debug"])
 
 
@@ -109,8 +109,8 @@ def test_interrupt_outside_the_training_steps_is_one_line(capsys):
     def ctrl_c():
         raise KeyboardInterrupt
 
-    assert cli.main_guard(ctrl_c) == cli.EXIT_SIGINT
-    assert cli.main_guard(lambda: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(5)) == cli.EXIT_SIGTERM
+    assert faults.main_guard(ctrl_c) == faults.EXIT_SIGINT
+    assert faults.main_guard(lambda: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(5)) == faults.EXIT_SIGTERM
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and all("rerun the same command to continue" in line for line in lines)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the guard put the previous handler back
@@ -137,11 +137,11 @@ def test_unwritable_workdir_and_full_disk_are_refused_at_start_up(tmp_path, monk
 
     with monkeypatch.context() as patch:
         patch.setattr(preflight.tempfile, "TemporaryFile", read_only)
-        with pytest.raises(cli.UserError, match=f"cannot write in {tmp_path} \\(Read-only file system\\)"):
+        with pytest.raises(faults.UserError, match=f"cannot write in {tmp_path} \\(Read-only file system\\)"):
             preflight.check_workdir(workdir)
     with monkeypatch.context() as patch:
         patch.setattr(preflight.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 2**20})())
-        with pytest.raises(cli.UserError, match="only 1 MiB free"):
+        with pytest.raises(faults.UserError, match="only 1 MiB free"):
             preflight.check_workdir(workdir)
 
 
@@ -149,7 +149,7 @@ def test_unwritable_workdir_and_full_disk_are_refused_at_start_up(tmp_path, monk
 def test_read_only_directory_is_refused(tmp_path):
     tmp_path.chmod(0o555)
     try:
-        with pytest.raises(cli.UserError, match="cannot write in"):
+        with pytest.raises(faults.UserError, match="cannot write in"):
             preflight.check_workdir(tmp_path / "run")
     finally:
         tmp_path.chmod(0o755)

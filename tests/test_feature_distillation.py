@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from experiments.configs import smoke
-from hkt_jax import checkpoint, factories
-from hkt_jax.config import ATSettings, FitNetSettings, apply_overrides
-from hkt_jax.methods import REGRESSOR_KEY, attention_map, attention_transfer_loss, hint_loss
+from hkt_jax.training import checkpoint, factories
+from hkt_jax.training.config import ATSettings, FitNetSettings, apply_overrides
+from hkt_jax.training.methods import REGRESSOR_KEY, attention_map, attention_transfer_loss, hint_loss
 from hkt_jax.models import CifarResNet, ToyStagedNet, apply_stage, build_model, model_spec
 from hkt_jax.tasks import Classification
 from hkt_jax.tasks.segmentation import Segmentation
-from hkt_jax.train import train_and_evaluate
+from hkt_jax.training.train import train_and_evaluate
 
 CHILD = CifarResNet(depth=8, num_classes=10, stage_split="groups", conv_impl="xla")
 PARENT = CifarResNet(depth=8, num_classes=10, stage_split="groups", conv_impl="xla")  # another init

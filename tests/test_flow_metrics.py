@@ -9,7 +9,7 @@ import pytest
 
 from hkt_jax.data.flow_datasets import flow_folder
 from hkt_jax.data.flow_pipeline import flow_eval_batches
-from hkt_jax.flow_metrics import finalize_flow_metrics, flow_metric_sums, sequence_loss
+from hkt_jax.tasks.flow_metrics import finalize_flow_metrics, flow_metric_sums, sequence_loss
 from tests.conftest import require_shared
 
 

@@ -16,11 +16,11 @@ import pytest
 import threading
 from collections import Counter
 
-from hkt_jax import factories
-from hkt_jax.config import HKTSettings, apply_overrides, load_config
+from hkt_jax.training import factories
+from hkt_jax.training.config import HKTSettings, apply_overrides, load_config
 from hkt_jax.data.flow_io import write_flo, write_image, write_kitti_flow, write_pfm
 from hkt_jax.data.flow_pipeline import FlowMixture, MixturePart, make_flow_train_iterator
-from hkt_jax.flow_metrics import sequence_loss
+from hkt_jax.tasks.flow_metrics import sequence_loss
 from hkt_jax.models import RAFT
 from hkt_jax.tasks import Flow, make_task
 from hkt_jax.tasks.flow_data import FlowDataConfig, FlowDatasets
@@ -187,7 +187,7 @@ def test_hkt_with_the_papers_mae_for_l1_l3_trains(tmp_path):
 
 
 def test_start_up_names_the_hkt_settings_and_the_sequence_loss_deviation():
-    from hkt_jax import hooks
+    from hkt_jax.training import hooks
 
     config = load_config("flow_smoke")
     (note,) = make_task("flow", config).startup_notes(config)

@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hkt_jax import checkpoint, factories
-from hkt_jax.config import HKTSettings, OptimConfig, apply_overrides, load_config
-from hkt_jax.experiment import run
-from hkt_jax.methods import plain_loss
+from hkt_jax.training import checkpoint, factories
+from hkt_jax.training.config import HKTSettings, OptimConfig, apply_overrides, load_config
+from hkt_jax.training.experiment import run
+from hkt_jax.training.methods import plain_loss
 from hkt_jax.models import RAFT
-from hkt_jax.optim import make_schedule
+from hkt_jax.training.optim import make_schedule
 from hkt_jax.tasks import Flow
 from tests import tb_events
 from tests.conftest import exported_leaves, require_shared

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hkt_jax import fold
-from hkt_jax.hkt import HKT, HKTConfig
+from hkt_jax.models import fold
+from hkt_jax.engine.hkt import HKT, HKTConfig
 from hkt_jax.models import CifarResNet, ToyStagedNet, run_all_stages
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hkt_jax import ga
+from hkt_jax.engine import ga
 
 SOFTMAX_IMPLS = ("plain", "chunked", "dot_product_attention", "auto")
 SPATIAL_SHAPES = [(2, 37, 8), (2, 5, 7, 16)]

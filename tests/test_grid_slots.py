@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from experiments import compare
-from hkt_jax import checkpoint, comparison, grid_pack, grid_runs
-from hkt_jax.comparison import Grid
-from hkt_jax.config import apply_overrides, load_config
+from hkt_jax.training import checkpoint
+from hkt_jax.grids import comparison, pack as grid_pack, runs as grid_runs
+from hkt_jax.grids.comparison import Grid
+from hkt_jax.training.config import apply_overrides, load_config
 from tests.signal_compare_experiment import ENV as SIGNAL_AT_ENV
 
 SLOW = Grid(experiment="tests.fake_slow_experiment", config="unused", seeds=(0, 1),

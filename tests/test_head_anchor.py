@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from hkt_jax.hkt import HKT, HKTConfig
+from hkt_jax.engine.hkt import HKT, HKTConfig
 from hkt_jax.models import CifarResNet, apply_stage
 
 CHILD = CifarResNet(depth=8, conv_impl="xla")
@@ -94,7 +94,7 @@ def test_head_anchor_is_validated():
 
 def test_reference_config_is_the_released_code_and_has_one_definition():
     from experiments.configs import default, reference
-    from hkt_jax.config import apply_overrides, load_config
+    from hkt_jax.training.config import apply_overrides, load_config
 
     config = load_config("reference")
     assert config.hkt.head_anchor == "child" and config.hkt.mode == "gate" and config.hkt.inherit_loss == "ce"

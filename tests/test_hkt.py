@@ -10,18 +10,18 @@ import flax.linen as nn
 import optax
 import pytest
 
-from hkt_jax import ga
-from hkt_jax.hkt import (
+from hkt_jax.engine import ga
+from hkt_jax.engine.hkt import (
     HKT,
     Boundary,
     HKTConfig,
     validate_alphas,
 )
-from hkt_jax.methods import hkt_loss, plain_loss
+from hkt_jax.training.methods import hkt_loss, plain_loss
 from hkt_jax.tasks import Classification
 from hkt_jax.tasks.classification import classification_ce, classification_mae
 from hkt_jax.models import ToyStagedNet, apply_stage
-from hkt_jax.train import TrainState, make_train_step
+from hkt_jax.training.run import TrainState, make_train_step
 
 pytestmark = pytest.mark.usefixtures("highest_matmul_precision")  # compared with float64 / PyTorch: no TF32 on GPUs
 
@@ -53,7 +53,7 @@ def _state(variables, tx):
 
 def test_streams_follow_algorithm_1(parent_variables):
     """Rebuild Algorithm 1 by hand from the public pieces and compare the three outputs."""
-    engine = HKT(CHILD, PARENT, HKTConfig(lam=0.6, mode="softmax"))
+    engine = HKT(CHILD, PARENT, HKTConfig(lam=0.6, mode="softmax"), task=Classification())
     x = _data()["image"]
     variables = engine.init(jax.random.key(2), x, parent_variables)
     outputs, _, metrics = engine.forward(variables, parent_variables, x, train=False)
@@ -87,7 +87,7 @@ def test_streams_follow_algorithm_1(parent_variables):
 
 def test_parent_frozen_child_trains_and_head_inheritance_reaches_child(parent_variables):
     batch = _data()
-    engine = HKT(CHILD, PARENT, HKTConfig(lam=0.6, alphas=(0.25, 0.5, 0.25)))
+    engine = HKT(CHILD, PARENT, HKTConfig(lam=0.6, alphas=(0.25, 0.5, 0.25)), task=Classification())
     variables = engine.init(jax.random.key(3), batch["image"], parent_variables)
     loss_fn = hkt_loss(engine)
 
@@ -120,7 +120,7 @@ def test_parent_frozen_child_trains_and_head_inheritance_reaches_child(parent_va
 
 def test_lambda_zero_native_only_equals_plain_child_step(parent_variables):
     batch = _data(seed=4)
-    engine = HKT(CHILD, PARENT, HKTConfig(lam=0.0, alphas=(0.0, 1.0, 0.0)))
+    engine = HKT(CHILD, PARENT, HKTConfig(lam=0.0, alphas=(0.0, 1.0, 0.0)), task=Classification())
     variables = engine.init(jax.random.key(5), batch["image"], parent_variables)
     tx = optax.sgd(0.05, momentum=0.9)
     schedule = optax.constant_schedule(0.05)
@@ -141,7 +141,7 @@ def test_lambda_zero_native_only_equals_plain_child_step(parent_variables):
 
 
 def test_toy_pair_with_different_widths_and_resolutions_learns(parent_variables):
-    engine = HKT(CHILD, PARENT, HKTConfig(lam=0.6, alphas=(0.25, 0.5, 0.25), inherit_loss="mae"))
+    engine = HKT(CHILD, PARENT, HKTConfig(lam=0.6, alphas=(0.25, 0.5, 0.25), inherit_loss="mae"), task=Classification())
     batch = _data(seed=6, batch=32)
     variables = engine.init(jax.random.key(7), batch["image"], parent_variables)
     kernels = {k: v["proj"]["kernel"].shape for k, v in variables["params"]["adapters"].items()}
@@ -162,7 +162,7 @@ def test_boundary_switches(parent_variables):
     """Backbone off everywhere: the backbone stream is the native one; head off: the plain parent."""
     x = _data()["image"]
     off = HKTConfig(boundaries=(Boundary(backbone=False, head=False),) * 2)
-    engine = HKT(CHILD, PARENT, off)
+    engine = HKT(CHILD, PARENT, off, task=Classification())
     variables = engine.init(jax.random.key(8), x, parent_variables)
     assert variables["params"]["adapters"] == {}
     outputs, _, metrics = engine.forward(variables, parent_variables, x, train=False)
@@ -171,7 +171,7 @@ def test_boundary_switches(parent_variables):
     assert metrics == {}
 
     only_last = HKTConfig(boundaries=(Boundary(backbone=False, head=False), Boundary(backbone=True, head=False)))
-    variables = HKT(CHILD, PARENT, only_last).init(jax.random.key(9), x, parent_variables)
+    variables = HKT(CHILD, PARENT, only_last, task=Classification()).init(jax.random.key(9), x, parent_variables)
     assert sorted(variables["params"]["adapters"]) == ["to_child_1"]
 
 
@@ -202,18 +202,18 @@ def test_bad_alphas_are_config_errors(alphas, match):
         validate_alphas(alphas)
     if len(alphas) == 3:
         with pytest.raises(ValueError, match="alphas"):
-            HKT(CHILD, PARENT, HKTConfig(alphas=alphas))
+            HKT(CHILD, PARENT, HKTConfig(alphas=alphas), task=Classification())
 
 
 def test_bad_engine_configs():
     with pytest.raises(ValueError, match="lam"):
-        HKT(CHILD, PARENT, HKTConfig(lam=1.5))
+        HKT(CHILD, PARENT, HKTConfig(lam=1.5), task=Classification())
     with pytest.raises(ValueError, match="inherit_loss"):
-        HKT(CHILD, PARENT, HKTConfig(inherit_loss="mse"))
+        HKT(CHILD, PARENT, HKTConfig(inherit_loss="mse"), task=Classification())
     with pytest.raises(ValueError, match="2 boundaries"):
-        HKT(CHILD, PARENT, HKTConfig(boundaries=(Boundary(),)))
+        HKT(CHILD, PARENT, HKTConfig(boundaries=(Boundary(),)), task=Classification())
     with pytest.raises(TypeError, match="staged model"):
-        HKT(CHILD, object(), HKTConfig())
+        HKT(CHILD, object(), HKTConfig(), task=Classification())
 
 
 class Squash(nn.Module):

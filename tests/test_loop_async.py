@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hkt_jax import checkpoint, sharding, stopping
-from hkt_jax.cli import NonFiniteError
+from hkt_jax.training import checkpoint, sharding, stopping
+from hkt_jax.training.faults import NonFiniteError
 
 
 class _Counting:

@@ -1,4 +1,4 @@
-"""hkt_jax.malloc_tuning: after tuning, XLA:CPU's repeated large buffers stop page-faulting."""
+"""hkt_jax.runtime.malloc_tuning: after tuning, XLA:CPU's repeated large buffers stop page-faulting."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tests.conftest import REPO_ROOT
 
 PROBE = r"""
 import json, resource, sys
-from hkt_jax.malloc_tuning import tune_malloc_for_xla
+from hkt_jax.runtime.malloc_tuning import tune_malloc_for_xla
 tuned = tune_malloc_for_xla() if sys.argv[1] == "1" else False
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x: jnp.sin(x) * 2)   # a fresh 64 MiB output buffer per call

@@ -8,10 +8,10 @@ import numpy as np
 import optax
 import pytest
 
-from hkt_jax.config import OptimConfig
-from hkt_jax.methods import kd_loss
+from hkt_jax.training.config import OptimConfig
+from hkt_jax.training.methods import kd_loss
 from hkt_jax.models import ToyStagedNet
-from hkt_jax.optim import make_optimizer, make_schedule
+from hkt_jax.training.optim import make_optimizer, make_schedule
 from hkt_jax.tasks import Classification
 
 pytestmark = pytest.mark.usefixtures("highest_matmul_precision")  # compared with float64 / PyTorch: no TF32 on GPUs

@@ -14,12 +14,14 @@ import numpy as np
 import optax
 import pytest
 
-from hkt_jax import checkpoint, factories, ga, hkt
-from hkt_jax.config import ModelConfig, TrainSettings, apply_overrides, load_config
-from hkt_jax.hkt import HKTConfig
+from hkt_jax.training import checkpoint, factories
+from hkt_jax.engine import ga, hkt
+from hkt_jax.training.config import ModelConfig, TrainSettings, apply_overrides, load_config
+from hkt_jax.engine.hkt import HKTConfig
 from hkt_jax.models import apply_stage, build_model
 from hkt_jax.tasks import Classification, make_task
-from hkt_jax.train import initial_state, make_train_step, train_and_evaluate
+from hkt_jax.training.train import train_and_evaluate
+from hkt_jax.training.run import initial_state, make_train_step
 
 BF16, F32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)
 

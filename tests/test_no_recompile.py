@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from hkt_jax import checkpoint, train
-from hkt_jax.config import apply_overrides, load_config
+from hkt_jax.training import checkpoint, train
+from hkt_jax.training.config import apply_overrides, load_config
 from hkt_jax.models import build_model, model_spec
 
 TINY = ["child.depth=8", "data.source=synthetic", "data.synthetic_train_size=128", "data.synthetic_test_size=32",

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from experiments.configs import smoke
-from hkt_jax.config import apply_overrides
-from hkt_jax.train import train_and_evaluate
+from hkt_jax.training.config import apply_overrides
+from hkt_jax.training.train import train_and_evaluate
 from tests.conftest import REPO_ROOT, require_shared
 
 pytestmark = pytest.mark.usefixtures("highest_matmul_precision")  # compared with float64 / PyTorch: no TF32 on GPUs

@@ -22,7 +22,7 @@ from hkt_jax.convert import raft_from_torch  # noqa: E402
 from hkt_jax.data.flow_io import read_image  # noqa: E402
 from hkt_jax.models import RAFT  # noqa: E402
 from hkt_jax.models.raft_corr import build_corr, lookup_corr  # noqa: E402
-from hkt_jax.models.staged import run_all_stages  # noqa: E402
+from hkt_jax.engine.stages import run_all_stages  # noqa: E402
 from tests.conftest import require_shared  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("highest_matmul_precision")  # compared with float64 / PyTorch: no TF32 on GPUs

@@ -8,8 +8,8 @@ Skipped with a reason when the shared archive is absent.
 from __future__ import annotations
 
 from experiments.configs import smoke
-from hkt_jax.config import apply_overrides
-from hkt_jax.train import train_and_evaluate
+from hkt_jax.training.config import apply_overrides
+from hkt_jax.training.train import train_and_evaluate
 from tests.conftest import require_shared
 
 

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hkt_jax import seg_metrics
-from hkt_jax.seg_metrics import LITS_REGIONS, DiceAccumulator, class_regions, dice_sums
+from hkt_jax.tasks import seg_metrics
+from hkt_jax.tasks.seg_metrics import LITS_REGIONS, DiceAccumulator, class_regions, dice_sums
 
 
 def _batch(seed=0, shape=(3, 6, 5), num_classes=3):

@@ -10,9 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from hkt_jax import checkpoint
-from hkt_jax.config import apply_overrides, load_config
-from hkt_jax.experiment import run
+from hkt_jax.training import checkpoint
+from hkt_jax.training.config import apply_overrides, load_config
+from hkt_jax.training.experiment import run
 from hkt_jax.models import PocketNet, UNet
 from hkt_jax.tasks import make_task
 from hkt_jax.tasks.segmentation import Segmentation

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from hkt_jax import sharding
+from hkt_jax.training import sharding
 from tests import multihost_worker as worker
 from tests.conftest import REPO_ROOT
 

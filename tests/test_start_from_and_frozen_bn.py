@@ -7,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from hkt_jax import checkpoint
-from hkt_jax.config import apply_overrides, load_config
-from hkt_jax.experiment import run
-from hkt_jax.train import build_run, compile_steps, initial_state
+from hkt_jax.training import checkpoint
+from hkt_jax.training.config import apply_overrides, load_config
+from hkt_jax.training.experiment import run
+from hkt_jax.training.run import build_run, compile_steps, initial_state
 
 
 def _config(*overrides):
@@ -58,7 +58,7 @@ def test_a_different_network_in_init_ckpt_is_an_error_naming_both(exported, tmp_
 
 
 def test_a_missing_init_ckpt_stops_the_job_before_anything_is_written(tmp_path):
-    from hkt_jax.cli import UserError
+    from hkt_jax.training.faults import UserError
 
     with pytest.raises(UserError, match="init_ckpt='/nowhere/export/child': no such directory"):
         run(_config("init_ckpt=/nowhere/export/child"), tmp_path / "run")

@@ -16,17 +16,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hkt_jax import compile_cache, factories, paths
-from hkt_jax.config import HKTSettings, OptimConfig
+from hkt_jax.runtime import compile_cache, paths
+from hkt_jax.training import factories
+from hkt_jax.training.config import HKTSettings, OptimConfig
 from hkt_jax.data import DataConfig
 from hkt_jax.data.image_folder import shared_cifar10_archive
 from hkt_jax.data.pipeline import resolve_auto_source
 from hkt_jax.data.sources import TFDSNotInstalled, load_tfds
 from hkt_jax.kernels import cpu_conv
-from hkt_jax.methods import trainable_variables
+from hkt_jax.training.methods import trainable_variables
 from hkt_jax.models import ToyStagedNet
 from hkt_jax.models.cifar_resnet import conv_init
-from hkt_jax.optim import make_optimizer, make_schedule
+from hkt_jax.training.optim import make_optimizer, make_schedule
 from hkt_jax.tasks import Classification
 from tests.conftest import REPO_ROOT
 

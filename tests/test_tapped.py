@@ -14,9 +14,10 @@ import numpy as np
 import optax
 import pytest
 
-from hkt_jax.hkt import HKT, HKTConfig
+from hkt_jax.tasks import Classification
+from hkt_jax.engine.hkt import HKT, HKTConfig
 from hkt_jax.models import CifarResNet, Tapped, available_taps, tapped_boundaries
-from hkt_jax.models.staged import apply_stage, run_all_stages
+from hkt_jax.engine.stages import apply_stage, run_all_stages
 
 GROUP_NAMES = ("group1", "group2", "group3", "head")
 CHILD_TAPS = ("layer1_0", "layer2_0", "layer3_0")  # depth 8: one block per group
@@ -96,7 +97,7 @@ def _hkt_pair(tapped: bool):
         parent = Tapped(CifarResNet(depth=14, conv_impl="xla"), PARENT_TAPS, names=GROUP_NAMES)
         config = HKTConfig(lam=0.6, alphas=(0.25, 0.5, 0.25), inherit_loss="mae",
                            boundaries=tapped_boundaries(child, parent))
-    engine = HKT(child, parent, config)
+    engine = HKT(child, parent, config, task=Classification())
     tx = optax.sgd(0.05, momentum=0.9)
 
     def train_step(params, batch_stats, opt_state, parent_variables, batch):
@@ -223,7 +224,7 @@ def test_imagenet_style_resnet_is_a_frozen_parent_through_taps():
     child = CifarResNet(depth=8, num_classes=4, stage_split="groups", conv_impl="xla")  # hand-staged
     parent_variables = _with_running_stats(parent_module.init(jax.random.key(1), x, train=False), 1)
     parent_before = jax.tree.map(np.array, parent_variables)
-    engine = HKT(child, parent, HKTConfig(boundaries=tapped_boundaries(child, parent)))
+    engine = HKT(child, parent, HKTConfig(boundaries=tapped_boundaries(child, parent)), task=Classification())
     variables = engine.init(jax.random.key(2), x, parent_variables)
     tx = optax.sgd(0.05, momentum=0.9)
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from hkt_jax.config import apply_overrides, load_config
-from hkt_jax.experiment import run
+from hkt_jax.training.config import apply_overrides, load_config
+from hkt_jax.training.experiment import run
 
 TINY = ["child.depth=8", "parent.depth=8", "data.synthetic_train_size=128", "data.synthetic_test_size=32",
         "data.validation_size=32", "train.batch_size=16", "train.steps=4", "train.log_every_steps=2",

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hkt_jax import checkpoint
-from hkt_jax.config import apply_overrides, load_config
-from hkt_jax.experiment import run
+from hkt_jax.training import checkpoint
+from hkt_jax.training.config import apply_overrides, load_config
+from hkt_jax.training.experiment import run
 from tests.conftest import REPO_ROOT, exported_leaves
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hkt_jax import checkpoint
+from hkt_jax.training import checkpoint
 from hkt_jax.models import build_model, model_spec
 from tests.conftest import REPO_ROOT
 

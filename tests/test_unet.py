@@ -9,10 +9,10 @@ import optax
 import pytest
 
 import hkt_jax.models.unet as unet_module
-from hkt_jax.hkt import HKT, Boundary, HKTConfig, LeafLink
+from hkt_jax.engine.hkt import HKT, Boundary, HKTConfig, LeafLink
 from hkt_jax.models.registry import parameter_count
 from hkt_jax.models.unet import DenseUNet, PocketNet, UNet
-from hkt_jax.seg_metrics import segmentation_loss
+from hkt_jax.tasks.seg_metrics import segmentation_loss
 
 pytestmark = pytest.mark.usefixtures("highest_matmul_precision")  # compared with float64 / PyTorch: no TF32 on GPUs
 

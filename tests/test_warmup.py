@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from hkt_jax import factories
-from hkt_jax.config import OptimConfig, apply_overrides, load_config
+from hkt_jax.training import factories
+from hkt_jax.training.config import OptimConfig, apply_overrides, load_config
 from hkt_jax.models import model_spec
-from hkt_jax.optim import describe_schedule, low_lr_warmup_steps, make_schedule
+from hkt_jax.training.optim import describe_schedule, low_lr_warmup_steps, make_schedule
 
 RESNET110 = model_spec("cifar_resnet", depth=110, num_classes=10)
 RESNET20 = model_spec("cifar_resnet", depth=20, num_classes=10)

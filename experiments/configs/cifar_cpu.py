@@ -17,7 +17,7 @@ below the paper's 200-epoch numbers: the point is the comparison between variant
 import dataclasses
 
 from experiments.configs import default
-from hkt_jax.config import ExperimentConfig, ModelConfig, OptimConfig, TrainSettings
+from hkt_jax.training.config import ExperimentConfig, ModelConfig, OptimConfig, TrainSettings
 
 
 def get_config() -> ExperimentConfig:

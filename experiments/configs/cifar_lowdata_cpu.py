@@ -17,7 +17,7 @@ Several hours on a 2-core CPU for the whole grid: run it with ``--time_budget`` 
 import dataclasses
 
 from experiments.configs import default
-from hkt_jax.config import ExperimentConfig, ModelConfig, OptimConfig, TrainSettings
+from hkt_jax.training.config import ExperimentConfig, ModelConfig, OptimConfig, TrainSettings
 
 
 def get_config() -> ExperimentConfig:

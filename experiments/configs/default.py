@@ -16,7 +16,7 @@ He et al. (2016, Sec. 4.2) train it; from 0.1 at step 0 it can sit at chance. Th
 keeps the plain schedule (the warm-up applies to CIFAR ResNets of depth >= 110 only).
 """
 
-from hkt_jax.config import ExperimentConfig, HKTSettings, ModelConfig, OptimConfig, TrainSettings
+from hkt_jax.training.config import ExperimentConfig, HKTSettings, ModelConfig, OptimConfig, TrainSettings
 from hkt_jax.data import DataConfig
 
 

@@ -16,7 +16,7 @@ pairs are held out for model selection; test = the official Chairs validation
 split. Without ``--parent_ckpt`` a RAFT parent is first trained the same way.
 """
 
-from hkt_jax.config import ExperimentConfig, HKTSettings, ModelConfig, OptimConfig, TrainSettings
+from hkt_jax.training.config import ExperimentConfig, HKTSettings, ModelConfig, OptimConfig, TrainSettings
 from hkt_jax.tasks.flow_data import FlowDataConfig
 
 

@@ -13,7 +13,7 @@ one-cycle, clip 1.0. Sized for the time a 2-core CPU has: far too short to
 train RAFT well.
 """
 
-from hkt_jax.config import ExperimentConfig, HKTSettings, KDSettings, ModelConfig, OptimConfig, TrainSettings
+from hkt_jax.training.config import ExperimentConfig, HKTSettings, KDSettings, ModelConfig, OptimConfig, TrainSettings
 from hkt_jax.tasks.flow_data import FlowDataConfig
 
 

@@ -14,7 +14,7 @@ Measured: 99 s wall (125 s user time) for the whole job, mostly compilation, on 
 idle 2-core AMD EPYC Zen 5.
 """
 
-from hkt_jax.config import ExperimentConfig, HKTSettings, ModelConfig, OptimConfig, TrainSettings
+from hkt_jax.training.config import ExperimentConfig, HKTSettings, ModelConfig, OptimConfig, TrainSettings
 from hkt_jax.tasks.flow_data import FlowDataConfig
 
 

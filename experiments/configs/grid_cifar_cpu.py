@@ -21,7 +21,7 @@ experiments/configs/cifar_cpu.py). Variants:
 """
 
 from experiments.configs import reference
-from hkt_jax.comparison import Grid
+from hkt_jax.grids.comparison import Grid
 
 GRID = Grid(
     experiment="experiments.cifar_hkt",

@@ -13,7 +13,7 @@ losses = 0.03 on their mean, with this config's cosine schedule), hkt_no_ga (lam
 """
 
 from experiments.configs import reference
-from hkt_jax.comparison import Grid
+from hkt_jax.grids.comparison import Grid
 
 GRID = Grid(
     experiment="experiments.cifar_hkt",

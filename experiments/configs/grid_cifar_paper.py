@@ -16,7 +16,7 @@ validation split. Variants:
 - hkt_spatial: softmax GA over spatial tokens after each residual group (the `groups` split).
 """
 
-from hkt_jax.comparison import Grid
+from hkt_jax.grids.comparison import Grid
 
 GRID = Grid(
     experiment="experiments.cifar_hkt",

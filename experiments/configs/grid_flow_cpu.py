@@ -12,7 +12,7 @@ child for 512 steps against that frozen parent:
 Test EPE on 128 held-out synthetic pairs, lower is better.
 """
 
-from hkt_jax.comparison import Grid
+from hkt_jax.grids.comparison import Grid
 
 GRID = Grid(
     experiment="experiments.flow_hkt",

@@ -12,7 +12,7 @@ Liver Dice per case (model selection) and global Dice (the paper's D-Mean) on 4 
 volumes, higher is better.
 """
 
-from hkt_jax.comparison import Grid
+from hkt_jax.grids.comparison import Grid
 
 GRID = Grid(
     experiment="experiments.seg_hkt",

@@ -9,7 +9,7 @@ KD and 2HKT into a ResNet-8 child, 2 seeds; 16 steps of batch 32 each, a checkpo
 About 2 minutes of CPU time in all (mostly start-up and compilation), less with --parallel 2.
 """
 
-from hkt_jax.comparison import Grid
+from hkt_jax.grids.comparison import Grid
 
 GRID = Grid(
     experiment="experiments.cifar_hkt",

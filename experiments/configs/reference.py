@@ -35,7 +35,7 @@ Remaining differences from the released code, all deliberate:
 import dataclasses
 
 from experiments.configs import default
-from hkt_jax.config import ExperimentConfig, HKTSettings, apply_overrides
+from hkt_jax.training.config import ExperimentConfig, HKTSettings, apply_overrides
 
 RELEASED_LR, RELEASED_WEIGHT_DECAY, STREAMS = 0.01, 1e-4, 3
 

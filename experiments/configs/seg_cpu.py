@@ -16,7 +16,7 @@ GA) after the encoder and the bottleneck; L1/L3 are the paper's MAE. SGD with
 momentum, cosine decay; global batch 16 (a multiple of 8).
 """
 
-from hkt_jax.config import ExperimentConfig, HKTSettings, ModelConfig, OptimConfig, TrainSettings
+from hkt_jax.training.config import ExperimentConfig, HKTSettings, ModelConfig, OptimConfig, TrainSettings
 from hkt_jax.tasks.segmentation import SegDataConfig, SegSettings
 
 def get_config() -> ExperimentConfig:

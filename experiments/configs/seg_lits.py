@@ -25,7 +25,7 @@ cosine decay over 20 epochs of ~41k training slices (batch 16: ~51k steps);
 the parent likewise, first, in workdir/parent unless --parent_ckpt is given.
 """
 
-from hkt_jax.config import ExperimentConfig, HKTSettings, ModelConfig, OptimConfig, TrainSettings
+from hkt_jax.training.config import ExperimentConfig, HKTSettings, ModelConfig, OptimConfig, TrainSettings
 from hkt_jax.tasks.segmentation import SegDataConfig, SegSettings
 
 def get_config() -> ExperimentConfig:

@@ -18,7 +18,7 @@ at least 40 GB (not yet run by this project).
 import dataclasses
 
 from experiments.configs import seg_lits
-from hkt_jax.config import ModelConfig
+from hkt_jax.training.config import ModelConfig
 
 
 def get_config():

@@ -12,7 +12,7 @@ steps continues exactly where a shorter one stopped. Global batch 8: the same
 command runs on 1 or 8 (simulated) devices.
 """
 
-from hkt_jax.config import ExperimentConfig, HKTSettings, ModelConfig, OptimConfig, TrainSettings
+from hkt_jax.training.config import ExperimentConfig, HKTSettings, ModelConfig, OptimConfig, TrainSettings
 from hkt_jax.tasks.segmentation import SegDataConfig, SegSettings
 
 def get_config() -> ExperimentConfig:

@@ -7,7 +7,7 @@ The global batch (32) is a multiple of 8, so the same command runs unchanged
 on 1 or 8 (simulated) devices.
 """
 
-from hkt_jax.config import ExperimentConfig, ModelConfig, OptimConfig, TrainSettings
+from hkt_jax.training.config import ExperimentConfig, ModelConfig, OptimConfig, TrainSettings
 from hkt_jax.data import DataConfig
 
 

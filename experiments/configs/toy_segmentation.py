@@ -9,7 +9,7 @@ narrower child (widths 4/8) with Transfer adapters and softmax GA over the
 tied to classification (``hkt_jax.tasks.ToySegmentation``).
 """
 
-from hkt_jax.config import ExperimentConfig, HKTSettings, ModelConfig, OptimConfig, TrainSettings
+from hkt_jax.training.config import ExperimentConfig, HKTSettings, ModelConfig, OptimConfig, TrainSettings
 from hkt_jax.data import DataConfig
 
 

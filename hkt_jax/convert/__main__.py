@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jax
 
-from hkt_jax.checkpoint import load_model, load_model_spec, save_model
+from hkt_jax.training.checkpoint import load_model, load_model_spec, save_model
 from hkt_jax.convert.deploy import (
     CIFAR_IMAGE_SIZE, RUN_CONFIG_FILE, WORKDIR_CHILD, load_deployable, resolve_model_dir, run_config,
     run_normalization,
@@ -28,6 +28,9 @@ from hkt_jax.convert.resnet import (
 from hkt_jax.data import CIFAR10_CLASSES
 from hkt_jax.data.pipeline import NORMALIZATIONS
 from hkt_jax.models.registry import model_spec, parameter_count
+from hkt_jax.convert.stablehlo import export_stablehlo
+from hkt_jax.convert.raft import checkpoint_layout, load_checkpoint, raft_from_torch, raft_to_torch
+from hkt_jax.convert.onnx_export import export_onnx
 
 # Fields training scripts store next to the weights to say how good they are (akamaster, RepDistiller).
 ACCURACY_FIELDS = ("best_prec1", "best_acc")
@@ -108,8 +111,6 @@ def export_torch(args: argparse.Namespace) -> None:
 
 
 def convert_raft(args: argparse.Namespace) -> None:
-    from hkt_jax.convert.raft import checkpoint_layout, load_checkpoint, raft_from_torch
-
     checkpoint = load_checkpoint(args.src)
     variables = raft_from_torch(checkpoint)  # raises before anything is written
     layout, small = checkpoint_layout(checkpoint)
@@ -123,8 +124,6 @@ def convert_raft(args: argparse.Namespace) -> None:
 
 def export_raft_torch(model_dir: Path, out: Path) -> None:
     """A RAFT model checkpoint -> {'state_dict', 'spec', 'torchvision_builder'} (torchvision layout, strict)."""
-    from hkt_jax.convert.raft import raft_to_torch
-
     torch = require_torch()
     variables, spec = load_model(model_dir)
     small = bool(spec.get("kwargs", {}).get("small", False))
@@ -153,8 +152,6 @@ def _print_deployment(kind: str, deployable, out: Path) -> None:
 
 
 def export_stablehlo_command(args: argparse.Namespace) -> None:
-    from hkt_jax.convert.stablehlo import export_stablehlo
-
     deployable = _deployable(args)
     out = Path(args.out)
     export_stablehlo(deployable, out)
@@ -163,8 +160,6 @@ def export_stablehlo_command(args: argparse.Namespace) -> None:
 
 
 def export_onnx_command(args: argparse.Namespace) -> None:
-    from hkt_jax.convert.onnx_export import export_onnx
-
     deployable = _deployable(args)
     out = Path(args.out)
     export_onnx(deployable, out, opset=args.opset)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hkt_jax.checkpoint import MODEL_SPEC_FILE, load_model
+from hkt_jax.training.checkpoint import MODEL_SPEC_FILE, load_model
 from hkt_jax.data.pipeline import NORMALIZATIONS
 from hkt_jax.data.volumes import DEFAULT_WINDOW
 from hkt_jax.models.registry import build_model

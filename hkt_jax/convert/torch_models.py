@@ -29,6 +29,7 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess by 
 from hkt_jax.convert.hkt_cifar_resnet import (  # noqa: E402  (after the torch check above)
     EXPORT_FORMAT, BasicBlock, CifarResNet, OptionAShortcut, Preprocess, RawImageClassifier,
 )
+from hkt_jax.convert.resnet import load_torch_checkpoint  # noqa: E402
 
 __all__ = ["EXPORT_FORMAT", "TORCH_MODELS", "BasicBlock", "CifarResNet", "OptionAShortcut", "Preprocess",
            "RawImageClassifier", "load_exported", "preprocessing_record"]
@@ -56,8 +57,6 @@ def preprocessing_record(mean, std, image_size, class_names) -> dict[str, Any]:
 
 def load_exported(path: str | os.PathLike) -> tuple[nn.Module, Preprocess]:
     """An ``export-torch`` file -> (network in eval mode, loaded with ``strict=True``; its ``Preprocess``)."""
-    from hkt_jax.convert.resnet import load_torch_checkpoint  # weights_only=True, clear errors
-
     exported = load_torch_checkpoint(path)
     if not isinstance(exported, dict) or exported.get("format") != EXPORT_FORMAT:
         found = sorted(exported) if isinstance(exported, dict) else type(exported).__name__

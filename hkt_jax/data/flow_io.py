@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from hkt_jax.data.png16 import read_png, write_png
 
 # Middlebury .flo: float32 magic (bytes "PIEH"), int32 width, int32 height, then H*W*2 float32 (u, v interleaved).
 FLO_MAGIC = 202021.25
@@ -177,8 +178,6 @@ KITTI_FLOW_OFFSET = 2.0**15
 
 def read_kitti_flow(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """A KITTI flow PNG as (flow ``(H, W, 2)`` float32, valid ``(H, W)`` float32 in {0, 1})."""
-    from hkt_jax.data.png16 import read_png
-
     path = Path(path)
     values = read_png(path)
     if values.dtype != np.uint16 or values.shape[2] != 3:
@@ -191,8 +190,6 @@ def read_kitti_flow(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 def write_kitti_flow(path: str | os.PathLike, flow: np.ndarray, valid: np.ndarray | None = None) -> Path:
     """Write a KITTI flow PNG (rounded to 1/64 px, clipped to +-512 px; ``valid`` defaults to all)."""
-    from hkt_jax.data.png16 import write_png
-
     flow = np.asarray(flow, np.float64)
     if flow.ndim != 3 or flow.shape[-1] != 2:
         raise ValueError(f"write_kitti_flow expects a flow of shape (H, W, 2), got {flow.shape}")

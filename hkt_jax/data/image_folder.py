@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from hkt_jax.paths import data_cache_dir, shared_data_dir
+from hkt_jax.runtime.paths import data_cache_dir, shared_data_dir
 from hkt_jax.data.sources import CIFAR10_CLASSES, IMAGE_SHAPE, SHARED_ARCHIVE_HINT, ImageSet, checked_image_set
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -29,12 +29,12 @@ _LAYOUT = "expected <data.path>/<split>/<class_name>/*.png|jpg|jpeg (or a .tar.g
 
 
 def default_cache_dir() -> Path:
-    """Where archives are extracted and decoded (``hkt_jax.paths.data_cache_dir``), kept between runs."""
+    """Where archives are extracted and decoded (``hkt_jax.runtime.paths.data_cache_dir``), kept between runs."""
     return data_cache_dir() / "extracted"
 
 
 def shared_cifar10_archive() -> Path:
-    """The shared lossy CIFAR-10 JPEG archive in ``hkt_jax.paths.shared_data_dir()``."""
+    """The shared lossy CIFAR-10 JPEG archive in ``hkt_jax.runtime.paths.shared_data_dir()``."""
     return shared_data_dir() / "cifar10-q75" / "cifar10-q75-imagefolder.tar.gz"
 
 

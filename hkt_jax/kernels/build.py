@@ -23,7 +23,7 @@ from pathlib import Path
 
 import jax
 
-from hkt_jax import cpu_info
+from hkt_jax.runtime import cpu_info
 
 SOURCE = Path(__file__).with_name("conv3x3_cpu.cc")
 FWD_TARGET, DW_TARGET, FUSED_TARGET = "hkt_conv3x3_fwd", "hkt_conv3x3_weight_grad", "hkt_conv3x3_bias_act"

@@ -35,7 +35,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from hkt_jax import cpu_info
+from hkt_jax.runtime import cpu_info
 from hkt_jax.kernels import build
 
 MODES = ("tune", "kernel", "xla")

@@ -10,7 +10,7 @@ weights convert one-to-one. Staged two ways:
   residual group (spatial features, for nHKT with softmax GA), then pool + fc.
 
 ``bn_folded=True`` is the inference-only form of a frozen network whose
-BatchNorms were folded into conv biases (``hkt_jax.fold``): same stages, no BN.
+BatchNorms were folded into conv biases (``hkt_jax.models.fold``): same stages, no BN.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class FoldedConv(nn.Module):
         return cpu_conv.conv3x3_bias_act_reference(x, kernel, bias, residual, stride=self.stride, relu=relu)
 
 
-BN_EPSILON = 1e-5  # PyTorch BatchNorm2d's default (also what hkt_jax.fold folds with)
+BN_EPSILON = 1e-5  # PyTorch BatchNorm2d's default (also what hkt_jax.models.fold folds with)
 
 
 def _bn(name: str, dtype) -> nn.BatchNorm:
@@ -129,7 +129,7 @@ class CifarResNet(nn.Module):
     shortcut: Literal["A", "B"] = "A"
     stage_split: Literal["paper", "groups"] = "paper"
     dtype: Any = jnp.float32
-    bn_folded: bool = False  # inference-only: BatchNorm folded into conv biases (hkt_jax.fold)
+    bn_folded: bool = False  # inference-only: BatchNorm folded into conv biases (hkt_jax.models.fold)
     conv_impl: str = "auto"  # "xla" | "cpu_kernel" | "auto" (hkt_jax.kernels.cpu_conv): same parameters either way
 
     def setup(self):

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from hkt_jax.models.raft_corr import CORR_IMPLS, build_corr, coords_grid
 from hkt_jax.models.raft_encoders import Encoder
 from hkt_jax.models.raft_update import RefinementStep
+from hkt_jax.engine.stages import Boundary, LeafLink
 
 NUM_LEVELS = 4
 # The coarsest correlation level must keep at least one pixel: H/8 / 2**3 >= 1.
@@ -130,8 +131,6 @@ class RAFT(nn.Module):
         128|96 hidden / 128|64 context channels). ``stages`` = 3 (default, the paper's 3HKT): mix both
         frames' features after ``features`` and hidden state + context input after ``context``;
         2 (2HKT): one boundary after the encoders, mixing all four (the first boundary stays idle)."""
-        from hkt_jax.hkt import Boundary, LeafLink  # the engine imports the models; avoid the cycle
-
         def links(*leaves):
             return tuple(LeafLink(leaf, (leaf,)) for leaf in leaves)
 

@@ -1,7 +1,7 @@
 """Any Linen module as a staged model, cut at named submodule calls ("taps").
 
 ``Tapped(module, taps=("layer1_0", "layer2_0"))`` follows the staged contract
-(``hkt_jax.models.staged``) without a line of staging code in ``module``: stage
+(``hkt_jax.engine.stages``) without a line of staging code in ``module``: stage
 ``i`` ends where the submodule at ``taps[i]`` returns, the last stage ends with
 the module's output. Paths are the ones ``capture_intermediates`` reports
 (``available_taps`` lists them), e.g. ``"layer3_2"`` or
@@ -39,6 +39,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+from hkt_jax.engine.stages import Boundary
 
 INPUT, FEATURE = "input", "feature"  # the leaves of an intermediate stage output
 STATE_COLLECTIONS = ("batch_stats",)  # what a stage may only update for its own layers
@@ -213,11 +214,9 @@ class Tapped(nn.Module):
 def tapped_boundaries(child: nn.Module, parent: nn.Module, boundaries: Sequence[Any] | None = None):
     """HKT boundaries whose wires read and write the ``"feature"`` leaf of tapped stage outputs.
 
-    ``boundaries``: the ``hkt_jax.hkt.Boundary`` entries to adapt (default: every
+    ``boundaries``: the ``hkt_jax.engine.hkt.Boundary`` entries to adapt (default: every
     boundary, both directions); leaf paths in them are relative to the tap output.
     """
-    from hkt_jax.hkt import Boundary  # the engine imports hkt_jax.models: import it late
-
     def under(path: str, tapped: bool) -> str:
         return "/".join(p for p in (FEATURE if tapped else "", path) if p)
 

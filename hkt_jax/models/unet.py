@@ -37,6 +37,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from hkt_jax.engine.stages import Boundary, LeafLink
 
 STAGE_NAMES = ("encoder", "bottleneck", "decoder")
 
@@ -131,13 +132,11 @@ class StagedUNet(nn.Module):
         return self.head(h).astype(jnp.float32)
 
     def hkt_boundaries(self, stages: int | None = None, skips: Sequence[int] = ()) -> tuple:
-        """HKT wiring for a U-Net pair (``hkt_jax.factories`` asks for it when ``hkt.boundaries`` is unset):
+        """HKT wiring for a U-Net pair (``hkt_jax.training.factories`` asks for it when ``hkt.boundaries`` is unset):
         the bottom features ``"x"`` - spatial softmax GA over (H / 2**depth)^2 tokens - plus the skip
         levels ``skips`` (N = (H / 2**level)^2: the chunked GA takes over where N is large), both
         directions. ``stages`` = 3 (default, 3HKT): after the encoder and after the bottleneck; 2 (2HKT):
         after the bottleneck only. Transfer adapters bridge the widths (and depths, by resizing)."""
-        from hkt_jax.hkt import Boundary, LeafLink  # the engine imports the models; avoid the cycle
-
         links = tuple(LeafLink(leaf, (leaf,)) for leaf in ("x", *(f"skips/{level}" for level in skips)))
         mixed = Boundary(to_child=links, to_parent=links)
         if stages in (None, 3):

@@ -1,7 +1,7 @@
 """What a training problem supplies to the generic training core.
 
-The loop (``hkt_jax.train``), the methods (``hkt_jax.methods``) and the HKT
-engine (``hkt_jax.hkt``) know nothing about labels, logits or image sizes: a
+The loop (``hkt_jax.training.train``), the methods (``hkt_jax.training.methods``) and the HKT
+engine (``hkt_jax.engine.hkt``) know nothing about labels, logits or image sizes: a
 ``Task`` says how a batch becomes network input, which losses supervise the
 network's output, what to log during training, how to sum and finish an
 evaluation pass, which metric picks the best model, and which images are

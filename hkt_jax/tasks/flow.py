@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hkt_jax.data.flow_io import flow_to_color
-from hkt_jax.flow_metrics import MAX_FLOW, SEQUENCE_GAMMA, end_point_error, flow_metric_sums, sequence_loss
+from hkt_jax.tasks.flow_metrics import MAX_FLOW, SEQUENCE_GAMMA, end_point_error, flow_metric_sums, sequence_loss
 from hkt_jax.tasks.base import Batch, LossFn, Task
 from hkt_jax.tasks.flow_data import FlowDataConfig, FlowDatasets
 

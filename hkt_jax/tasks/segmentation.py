@@ -5,7 +5,7 @@ evaluation batches add ``"valid"`` (1 real slice, 0 padding) and ``"case"``
 (the volume each slice belongs to, one-hot, ``(B, cases of the split)``), so
 the eval sums can be added up per volume and finished into LiTS's two numbers:
 **Dice per case** (mean over volumes of each volume's Dice) and **Dice global**
-(all voxels pooled) - see ``hkt_jax.seg_metrics`` for the empty-mask convention.
+(all voxels pooled) - see ``hkt_jax.tasks.seg_metrics`` for the empty-mask convention.
 They are counted on the slices as the network sees them (``seg.slice_size``);
 ``experiments.segment_volume`` scores a volume at its own voxel grid.
 The best model is the one with the highest validation liver Dice per case
@@ -33,9 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hkt_jax import paths, seg_metrics
+from hkt_jax.runtime import paths
+from hkt_jax.tasks import seg_metrics
 from hkt_jax.data import DataConfig, volumes
 from hkt_jax.tasks.base import Batch, LossFn, Task
+from hkt_jax.data.synthetic_ct import SyntheticCTConfig, write_synthetic_lits
+from hkt_jax.data.pipeline import check_process_layout
 
 DATA_SOURCES = ("synthetic", "lits", "png_folder", "image_folder")  # data.source values this task reads
 PNG_LAYOUT = "images/NAME.png with a label map masks/NAME.png"
@@ -105,7 +108,6 @@ def synthetic_lits_dir(settings: SegSettings, seed: int, cache_dir: str | None =
     root = Path(cache_dir or paths.data_cache_dir()) / name
     if (root / "complete").exists():
         return root
-    from hkt_jax.data.synthetic_ct import SyntheticCTConfig, write_synthetic_lits
 
     partial = root.with_name(f"{root.name}.partial-{os.getpid()}")
     write_synthetic_lits(partial, settings.synthetic_cases, seed=seed,
@@ -143,8 +145,6 @@ class SegDatasets:
 
     def __init__(self, slices: volumes.SliceSet, settings: SegSettings, *, global_batch_size: int, seed: int,
                  split_seed: int, process_index: int | None = None, process_count: int | None = None):
-        from hkt_jax.data.pipeline import check_process_layout
-
         self._process = check_process_layout(global_batch_size, process_index, process_count)
         self._global = global_batch_size
         rest, test_ids = volumes.split_by_case(slices.case_ids, settings.test_cases, seed=split_seed)

@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from hkt_jax.training.faults import CheckpointSaveError, UserError
 
 MODEL_SPEC_FILE = "model.json"
 VARIABLES_ITEM = "variables"
@@ -120,8 +121,6 @@ def finish_save(manager: ocp.CheckpointManager, pending: PendingSave | None) -> 
 
 
 def _save_failed(manager: ocp.CheckpointManager, step: int, previous: int | None, error: BaseException):
-    from hkt_jax.cli import CheckpointSaveError
-
     _drop_orbax_logs()  # the one line below says it all; orbax's threads would add tracebacks of it
     kept = (f"the previous checkpoint (step {previous}) is intact; free space or fix the directory and rerun "
             f"the same command to continue from step {previous}" if previous is not None else
@@ -166,8 +165,6 @@ def restore_latest_readable(manager: ocp.CheckpointManager, abstract_state: Any)
     one is tried. When steps exist but none reads, ``UserError`` says so.
     ``abstract_state`` (shapes, dtypes, shardings) says where each array goes.
     """
-    from hkt_jax.cli import UserError
-
     manager.wait_until_finished()  # a save of this manager still being written is not read half-made
     steps = sorted(manager.all_steps(), reverse=True)
     skipped: list[str] = []

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from hkt_jax import comparison
-from hkt_jax.cli import EXIT_SIGINT, EXIT_SIGTERM
-from hkt_jax.grid_pack import newest_checkpoint_step
+from hkt_jax.grids import comparison
+from hkt_jax.training.faults import EXIT_SIGINT, EXIT_SIGTERM
+from hkt_jax.grids.pack import newest_checkpoint_step
 
 TAIL_CHARS = 4000
 # A run ended by a stop request (its own handler: 130/143; killed before it installed one: -2/-15).

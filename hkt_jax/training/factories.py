@@ -3,7 +3,7 @@
 Each takes the objects it needs (not the whole experiment config) and does one
 thing: the device mesh, the conv implementation for that mesh, a model from its
 config, a frozen parent (loaded and folded), a method's loss with its initial
-trainable variables, the optimizer and schedule. ``hkt_jax.train.build_run``
+trainable variables, the optimizer and schedule. ``hkt_jax.training.run.build_run``
 composes them for ``train_and_evaluate``.
 """
 
@@ -21,13 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hkt_jax import checkpoint, fold, methods, sharding
-from hkt_jax.config import COMPUTE_DTYPES, ATSettings, FitNetSettings, HKTSettings, KDSettings, ModelConfig, OptimConfig
-from hkt_jax.hkt import HKT, HKTConfig
-from hkt_jax.methods import NEEDS_PARENT, hkt_loss, kd_loss, plain_loss, trainable_variables
+from hkt_jax.training import checkpoint, methods, sharding
+from hkt_jax.models import fold
+from hkt_jax.training.config import COMPUTE_DTYPES, ATSettings, FitNetSettings, HKTSettings, KDSettings, ModelConfig, OptimConfig
+from hkt_jax.engine.hkt import HKT, HKTConfig
+from hkt_jax.training.methods import NEEDS_PARENT, hkt_loss, kd_loss, plain_loss, trainable_variables
 from hkt_jax.models import build_model, model_spec
 from hkt_jax.models.tapped import Tapped, tapped_boundaries
-from hkt_jax.optim import make_optimizer, make_schedule
+from hkt_jax.training.optim import make_optimizer, make_schedule
 from hkt_jax.tasks import Task
 
 
@@ -82,7 +83,7 @@ def make_method(method: str, model: nn.Module, task: Task, example_input: Any, r
                 hkt: HKTConfig = HKTSettings(), kd: KDSettings = KDSettings(),
                 fitnet: FitNetSettings = FitNetSettings(), at: ATSettings = ATSettings(),
                 freeze_batch_norm: bool = False) -> tuple[Callable, dict[str, Any]]:
-    """(loss_fn, initial trainable variables) of a training method (``hkt_jax.methods``).
+    """(loss_fn, initial trainable variables) of a training method (``hkt_jax.training.methods``).
     The variables are initialised inside ``jax.jit`` (``jit_init``).
     ``freeze_batch_norm``: the trained network runs with ``train=False`` (its BatchNorm uses and keeps
     the running statistics; in this project's models ``train`` switches nothing else)."""
@@ -112,7 +113,7 @@ def make_method(method: str, model: nn.Module, task: Task, example_input: Any, r
 def feature_method(method: str, model: nn.Module, parent: nn.Module, task: Task, example_input: Any,
                    rng: jax.Array, parent_variables: Any, init_variables: dict[str, Any], *,
                    fitnet: FitNetSettings, at: ATSettings, train: bool) -> tuple[Callable, dict[str, Any]]:
-    """fitnet / at (``hkt_jax.methods``): the stage ends checked on the example input's shapes; FitNet's
+    """fitnet / at (``hkt_jax.training.methods``): the stage ends checked on the example input's shapes; FitNet's
     regressor (child width -> parent width at ``fitnet.stage``) joins the trainable variables as an adapter."""
     params, stats = init_variables["params"], init_variables["batch_stats"]
     child_outputs = jax.eval_shape(lambda: methods.run_stages(model, params, stats, example_input, train=False)[0])

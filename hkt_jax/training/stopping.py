@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hkt_jax.cli import NonFiniteError
+from hkt_jax.training.faults import NonFiniteError
 
 # Bit i of the step's ``nonfinite`` output is set when NONFINITE_TERMS[i] is NaN or inf.
 NONFINITE_TERMS = ("loss", "l1", "l2", "l3", "grad_norm", "params")

@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from hkt_jax import comparison
-from hkt_jax.checkpoint import CHECKPOINTS_SUBDIR
-from hkt_jax.preflight import CONFIG_FILE
+from hkt_jax.grids import comparison
+from hkt_jax.training.checkpoint import CHECKPOINTS_SUBDIR
+from hkt_jax.training.preflight import CONFIG_FILE
 
 MANIFEST = "manifest.json"
 FINISHED, UNFINISHED, PARENT = "finished.tar.gz", "unfinished.tar.gz", "parent.tar.gz"

@@ -14,7 +14,7 @@ losses those are comes from the run's Task.
   r a trainable 1x1 conv (child width -> parent width; not exported, like HKT's adapters).
 * ``at``: activation-based attention transfer (Zagoruyko & Komodakis, ICLR 2017, p = 2, beta = 1000):
   CE + beta/2 * sum over stage ends of mean((Q_s/||Q_s|| - Q_t/||Q_t||)^2), Q = mean over channels of |A|^p.
-* ``hkt``: the three-stream HKT loss (hkt_jax.hkt).
+* ``hkt``: the three-stream HKT loss (hkt_jax.engine.hkt).
 
 fitnet and at read the features at every stage end but the last (CifarResNet's ``groups`` split: the
 ends of the three residual groups, 32x32x16, 16x16x32, 8x8x64); they need spatial maps - on the pooled
@@ -29,8 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hkt_jax.hkt import HKT
-from hkt_jax.models.staged import apply_stage
+from hkt_jax.engine.hkt import HKT
+from hkt_jax.engine.stages import apply_stage
 from hkt_jax.tasks import Task
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, Any]]]

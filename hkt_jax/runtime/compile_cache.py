@@ -27,7 +27,7 @@ from pathlib import Path
 
 import jax
 
-from hkt_jax import paths
+from hkt_jax.runtime import paths
 
 # Cache every program that took at least this long to compile. JAX's default (1 s) leaves out the
 # eval step and the initialisation on a fast machine, and reading an entry back costs milliseconds.

@@ -26,35 +26,14 @@ import chex
 import flax.linen as nn
 import jax
 
-from hkt_jax import ga
-from hkt_jax.etm import Extractor, Transfer, get_leaf, set_leaf
-from hkt_jax.models.staged import apply_stage, check_staged
+from hkt_jax.engine import ga
+from hkt_jax.engine.etm import Extractor, Transfer, get_leaf, set_leaf
+from hkt_jax.engine.stages import Boundary, LeafLink, apply_stage, check_staged
 
 LossFn = Callable[[Any, dict[str, jax.Array]], jax.Array]
 DIRECTIONS = ("to_child", "to_parent")
 # Which side's features head inheritance anchors its mixing on (see HKTConfig.head_anchor).
 HEAD_ANCHORS = ("parent", "child")
-
-
-@dataclasses.dataclass(frozen=True)
-class LeafLink:
-    """One inheritance wire at a boundary: ``sources`` of the giving stage's output
-    (joined by ``combine``) are mixed into the ``receiver`` leaf of the receiving one.
-    Paths: "" is the whole stage output, "a/b" a nested leaf."""
-
-    receiver: str = ""
-    sources: tuple[str, ...] = ("",)
-    combine: Literal["single", "concat", "sum"] = "single"
-
-
-@dataclasses.dataclass(frozen=True)
-class Boundary:
-    """What happens after one aligned stage pair."""
-
-    backbone: bool = True  # parent -> child (feeds L1)
-    head: bool = True  # child -> parent (feeds L3)
-    to_child: tuple[LeafLink, ...] = (LeafLink(),)
-    to_parent: tuple[LeafLink, ...] = (LeafLink(),)
 
 
 # Names ``hkt.inherit_loss`` may take (the paper: MAE); which ones a run accepts is its task's
@@ -69,7 +48,7 @@ class HKTConfig:
     lam: float = 0.6
     mode: ga.Mode = "auto"
     chunk_size: int | None = None
-    impl: ga.Impl = "auto"  # softmax GA implementation (see hkt_jax.ga.resolve_impl)
+    impl: ga.Impl = "auto"  # softmax GA implementation (see hkt_jax.engine.ga.resolve_impl)
     alphas: tuple[float, float, float] = (0.25, 0.5, 0.25)
     inherit_loss: Literal["mae", "ce", "seq"] = "mae"
     # Head inheritance (child -> parent) mixing. "parent": Eq. 7, the parent's features are the query and
@@ -147,11 +126,11 @@ class HKT:
         parent: nn.Module,
         config: HKTConfig = HKTConfig(),
         *,
-        task: Any = None,
+        task: Any,
         task_loss: LossFn | None = None,
         inherit_loss: LossFn | None = None,
     ):
-        """``task`` (a ``hkt_jax.tasks.Task``; default classification) supplies the network input of a
+        """``task`` (a ``hkt_jax.tasks.Task``, e.g. ``Classification()``) supplies the network input of a
         batch and the losses; ``task_loss`` / ``inherit_loss`` override its losses."""
         check_staged(child, "child")
         check_staged(parent, "parent")
@@ -162,10 +141,6 @@ class HKT:
             )
         if len(child.stage_names) < 2:
             raise ValueError(f"HKT needs at least 2 stages (one boundary), got {tuple(child.stage_names)}")
-        if task is None:
-            from hkt_jax.tasks import Classification  # the default; imported here to keep the engine task-free
-
-            task = Classification()
         self.child, self.parent, self.config, self.task = child, parent, config, task
         self.boundaries = config.resolved_boundaries(len(child.stage_names))
         self.task_loss = task_loss or task.task_loss

@@ -17,8 +17,8 @@ import typing
 from typing import Any, Literal, Sequence
 
 from hkt_jax.data.pipeline import DataConfig
-from hkt_jax.hkt import HKTConfig
-from hkt_jax.methods import METHODS
+from hkt_jax.engine.hkt import HKTConfig
+from hkt_jax.training.methods import METHODS
 from hkt_jax.models.registry import config_fields
 from hkt_jax.tasks import TASKS
 from hkt_jax.tasks.segmentation import SegSettings
@@ -193,7 +193,7 @@ class MeshSettings:
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     task: str = "classification"  # hkt_jax.tasks.TASKS
-    method: str = "hkt"  # hkt_jax.methods.METHODS
+    method: str = "hkt"  # hkt_jax.training.methods.METHODS
     child: ModelConfig = ModelConfig(depth=20)
     parent: ModelConfig = ModelConfig(depth=110)
     parent_ckpt: str | None = None  # model checkpoint dir; None = train the parent first (--parent_ckpt sets it)

@@ -1,4 +1,4 @@
-"""The staged-model contract the HKT engine relies on.
+"""The staged-model contract the HKT engine relies on, and the wiring between two staged models.
 
 A staged model is a ``flax.linen.Module`` whose functional blocks form an
 ordered list: ``stage_names`` names them, and ``stage(index, x, train=...)``
@@ -10,11 +10,34 @@ share stage names; aligned stages may differ in width and resolution.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence, runtime_checkable
+import dataclasses
+from typing import Any, Literal, Protocol, Sequence, runtime_checkable
 
 import flax.linen as nn
 
 Variables = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafLink:
+    """One inheritance wire at a boundary: ``sources`` of the giving stage's output
+    (joined by ``combine``) are mixed into the ``receiver`` leaf of the receiving one.
+    Paths: "" is the whole stage output, "a/b" a nested leaf."""
+
+    receiver: str = ""
+    sources: tuple[str, ...] = ("",)
+    combine: Literal["single", "concat", "sum"] = "single"
+
+
+@dataclasses.dataclass(frozen=True)
+class Boundary:
+    """What happens after one aligned stage pair."""
+
+    backbone: bool = True  # parent -> child (feeds L1)
+    head: bool = True  # child -> parent (feeds L3)
+    to_child: tuple[LeafLink, ...] = (LeafLink(),)
+    to_parent: tuple[LeafLink, ...] = (LeafLink(),)
+
 
 
 @runtime_checkable
@@ -29,7 +52,7 @@ def check_staged(model: nn.Module, role: str) -> None:
     if not isinstance(model, StagedModel):
         raise TypeError(
             f"the {role} ({type(model).__name__}) must be a staged model: it needs a `stage_names` "
-            "sequence and a `stage(index, x, *, train)` method (see hkt_jax.models.staged)"
+            "sequence and a `stage(index, x, *, train)` method (see hkt_jax.engine.stages)"
         )
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 import optax
 
-from hkt_jax.config import OptimConfig
+from hkt_jax.training.config import OptimConfig
 
 ONE_CYCLE_DIV_FACTOR = 25.0  # torch OneCycleLR: start at peak / 25 ...
 ONE_CYCLE_FINAL_DIV_FACTOR = 1e4  # ... end at start / 1e4

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hkt_jax import ga
+from hkt_jax.engine import ga
 
 COMBINES = ("single", "concat", "sum")
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import jax
 
-from hkt_jax import preflight
-from hkt_jax.config import ExperimentConfig
-from hkt_jax.methods import NEEDS_PARENT
-from hkt_jax.train import train_and_evaluate
+from hkt_jax.training import preflight
+from hkt_jax.training.config import ExperimentConfig
+from hkt_jax.training.methods import NEEDS_PARENT
+from hkt_jax.training.train import train_and_evaluate
 
 PARENT_SUBDIR = "parent"
 EXPORT_SUBDIR = Path("export") / "child"  # where a run leaves its trained network (child or parent alike)
@@ -63,7 +63,7 @@ def ensure_parent(config: ExperimentConfig, workdir: Path, *, allow_config_chang
 
 
 def run(config: ExperimentConfig, workdir: str | Path, *, allow_config_change: bool = False) -> dict:
-    """Check everything that can be checked (``hkt_jax.preflight``), then train the parent if needed and the run.
+    """Check everything that can be checked (``hkt_jax.training.preflight``), then train the parent if needed and the run.
 
     Bad input raises ``cli.UserError`` before anything is written; see ``train_and_evaluate`` for early stops.
     """

@@ -6,7 +6,7 @@ when it did slow work (an eval pass, a checkpoint), so the speed measurement
 can leave that time out. ``due(done)`` says beforehand whether the hook will
 read the state or metrics back to the host (or save them) at that step: the
 loop then first checks the steps' non-finite flags, which otherwise stay on the
-device (no per-step wait). The loop in ``hkt_jax.train`` knows nothing else.
+device (no per-step wait). The loop in ``hkt_jax.training.train`` knows nothing else.
 """
 
 from __future__ import annotations
@@ -21,9 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from hkt_jax import checkpoint, compile_cache, stopping
+from hkt_jax.tasks.base import Task
+from hkt_jax.training import checkpoint, sharding, stopping
+from hkt_jax.training.run import export, make_predict
+from hkt_jax.runtime import compile_cache
 from hkt_jax.models import parameter_count
-from hkt_jax.optim import describe_schedule
+from hkt_jax.training.optim import describe_schedule
 
 
 class Hook:
@@ -119,8 +122,6 @@ class EvaluateAndKeepBest(Hook):
     def __call__(self, done, state, metrics):
         if not self.due(done):
             return False
-        from hkt_jax.train import export  # the loop module exports; imported here to avoid a cycle
-
         result = self.run.evaluate_split(self.eval_step, state.params, state.batch_stats, "validation")
         self.writer.write(done, {**{f"eval_{k}": v for k, v in result.items()}, "split": "validation"})
         self.last_step, self.last_result = done, result
@@ -136,9 +137,6 @@ class LogImages(Hook):
     TensorBoard with each evaluation; tasks without images (classification) get no such hook."""
 
     def __init__(self, run, writer, every: int, total: int):
-        from hkt_jax import sharding
-        from hkt_jax.train import make_predict  # the loop module builds the hooks; imported here to avoid a cycle
-
         self.run, self.writer, self.every, self.total = run, writer, every, total
         self.batch = next(iter(run.datasets.eval_batches("validation")))
         self.global_batch = sharding.global_batch(self.batch, run.mesh)
@@ -161,8 +159,6 @@ class LogImages(Hook):
 
 
 def has_images(task) -> bool:
-    from hkt_jax.tasks.base import Task
-
     return type(task).images_to_log is not Task.images_to_log
 
 

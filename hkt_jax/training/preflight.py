@@ -17,9 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from hkt_jax import checkpoint
-from hkt_jax.cli import UserError
-from hkt_jax.methods import NEEDS_PARENT
+from hkt_jax.training import checkpoint
+from hkt_jax.training.faults import UserError
+from hkt_jax.training.methods import NEEDS_PARENT
 
 CONFIG_FILE = "config.json"
 MIN_FREE_BYTES = 64 * 2**20  # a few checkpoints of a CIFAR ResNet; less than this fails at the first save
