@@ -86,8 +86,7 @@ def resolve_config_name(command: Command, name: str) -> str:
 def build_parser(command: Command) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=command.prog, description=command.doc, epilog=COMMON_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    family = f"experiments/configs/{command.config_prefix}<NAME>.py" if command.config_prefix else \
-        "experiments/configs/<NAME>.py"
+    family = f"experiments/configs/{command.config_prefix}<NAME>.py"
     parser.add_argument("--config", default=command.default_config, metavar="NAME",
                         help=f"config NAME of {family}: {', '.join(available_configs(command.config_prefix))} "
                              "(default: %(default)s)")
