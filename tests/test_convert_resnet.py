@@ -380,6 +380,14 @@ def test_cli_errors_list_the_problem_without_traceback(tmp_path, capsys):
     assert "checkpoint has 3 blocks per group (depth 20), asked for depth 32" in capsys.readouterr().err
     assert main(["export-torch", "--src", str(tmp_path), "--out", str(tmp_path / "x.pt")]) == 1
     assert "neither a model checkpoint dir nor a training workdir" in capsys.readouterr().err
+    unfinished = tmp_path / "run"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    assert main(["export-torch", "--src", str(unfinished), "--out", str(tmp_path / "x.pt")]) == 1
+    assert f"{unfinished} is a training workdir without export/child yet: its run has not finished" in \
+        capsys.readouterr().err
+    save_model(unfinished / "best", random_flax_variables("A"), model_spec("cifar_resnet", depth=20))
+    assert main(["export-torch", "--src", str(unfinished), "--out", str(tmp_path / "x.pt")]) == 1
+    assert capsys.readouterr().err.strip().endswith(f"or export the best network so far: --src {unfinished / 'best'}")
     save_model(tmp_path / "converted", random_flax_variables("A"), model_spec("cifar_resnet", depth=20))
     assert main(["export-torch", "--src", str(tmp_path / "converted"), "--out", str(tmp_path / "x.pt")]) == 1
     assert "cannot tell the input normalisation" in capsys.readouterr().err
