@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hkt_jax.training import checkpoint, sharding, stopping
+from hkt_jax.training import checkpoint, hooks, sharding, stopping
 from hkt_jax.training.faults import NonFiniteError
 
 
@@ -107,3 +107,31 @@ def test_restore_stays_quiet_about_closed_loop_callbacks_of_the_step_that_fails(
     assert restored.step == 1 and restored.data == {"position": 1}
     np.testing.assert_array_equal(np.asarray(restored.state["w"]), np.arange(4.0))
     assert [str(u.exc_value) for u in reported] == ["a real problem"]
+
+
+class _Bar:
+    disable = False
+
+    def __init__(self):
+        self.shown = []
+
+    def set_postfix(self, refresh=True, **values):
+        self.shown.append(values)
+
+
+class _Writer:
+    def write(self, step, row):
+        return {"step": step, **{k: float(v) for k, v in row.items()}}
+
+
+def test_progress_bar_shows_the_latest_arrived_loss_before_the_first_window():
+    """Step 1's loss at once (fetched once), then each step shows the one before it, copied in the background
+    (a loss still on its way is not waited for); from the first window on, the window's means only."""
+    bar = _Bar()
+    log = hooks.LogMetrics(_Writer(), every=4, total=8, batch_size=2, progress=bar)
+    for done in range(1, 7):
+        log(done, None, {"loss": jnp.asarray(float(done))})
+        if done == 1:
+            assert bar.shown == [{"loss": "1.000"}]
+    assert [shown["loss"] for shown in bar.shown] == ["1.000", "2.000", "2.500"]  # step 3 shows 2; 2.5: steps 1-4
+    assert "img_s" in bar.shown[-1] and log.loss_in_flight is None
