@@ -124,14 +124,13 @@ class _Writer:
         return {"step": step, **{k: float(v) for k, v in row.items()}}
 
 
-def test_progress_bar_shows_the_latest_arrived_loss_before_the_first_window():
-    """Step 1's loss at once (fetched once), then each step shows the one before it, copied in the background
-    (a loss still on its way is not waited for); from the first window on, the window's means only."""
+def test_progress_bar_shows_the_first_steps_loss_until_the_first_window():
+    """Step 1's loss at once (one fetch), nothing read at steps 2-3; from the first window on, its means."""
     bar = _Bar()
     log = hooks.LogMetrics(_Writer(), every=4, total=8, batch_size=2, progress=bar)
-    for done in range(1, 7):
+    log(1, None, {"loss": jnp.asarray(1.0)})
+    assert bar.shown == [{"loss": "1.000 (step 1)"}]
+    for done in range(2, 7):
         log(done, None, {"loss": jnp.asarray(float(done))})
-        if done == 1:
-            assert bar.shown == [{"loss": "1.000"}]
-    assert [shown["loss"] for shown in bar.shown] == ["1.000", "2.000", "2.500"]  # step 3 shows 2; 2.5: steps 1-4
-    assert "img_s" in bar.shown[-1] and log.loss_in_flight is None
+    assert [shown["loss"] for shown in bar.shown] == ["1.000 (step 1)", "2.500"]  # 2.5: the mean of steps 1-4
+    assert "img_s" in bar.shown[-1]
