@@ -1,8 +1,8 @@
 """Optical-flow HKT experiment (paper Table 1): ``python -m experiments.flow_hkt [--config NAME]
 [--workdir DIR] [--parent_ckpt DIR] [key=value ...]``.
 
-The same command line and training core as ``experiments.cifar_hkt`` (``--help`` lists
-every option) with the flow configs ``experiments/configs/flow_<NAME>.py``: ``smoke``
+The command line and training core shared with ``experiments.cifar_hkt``
+(``hkt_jax.training.experiment_cli``) with the flow configs ``experiments/configs/flow_<NAME>.py``: ``smoke``
 (synthetic, a few CPU-minutes), ``cpu`` (synthetic, sized for a 2-core CPU), and the
 paper's GPU schedule ``chairs`` (the default) -> ``things`` -> ``sintel`` / ``kitti``.
 Without ``--parent_ckpt`` the parent RAFT is trained first in ``WORKDIR/parent``
@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import sys
 
-from experiments import cifar_hkt
-from hkt_jax.training.experiment_cli import argv_with_config
+from hkt_jax.training import experiment_cli
+
+COMMAND = experiment_cli.Command("python -m experiments.flow_hkt", __doc__, config_prefix="flow_",
+                                 default_config="chairs")
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    return cifar_hkt.main(argv_with_config(argv, prefix="flow_", default="chairs", doc=__doc__))
+    return experiment_cli.main(COMMAND, argv)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Plot training curves of one or more runs: ``python -m experiments.plot_metrics WORKDIR... [--out FILE.png]``.
 
-Reads each run's ``metrics.jsonl`` (and ``config.json`` for the method and loss
-kinds) and draws six panels, one scale each: the task loss L2, the inheritance
-terms L1/L3 (MAE ~0.03-0.2 would vanish next to a cross-entropy of ~2), the
-weighted objective, accuracy (training batches and validation), the GA
+Reads each run's ``metrics.jsonl`` (and ``config.json`` for the task, method and loss
+kinds) and draws six panels, one scale each (so the runs must be of one task): the task
+loss L2, the inheritance terms L1/L3 (MAE ~0.03-0.2 would vanish next to a cross-entropy
+of ~2), the weighted objective, accuracy (training batches and validation), the GA
 diagnostics per boundary and the learning rate. Each run keeps one colour in
 every panel, so a baseline, a KD run and an HKT run compare at a glance.
 """
@@ -84,8 +84,24 @@ def _ga_diagnostics(rows) -> tuple[list[tuple[str, tuple]], list[str]]:
     return drawn, notes
 
 
+def check_one_task(workdirs) -> None:
+    """Refuse runs of different tasks: each panel has one scale and one label (cross-entropy or sequence loss,
+    accuracy in % or EPE in px), so a second task's curves would be read on the first one's axis. Runs
+    without a config.json are taken as they come."""
+    tasks = {}
+    for workdir in map(Path, workdirs):
+        config = _run_config(workdir)
+        if config:
+            tasks[str(workdir)] = config.get("task", "classification")  # runs from before tasks: classification
+    if len(set(tasks.values())) > 1:
+        runs = "; ".join(f"{workdir}: {task}" for workdir, task in tasks.items())
+        raise ValueError(f"runs of different tasks cannot share one figure, whose panels have one scale each "
+                         f"({runs}): plot each task's runs with a command of their own")
+
+
 def build_figure(workdirs):
-    """The figure (not saved); one colour per run across all panels."""
+    """The figure (not saved); one colour per run across all panels; all runs of one task."""
+    check_one_task(workdirs)
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
     (ax_task, ax_inherit, ax_total), (ax_acc, ax_ga, ax_lr) = axes
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]

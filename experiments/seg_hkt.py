@@ -1,8 +1,8 @@
 """Segmentation HKT experiment (paper Table 3): ``python -m experiments.seg_hkt [--config NAME]
 [--workdir DIR] [--parent_ckpt DIR] [key=value ...]``.
 
-The same command line and training core as ``experiments.cifar_hkt`` (``--help`` lists
-every option) with the segmentation configs ``experiments/configs/seg_<NAME>.py``:
+The command line and training core shared with ``experiments.cifar_hkt``
+(``hkt_jax.training.experiment_cli``) with the segmentation configs ``experiments/configs/seg_<NAME>.py``:
 ``smoke`` (synthetic CT, about a minute), ``cpu`` (synthetic, sized for a 2-core CPU)
 and ``lits`` (the default: the paper-like LiTS run on a GPU, ``data.path=DIR``).
 Without ``--parent_ckpt`` the parent U-Net is trained first in ``WORKDIR/parent``;
@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import sys
 
-from experiments import cifar_hkt
-from hkt_jax.training.experiment_cli import argv_with_config
+from hkt_jax.training import experiment_cli
+
+COMMAND = experiment_cli.Command("python -m experiments.seg_hkt", __doc__, config_prefix="seg_",
+                                 default_config="lits")
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    return cifar_hkt.main(argv_with_config(argv, prefix="seg_", default="lits", doc=__doc__))
+    return experiment_cli.main(COMMAND, argv)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ GPU_SUBSET: dict[str, tuple[str, ...]] = {
     # device check (experiments/device_check.py) runs them on the accelerator present (<= 2 min on one GPU).
     "test_ga.py": (),  # Genetic Attention: every implementation, values and gradients
     "test_hkt.py": (),  # the engine: Algorithm 1's streams, losses, frozen parent
-    "test_etm.py": (),  # extractor / transfer / mixture
+    "test_etm.py": (),  # extractor / transfer
     "test_train_loop.py": ("test_run_writes_every_output",),  # one training loop per task
     "test_flow_task.py": ("test_smoke_trains_parent_then_hkt_child",),
     "test_seg_task.py": ("test_smoke_trains_parent_then_hkt_child",),

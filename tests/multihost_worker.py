@@ -154,7 +154,8 @@ def _checkpoint_roundtrip(out, mesh, workdir):
     manager = checkpoint.training_manager(workdir)
     checkpoint.save_training(manager, int(host_value(state.step)), state, {"position": 5})
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    restored, data_state = checkpoint.restore_training(manager, abstract)
+    latest = checkpoint.restore_latest_readable(manager, abstract)
+    restored, data_state = latest.state, latest.data
     manager.close()
     same = all(np.array_equal(host_value(a), host_value(b))
                for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)))

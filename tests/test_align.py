@@ -198,7 +198,6 @@ def test_command_on_one_network_twice_matches_each_module_with_itself(toy_setup,
         align_cli.main([*common, "--parent", "cifar_resnet"])
 
 
-@pytest.mark.slow
 def test_command_on_converted_resnet20_vs_itself(tmp_path):
     archive = require_shared("cifar10-q75", "cifar10-q75-imagefolder.tar.gz")
     checkpoint = require_shared("resnet-cifar10-torch", "resnet20-12fca82f.th")

@@ -378,8 +378,26 @@ def test_cli_errors_list_the_problem_without_traceback(tmp_path, capsys):
     torch.save({"state_dict": state_dict_of("A")}, source)
     assert main(["resnet", "--src", str(source), "--depth", "32", "--out", str(tmp_path / "x")]) == 1
     assert "checkpoint has 3 blocks per group (depth 20), asked for depth 32" in capsys.readouterr().err
+    raft = tmp_path / "raft-small.pth"  # princeton-vl's layout: RAFT-S by its 32-channel feature stem
+    torch.save({"module.fnet.conv1.weight": torch.zeros(32, 3, 7, 7), "module.update_block.x": torch.zeros(1)}, raft)
+    assert main(["resnet", "--src", str(raft), "--depth", "20", "--out", str(tmp_path / "x")]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"python -m hkt_jax.convert resnet: error: {raft} looks like a RAFT-S checkpoint (princeton-vl layout), not a "
+        f"CIFAR ResNet: use `python -m hkt_jax.convert raft --src {raft} --out DIR`")
+    torch.save({"encoder.weight": torch.zeros(3, 3)}, tmp_path / "other.pt")
+    assert main(["resnet", "--src", str(tmp_path / "other.pt"), "--depth", "20", "--out", str(tmp_path / "x")]) == 1
+    assert "not a CIFAR ResNet checkpoint: none of its 1 tensors has a place" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
     assert main(["export-torch", "--src", str(tmp_path), "--out", str(tmp_path / "x.pt")]) == 1
     assert "neither a model checkpoint dir nor a training workdir" in capsys.readouterr().err
+    unfinished = tmp_path / "run"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    assert main(["export-torch", "--src", str(unfinished), "--out", str(tmp_path / "x.pt")]) == 1
+    assert f"{unfinished} is a training workdir without export/child yet: its run has not finished" in \
+        capsys.readouterr().err
+    save_model(unfinished / "best", random_flax_variables("A"), model_spec("cifar_resnet", depth=20))
+    assert main(["export-torch", "--src", str(unfinished), "--out", str(tmp_path / "x.pt")]) == 1
+    assert capsys.readouterr().err.strip().endswith(f"or export the best network so far: --src {unfinished / 'best'}")
     save_model(tmp_path / "converted", random_flax_variables("A"), model_spec("cifar_resnet", depth=20))
     assert main(["export-torch", "--src", str(tmp_path / "converted"), "--out", str(tmp_path / "x.pt")]) == 1
     assert "cannot tell the input normalisation" in capsys.readouterr().err

@@ -73,7 +73,6 @@ def test_speed_targets_are_judged_on_gpus_only_and_functional_ones_everywhere():
     assert device_check.judge("smoke_cold_s", None, "gpu") == "skipped"
 
 
-@pytest.mark.slow
 def test_quick_run_reports_every_check_with_a_value_or_a_reason(tmp_path):
     out = tmp_path / "device_check.json"
     proc = subprocess.run([sys.executable, "-m", "experiments.device_check", "--quick", "--json", str(out),

@@ -1,4 +1,4 @@
-"""ETM modules: Extractor joins leaves, Transfer aligns shapes (checked against PyTorch), Mixture = Eq. 3."""
+"""ETM modules: Extractor joins leaves, Transfer aligns shapes (checked against PyTorch)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hkt_jax.engine import ga
-from hkt_jax.engine.etm import Extractor, Mixture, Transfer, get_leaf, set_leaf
+from hkt_jax.engine.etm import Extractor, Transfer, get_leaf, set_leaf
 
 pytestmark = pytest.mark.usefixtures("highest_matmul_precision")  # compared with float64 / PyTorch: no TF32 on GPUs
 
@@ -78,10 +77,3 @@ def test_transfer_rejects_rank_mismatch():
     with pytest.raises(ValueError, match=r"\(2, 4, 4, 8\).*\(2, 8\)"):
         Transfer().init(jax.random.key(0), jnp.zeros((2, 4, 4, 8)), jnp.zeros((2, 8)))
 
-
-def test_mixture_is_eq3():
-    child, tau = _normal((2, 3, 3, 4), 7), _normal((2, 3, 3, 4), 8)
-    with jax.default_matmul_precision("highest"):  # two compilations of the same formula: no TF32 on GPUs
-        out = Mixture(lam=0.3, mode="softmax").apply({}, child, tau)
-        expected = child + 0.3 * ga.genetic_attention(child, tau, mode="softmax")
-    np.testing.assert_allclose(out, expected, rtol=1e-6)

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from experiments import cifar_hkt
-from hkt_jax.training import faults, preflight
+from hkt_jax.training import checkpoint, factories, faults, preflight
 from hkt_jax.data.image_folder import load_image_folder
 from hkt_jax.data.sources import checked_image_set
 from tests.conftest import REPO_ROOT
@@ -221,3 +221,14 @@ def test_pickled_callable_and_garbage_are_refused(tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1 and str(path) in err
         assert "weights_only=False" not in err and "weights_only` set to `False" not in err
     assert not (tmp_path / "out").exists() and not marker.exists()
+
+
+def test_a_parent_of_another_task_is_named_by_its_architecture_and_task(tmp_path):
+    spec = {"arch": "unet", "kwargs": {"num_classes": 3, "widths": [8, 16]},
+            "metadata": {"data": {"task": "segmentation", "source": "synthetic", "name": "synthetic_ct"}}}
+    checkpoint.save_model(tmp_path / "unet", {"params": {"w": np.zeros(2, np.float32)}}, spec)
+    with pytest.raises(ValueError) as error:
+        factories.load_parent(tmp_path / "unet", expected_kwargs={"num_classes": 10}, task="classification")
+    assert str(error.value).endswith("is a unet (num_classes=3, widths=[8, 16]) trained for segmentation on synthetic "
+                                     "synthetic_ct data, but this classification run needs a classification parent "
+                                     "with num_classes=10"), error.value

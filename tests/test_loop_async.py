@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hkt_jax.training import checkpoint, sharding, stopping
+from hkt_jax.training import checkpoint, hooks, sharding, stopping
 from hkt_jax.training.faults import NonFiniteError
 
 
@@ -107,3 +107,30 @@ def test_restore_stays_quiet_about_closed_loop_callbacks_of_the_step_that_fails(
     assert restored.step == 1 and restored.data == {"position": 1}
     np.testing.assert_array_equal(np.asarray(restored.state["w"]), np.arange(4.0))
     assert [str(u.exc_value) for u in reported] == ["a real problem"]
+
+
+class _Bar:
+    disable = False
+
+    def __init__(self):
+        self.shown = []
+
+    def set_postfix(self, refresh=True, **values):
+        self.shown.append(values)
+
+
+class _Writer:
+    def write(self, step, row):
+        return {"step": step, **{k: float(v) for k, v in row.items()}}
+
+
+def test_progress_bar_shows_the_first_steps_loss_until_the_first_window():
+    """Step 1's loss at once (one fetch), nothing read at steps 2-3; from the first window on, its means."""
+    bar = _Bar()
+    log = hooks.LogMetrics(_Writer(), every=4, total=8, batch_size=2, progress=bar)
+    log(1, None, {"loss": jnp.asarray(1.0)})
+    assert bar.shown == [{"loss": "1.000 (step 1)"}]
+    for done in range(2, 7):
+        log(done, None, {"loss": jnp.asarray(float(done))})
+    assert [shown["loss"] for shown in bar.shown] == ["1.000 (step 1)", "2.500"]  # 2.5: the mean of steps 1-4
+    assert "img_s" in bar.shown[-1]

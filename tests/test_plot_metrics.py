@@ -107,3 +107,12 @@ def test_main_writes_png_and_reports_runs_without_metrics(runs, tmp_path, capsys
     empty.mkdir()
     assert main([str(empty), "--out", str(out)]) == 2
     assert "no metrics.jsonl rows" in capsys.readouterr().err
+
+
+def test_runs_of_different_tasks_are_refused(runs, tmp_path, capsys):
+    flow = write_run(tmp_path / "flow", [{"step": 10, "loss": 3.0, "epe": 4.0, "lr": 0.1}],
+                     {"method": "hkt", "task": "flow"})
+    assert main([str(runs[0]), str(flow), "--out", str(tmp_path / "mixed.png")]) == 2
+    error = capsys.readouterr().err
+    assert "runs of different tasks cannot share one figure" in error
+    assert f"{runs[0]}: classification; {flow}: flow" in error and not (tmp_path / "mixed.png").exists()

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from hkt_jax.runtime import compile_cache, paths
-from hkt_jax.training import factories
+from hkt_jax.training import experiment_cli, factories
 from hkt_jax.training.config import HKTSettings, OptimConfig
 from hkt_jax.data import DataConfig
 from hkt_jax.data.image_folder import shared_cifar10_archive
@@ -91,8 +91,8 @@ def test_a_second_run_loads_its_programs_from_the_cache_and_computes_the_same(tm
 def test_no_compile_cache_flag_turns_the_cache_off(tmp_path, monkeypatch):
     from experiments import cifar_hkt
 
-    assert cifar_hkt.parse_args(["--no_compile_cache", "train.steps=1"]).no_compile_cache
-    assert not cifar_hkt.parse_args(["train.steps=1"]).no_compile_cache
+    assert experiment_cli.parse_args(cifar_hkt.COMMAND, ["--no_compile_cache", "train.steps=1"]).no_compile_cache
+    assert not experiment_cli.parse_args(cifar_hkt.COMMAND, ["train.steps=1"]).no_compile_cache
     monkeypatch.setenv(paths.COMPILE_CACHE_ENV, str(tmp_path / "cache"))
     assert compile_cache.enable_compile_cache(enabled=False) is None
     assert not (tmp_path / "cache").exists() and not jax.config.jax_enable_compilation_cache

@@ -41,6 +41,7 @@ STANDALONE_MODEL_SOURCE = Path(__file__).with_name(STANDALONE_MODEL_FILE)  # hkt
 
 def convert_resnet(args: argparse.Namespace) -> None:
     checkpoint = load_torch_checkpoint(args.src)
+    refuse_raft(checkpoint, args.src)
     variables = resnet_from_torch(checkpoint, args.depth, num_classes=args.num_classes)
     config = resnet_config(variables)
     spec = model_spec("cifar_resnet", **config)
@@ -57,6 +58,16 @@ def convert_resnet(args: argparse.Namespace) -> None:
     for field, value in accuracy.items():
         print(f"  source {field}: {value:g}")
     print(f"  written to:     {out}")
+
+
+def refuse_raft(checkpoint, src: str) -> None:
+    """A RAFT checkpoint given to ``convert resnet`` is named as one (its keys would only be listed as unexpected)."""
+    try:
+        layout, small = checkpoint_layout(checkpoint)
+    except ValueError:  # not a RAFT checkpoint: the ResNet conversion says what it is not
+        return
+    raise ValueError(f"{src} looks like a RAFT{'-S' if small else ''} checkpoint ({layout} layout), not a CIFAR "
+                     f"ResNet: use `python -m hkt_jax.convert raft --src {src} --out DIR`")
 
 
 def export_preprocessing(data: dict, num_classes: int, normalization: str | None, model_dir: Path) -> dict:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hkt_jax.training.checkpoint import MODEL_SPEC_FILE, load_model
+from hkt_jax.training.checkpoint import CHECKPOINTS_SUBDIR, MODEL_SPEC_FILE, load_model
 from hkt_jax.data.pipeline import NORMALIZATIONS
 from hkt_jax.data.volumes import DEFAULT_WINDOW
 from hkt_jax.models.registry import build_model
@@ -72,6 +72,13 @@ def resolve_model_dir(src: Path) -> Path:
     for candidate in (src, src / WORKDIR_CHILD):
         if (candidate / MODEL_SPEC_FILE).is_file():
             return candidate
+    if (src / RUN_CONFIG_FILE).is_file() or (src / CHECKPOINTS_SUBDIR).is_dir():  # a run that has not finished
+        best = src / "best"
+        so_far = (f", or export the best network so far: --src {best}" if (best / MODEL_SPEC_FILE).is_file() else
+                  f"; it has no {best.name}/ yet either (no evaluation has run)")
+        raise FileNotFoundError(f"{src} is a training workdir without {WORKDIR_CHILD} yet: its run has not finished "
+                                f"(the network is exported at the end). Finish the run (rerun its command to "
+                                f"resume){so_far}")
     raise FileNotFoundError(
         f"{src} is neither a model checkpoint dir nor a training workdir: "
         f"no {src / MODEL_SPEC_FILE} and no {src / WORKDIR_CHILD / MODEL_SPEC_FILE}"

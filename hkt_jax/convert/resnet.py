@@ -312,6 +312,11 @@ def resnet_from_torch(
             array = np.ascontiguousarray(array.transpose(rule.torch_to_flax_axes))
         flat[flax_key] = array
 
+    if entries and not provided:  # another architecture altogether: its key list would only bury that
+        first = ", ".join(source_key for _, source_key, _ in entries[:5])
+        raise ValueError(f"cannot convert: not a CIFAR ResNet checkpoint: none of its {len(entries)} tensors has a "
+                         f"place in {_model_name(depth, num_classes, shortcut)} (its first keys: {first}; a CIFAR "
+                         "ResNet's are conv1.weight, bn1.weight, ..., layer1.0.conv1.weight, ..., linear.weight)")
     missing = []
     for flax_key, shape in sorted(expected.items(), key=lambda item: _export_order(_flax_module_of(item[0]))):
         if flax_key not in provided:

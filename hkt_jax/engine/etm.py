@@ -1,11 +1,12 @@
-"""The ETM triad as Linen modules: Extractor, Transfer, Mixture (paper Fig. 2).
+"""The ETM triad's Extractor and Transfer as Linen modules (paper Fig. 2); its Mixture is ``ga.etm_mix``.
 
 * ``Extractor`` picks what a giving stage hands over: one leaf of its output
   pytree, or several leaves joined by channel concatenation or by sum.
 * ``Transfer`` aligns it with the receiving activation: a 1x1 convolution when
   the channel counts differ, bilinear resizing when the spatial sizes differ,
   and nothing at all (no parameters) when the shapes already match.
-* ``Mixture`` fuses it into the receiver with Genetic Attention (Eq. 3).
+* The Mixture fuses it into the receiver with Genetic Attention (Eq. 3): ``hkt_jax.engine.ga.etm_mix``,
+  a function (it has no parameters), which the HKT engine calls.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hkt_jax.engine import ga
 
 COMBINES = ("single", "concat", "sum")
 
@@ -117,13 +117,3 @@ class Transfer(nn.Module):
             return project(resize(z))
         return resize(project(z))
 
-
-class Mixture(nn.Module):
-    """phi = M(x', tau) = x' + lam * GA(tau, x') (Eq. 3). No parameters."""
-
-    lam: float = 0.6
-    mode: ga.Mode = "auto"
-    chunk_size: int | None = None
-
-    def __call__(self, child: jax.Array, tau: jax.Array) -> jax.Array:
-        return ga.etm_mix(child, tau, lam=self.lam, mode=self.mode, chunk_size=self.chunk_size)

@@ -249,12 +249,6 @@ def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
     manager.reload()
 
 
-def restore_training(manager: ocp.CheckpointManager, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
-    """(state, data-iterator state) of the newest readable checkpoint, or None for a fresh run."""
-    restored = restore_latest_readable(manager, abstract_state)
-    return None if restored is None else (restored.state, restored.data)
-
-
 def has_training_checkpoints(workdir: str | os.PathLike) -> bool:
     """Whether ``workdir`` holds at least one finished training step (without opening orbax)."""
     directory = Path(workdir) / CHECKPOINTS_SUBDIR

@@ -60,22 +60,41 @@ def make_model(model_config: ModelConfig, data_kwargs: dict[str, Any], *, stage_
 
 
 def load_parent(parent_dir: str | Path, *, stage_split: str = "paper", conv_impl: str | None = None,
-                expected_kwargs: dict[str, Any] | None = None,
+                expected_kwargs: dict[str, Any] | None = None, task: str | None = None,
                 compute_dtype: str = "float32") -> tuple[nn.Module, Any, dict[str, Any]]:
     """(module, variables, spec) of a frozen parent, its BatchNorm folded where a rule is registered.
 
-    ``expected_kwargs`` (e.g. the task's ``num_classes``) must match what the checkpoint records. The
-    parent runs in ``compute_dtype``; its variables stay as saved (float32)."""
+    ``expected_kwargs`` (e.g. the task's ``num_classes``) must match what the checkpoint records; ``task``
+    (the run's task name) only words the error. The parent runs in ``compute_dtype``; its variables stay
+    as saved (float32)."""
     variables, spec = checkpoint.load_model(parent_dir)
-    for key, value in (expected_kwargs or {}).items():
-        recorded = spec.get("kwargs", {}).get(key)
-        if recorded is not None and recorded != value:
-            raise ValueError(f"parent at {parent_dir} has {key}={recorded} but this run needs {key}={value}")
+    recorded = spec.get("kwargs", {})
+    wrong = {key: value for key, value in (expected_kwargs or {}).items()
+             if recorded.get(key) is not None and recorded[key] != value}
+    if wrong:
+        needs = ", ".join(f"{key}={value}" for key, value in wrong.items())
+        run = f"this {task} run needs a {task} parent" if task else "this run needs a parent"
+        raise ValueError(f"parent at {parent_dir} is {describe_model_checkpoint(spec)}, but {run} with {needs}")
     overrides = {"stage_split": stage_split, **({"conv_impl": conv_impl} if conv_impl is not None else {}),
                  **compute_dtype_overrides(compute_dtype)}
     parent = build_model(spec, **overrides)
     parent, variables = fold.fold_parent(parent, variables)
     return parent, variables, spec
+
+
+def describe_model_checkpoint(spec: dict[str, Any]) -> str:
+    """What a model checkpoint holds, from its spec: ``a unet (num_classes=3, ...) trained for segmentation
+    on synthetic synthetic_ct data`` (or where it was converted from)."""
+    kwargs = ", ".join(f"{key}={value}" for key, value in sorted(spec.get("kwargs", {}).items()))
+    metadata = spec.get("metadata", {})
+    data = metadata.get("data", {})
+    if "task" in data:
+        origin = f" trained for {data['task']} on {data.get('source')} {data.get('name')} data"
+    elif "converted_from" in metadata:
+        origin = f" converted from {metadata['converted_from']}"
+    else:
+        origin = ""
+    return f"a {spec.get('arch')} ({kwargs}){origin}"
 
 
 def make_method(method: str, model: nn.Module, task: Task, example_input: Any, rng: jax.Array, *,

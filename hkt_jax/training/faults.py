@@ -1,14 +1,14 @@
 """What a command-line entry point does when something goes wrong: one line, a documented exit code.
 
 Every experiment entry point (``experiments/cifar_hkt.py``, ``flow_hkt.py``,
-``seg_hkt.py``) wraps its work in ``main_guard``::
+``seg_hkt.py``) runs through ``hkt_jax.training.experiment_cli.main``, which wraps its work in ``main_guard``::
 
     parser = argparse.ArgumentParser(...)
-    cli.add_common_arguments(parser)          # --debug, --allow_config_change, --no_compile_cache
+    faults.add_common_arguments(parser)          # --debug, --allow_config_change, --no_compile_cache
     args = parser.parse_args(argv)
-    return cli.main_guard(lambda: work(args), debug=args.debug)
+    return faults.main_guard(lambda: work(args), debug=args.debug)
 
-where ``work`` builds its config with ``cli.as_user_error(lambda: apply_overrides(...))``
+where ``work`` builds its config with ``faults.as_user_error(lambda: apply_overrides(...))``
 and calls ``experiment.run(config, workdir, allow_config_change=args.allow_config_change)``.
 
 The library raises ``UserError`` for what the user can fix (a config value, a

@@ -63,12 +63,24 @@ class LogMetrics(Hook):
     """Mean train metrics over each logging window (and img/s) -> metrics.jsonl, TensorBoard, progress bar.
 
     The window of a checkpoint taken between two log steps is saved with it, so a
-    resumed run logs the same rows as an uninterrupted one."""
+    resumed run logs the same rows as an uninterrupted one. Until the first window, the bar shows the
+    first step's loss (one fetch per run, not one per step)."""
 
     def __init__(self, writer, every: int, total: int, batch_size: int, progress):
         self.writer, self.every, self.total, self.batch_size, self.progress = writer, every, total, batch_size, progress
         self.window: list[dict[str, Any]] = []
         self.window_start = time.perf_counter()
+        self.first_loss_shown = False
+
+    def _show_first_loss(self, done: int, loss: Any) -> None:
+        """The bar's loss until the first window: this process's first step's, fetched once (that step has
+        compiled and run by now). Later steps are not peeked at: the host dispatches steps ahead of the device
+        up to the window's fetch, so their losses would arrive only while it waits there anyway."""
+        self.first_loss_shown = True
+        if self.progress.disable or not isinstance(loss, jax.Array) or not loss.is_fully_replicated:
+            return
+        value = float(np.asarray(loss.addressable_data(0)))  # this process's copy (multi-host: not addressable)
+        self.progress.set_postfix(loss=f"{value:.3f} (step {done})" if np.isfinite(value) else f"nan (step {done})")
 
     def due(self, done):
         return _due(done, self.every, self.total)
@@ -86,6 +98,9 @@ class LogMetrics(Hook):
                      for k in ("loss", "accuracy", "pixel_accuracy", "epe") if k in row}
             self.progress.set_postfix(**shown, img_s=f"{row['img_per_s']:.0f}")
             self.window, self.window_start = [], time.perf_counter()
+            self.first_loss_shown = True
+        elif not self.first_loss_shown and "loss" in metrics:
+            self._show_first_loss(done, metrics["loss"])
         return False
 
     def resume_timing(self):

@@ -170,7 +170,7 @@ def build_run(config: ExperimentConfig) -> Run:
             raise ValueError(f"method={config.method!r} needs a parent: set parent_ckpt=DIR")
         parent, parent_variables, parent_spec = factories.load_parent(
             config.parent_ckpt, stage_split=stage_split, conv_impl=factories.conv_impl_for_mesh(
-                config.parent.conv_impl, mesh), expected_kwargs=task.model_kwargs(datasets),
+                config.parent.conv_impl, mesh), expected_kwargs=task.model_kwargs(datasets), task=task.name,
             compute_dtype=compute_dtype)
         parent_info = {"dir": str(config.parent_ckpt), **parent_spec}
     if config.method == "hkt":
