@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from hkt_jax.data import Datasets, ProcessSlice, ResumableIterator, ShardedEpochs
 from hkt_jax.data.arrays import ArrayDatasets
 from hkt_jax.data.pipeline import DataConfig, make_datasets
 from hkt_jax.data.volumes import SliceSet
@@ -106,6 +108,41 @@ def test_every_pipeline_gives_the_batches_and_states_it_gave_before_the_shared_s
     assert actual.keys() == expected.keys()
     for key in expected:
         assert actual[key] == expected[key], key
+
+
+def test_a_classification_state_saved_by_the_code_before_the_shared_stream_resumes_on_the_right_batch():
+    """Checkpoints of runs in progress hold the iterator state in this literal format (orbax JSON)."""
+    expected = json.loads(FIXTURE.read_text())
+    saved = {"iterator": {"next_index": 5}, "pipeline": {"seed": 3, "global_batch_size": 8, "num_train": 39}}
+    for layout in ((0, 1), (1, 2)):
+        resumed = classification(True, *layout)
+        resumed.train.set_state(json.loads(json.dumps(saved)))
+        assert batch_digest(next(resumed.train)) == expected[f"classification_augment/{layout[0]}of{layout[1]}"][
+            "train"][5]
+        assert resumed.train.get_state()["iterator"] == {"next_index": 6}
+    with pytest.raises(ValueError, match="resuming would give different batches"):
+        classification(True, 0, 1).train.set_state(saved | {"pipeline": saved["pipeline"] | {"seed": 4}})
+
+
+def test_every_task_data_is_a_datasets_with_a_resumable_stream():
+    for build, _ in pipelines().values():
+        datasets = build(0, 1)
+        assert isinstance(datasets, Datasets) and isinstance(datasets.train, ResumableIterator)
+
+
+def test_process_slices_tile_each_global_batch_and_every_epoch_is_a_permutation():
+    slices = [ShardedEpochs(7, shuffle_seed=1, layout=ProcessSlice(4, index, 2)) for index in range(2)]
+    stream = np.concatenate([np.concatenate([s.examples(step) for s in slices]) for step in range(7)])  # 4 epochs
+    assert [sorted(stream[e * 7:(e + 1) * 7].tolist()) for e in range(4)] == [list(range(7))] * 4
+    assert [slices[1].example(slices[1].layout.position(k)) for k in range(4)] == stream[[2, 3, 6, 7]].tolist()
+    rows, mask = ProcessSlice(4, 1, 2).eval_rows(1, num_examples=6)
+    assert rows.tolist() == [5, 5] and mask.tolist() == [False, False]
+    with pytest.raises(ValueError, match="positive multiple of the process count 3"):
+        ProcessSlice(4, 0, 3)
+    with pytest.raises(ValueError, match="outside"):
+        ProcessSlice(4, 2, 2)
+    with pytest.raises(ValueError, match="empty"):
+        ShardedEpochs(0, 1, ProcessSlice(4))
 
 
 if __name__ == "__main__":  # writes the fixture: only from the code the fixture is meant to pin
