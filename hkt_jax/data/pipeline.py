@@ -30,7 +30,6 @@ from hkt_jax.data.stream import (
     ProcessSlice,
     ShardedEpochs,
     TrainStream,
-    check_process_layout,
     padded_passes,
     shuffle_and_augment_seeds,
 )
@@ -289,7 +288,7 @@ def make_datasets(
     Batches are `{"image": float32 (b, H, W, C), "label": int32 (b,)}` with
     `b = global_batch_size / process_count`; eval batches add `"mask"`.
     """
-    process_index, process_count = check_process_layout(global_batch_size, process_index, process_count)
+    layout = ProcessSlice.of(global_batch_size, process_index, process_count)  # checked before any loading
     data_config = resolve_auto_source(data_config)
     train_source = load_split(data_config, "train", data_config.class_names)
     test_source = load_split(data_config, "test", train_source.class_names or data_config.class_names)
@@ -305,13 +304,12 @@ def make_datasets(
             raise ValueError(f"Label {image_set.labels.max()} is out of range for {num_classes} classes.")
 
     normalize = _Normalizer(data_config.normalization)
-    layout = ProcessSlice(global_batch_size, process_index, process_count)
     shuffle_seed, augment_seed = shuffle_and_augment_seeds(seed)
     epochs = ShardedEpochs(len(train_indices), shuffle_seed, layout)
     builder = _TrainBatchBuilder(train_source, train_indices, normalize, data_config.augment, epochs)
     fingerprint = {"seed": seed, "global_batch_size": global_batch_size, "num_train": len(train_indices)}
     return ImageDatasets(
-        train=TrainStream.of_steps(builder, fingerprint=fingerprint, augment_seed=augment_seed),
+        train=TrainStream.of_steps(builder, fingerprint=fingerprint, rng_seed=augment_seed),
         splits={
             "train": (train_source, train_indices),
             "validation": (train_source, validation_indices),

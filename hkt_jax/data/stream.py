@@ -185,11 +185,11 @@ class TrainStream:
 
     @classmethod
     def of_steps(cls, build_batch: Callable[..., Batch], *, fingerprint: dict[str, Any],
-                 augment_seed: int | None = None, read_options: grain.ReadOptions = READ_OPTIONS) -> TrainStream:
+                 rng_seed: int | None = None, read_options: grain.ReadOptions = READ_OPTIONS) -> TrainStream:
         """Batch ``s`` = ``build_batch(s)``, or ``build_batch(s, rng)`` with grain's per-step RNG seeded by
-        ``augment_seed``; the builder works on whole batches (vectorised numpy)."""
+        ``rng_seed`` (augmentation, sampling); the builder works on whole batches (vectorised numpy)."""
         steps = grain.MapDataset.range(ENDLESS)
-        steps = steps.map(build_batch) if augment_seed is None else steps.random_map(build_batch, seed=augment_seed)
+        steps = steps.map(build_batch) if rng_seed is None else steps.random_map(build_batch, seed=rng_seed)
         return cls(steps.to_iter_dataset(read_options), fingerprint)
 
     @classmethod

@@ -334,7 +334,7 @@ def make_train_stream(slice_set: SliceSet, *, global_batch_size: int, seed: int,
     builder = _TrainBatchBuilder(slice_set, probabilities, augment_slices, layout)
     fingerprint = {"seed": seed, "global_batch_size": global_batch_size, "num_slices": len(slice_set),
                    "foreground_fraction": foreground_fraction, "augment": augment_slices}
-    return TrainStream.of_steps(builder, fingerprint=fingerprint, augment_seed=seed)
+    return TrainStream.of_steps(builder, fingerprint=fingerprint, rng_seed=seed)
 
 
 def eval_batches(slice_set: SliceSet, *, global_batch_size: int, process_index: int = 0,
