@@ -7,9 +7,11 @@ builds only its contiguous ``G/P`` slice. A batch is then a pure function of (se
 state is grain's step index, and a killed run resumes on exactly the next batch, even with another
 process count. Position ``i`` of a shuffled stream is example ``permutation(seed, epoch=i // N)[i % N]``
 (``ShardedEpochs``); the order is numpy's seeded permutation rather than ``grain.MapDataset.shuffle``
-because runs in progress must keep their batches. grain does the rest: ``MapDataset.range`` of steps,
-its per-step RNG (``random_map``) for augmentation drawn for the whole global batch, ``batch`` for
-per-example pipelines, prefetch threads, and the iterator state.
+because runs in progress must keep their batches, and a process takes a contiguous part of each global
+batch rather than grain's strided ``slice``, so the global batch stays one function of the step for any
+process count. grain does the rest: ``MapDataset.range`` of steps, its per-step RNG (``random_map``) for
+augmentation drawn for the whole global batch, ``batch`` for per-example pipelines, prefetch threads,
+and the iterator state.
 """
 
 from __future__ import annotations
