@@ -43,15 +43,20 @@ def record(datasets, eval_splits: tuple[str, ...]) -> dict:
     state = datasets.train.get_state()
     after = batch_digest(next(datasets.train))
     evals = {split: [batch_digest(b) for b in datasets.eval_batches(split)] for split in eval_splits}
-    return {"train": train, "state": json.loads(json.dumps(state)), "after_state": after, "eval": evals,
-            "sizes": [datasets.num_train, datasets.num_validation, datasets.num_test]}
+    return {
+        "train": train,
+        "state": json.loads(json.dumps(state)),
+        "after_state": after,
+        "eval": evals,
+        "sizes": [datasets.num_train, datasets.num_validation, datasets.num_test],
+    }
 
 
 def classification(augment: bool, process_index: int, process_count: int):
-    config = DataConfig(source="synthetic", synthetic_train_size=50, synthetic_test_size=21, validation_size=11,
-                        augment=augment)
-    return make_datasets(config, global_batch_size=8, seed=3, process_index=process_index,
-                         process_count=process_count)
+    config = DataConfig(
+        source="synthetic", synthetic_train_size=50, synthetic_test_size=21, validation_size=11, augment=augment
+    )
+    return make_datasets(config, global_batch_size=8, seed=3, process_index=process_index, process_count=process_count)
 
 
 def arrays(process_index: int, process_count: int):
@@ -60,15 +65,25 @@ def arrays(process_index: int, process_count: int):
     def split(n):
         return {"image": rng.normal(size=(n, 4, 4, 3)).astype(np.float32), "label": rng.integers(0, 5, n)}
 
-    return ArrayDatasets({"train": split(19), "validation": split(7), "test": split(9)}, global_batch_size=4,
-                         seed=5, process_index=process_index, process_count=process_count)
+    return ArrayDatasets(
+        {"train": split(19), "validation": split(7), "test": split(9)},
+        global_batch_size=4,
+        seed=5,
+        process_index=process_index,
+        process_count=process_count,
+    )
 
 
 def flow(augment: bool, process_index: int, process_count: int):
-    config = FlowDataConfig(synthetic_train_size=10, synthetic_test_size=5, validation_size=3, frame_size=(64, 64),
-                            crop_size=(64, 64), augment=augment)
-    return FlowDatasets(config, global_batch_size=4, seed=2, process_index=process_index,
-                        process_count=process_count)
+    config = FlowDataConfig(
+        synthetic_train_size=10,
+        synthetic_test_size=5,
+        validation_size=3,
+        frame_size=(64, 64),
+        crop_size=(64, 64),
+        augment=augment,
+    )
+    return FlowDatasets(config, global_batch_size=4, seed=2, process_index=process_index, process_count=process_count)
 
 
 def slices(process_index: int, process_count: int):
@@ -76,12 +91,23 @@ def slices(process_index: int, process_count: int):
     count, cases = 40, 8
     masks = (rng.random((count, 8, 8)) < 0.1).astype(np.uint8) * rng.integers(1, 3, (count, 1, 1)).astype(np.uint8)
     masks[::3] = 0
-    slice_set = SliceSet(rng.random((count, 8, 8, 1)).astype(np.float32), masks,
-                         np.repeat(np.arange(cases, dtype=np.int32), count // cases),
-                         tuple(str(c) for c in range(cases)), 3)
+    slice_set = SliceSet(
+        rng.random((count, 8, 8, 1)).astype(np.float32),
+        masks,
+        np.repeat(np.arange(cases, dtype=np.int32), count // cases),
+        tuple(str(c) for c in range(cases)),
+        3,
+    )
     settings = SegSettings(validation_cases=2, test_cases=2)
-    return SegDatasets(slice_set, settings, global_batch_size=4, seed=9, split_seed=0,
-                       process_index=process_index, process_count=process_count)
+    return SegDatasets(
+        slice_set,
+        settings,
+        global_batch_size=4,
+        seed=9,
+        split_seed=0,
+        process_index=process_index,
+        process_count=process_count,
+    )
 
 
 def pipelines():
@@ -98,8 +124,11 @@ def pipelines():
 
 
 def compute_checksums() -> dict:
-    return {f"{name}/{index}of{count}": record(build(index, count), splits)
-            for name, (build, splits) in pipelines().items() for index, count in LAYOUTS}
+    return {
+        f"{name}/{index}of{count}": record(build(index, count), splits)
+        for name, (build, splits) in pipelines().items()
+        for index, count in LAYOUTS
+    }
 
 
 def test_every_pipeline_gives_the_batches_and_states_it_gave_before_the_shared_stream():
@@ -117,8 +146,10 @@ def test_a_classification_state_saved_by_the_code_before_the_shared_stream_resum
     for layout in ((0, 1), (1, 2)):
         resumed = classification(True, *layout)
         resumed.train.set_state(json.loads(json.dumps(saved)))
-        assert batch_digest(next(resumed.train)) == expected[f"classification_augment/{layout[0]}of{layout[1]}"][
-            "train"][5]
+        assert (
+            batch_digest(next(resumed.train))
+            == expected[f"classification_augment/{layout[0]}of{layout[1]}"]["train"][5]
+        )
         assert resumed.train.get_state()["iterator"] == {"next_index": 6}
     with pytest.raises(ValueError, match="resuming would give different batches"):
         classification(True, 0, 1).train.set_state(saved | {"pipeline": saved["pipeline"] | {"seed": 4}})
@@ -133,7 +164,7 @@ def test_every_task_data_is_a_datasets_with_a_resumable_stream():
 def test_process_slices_tile_each_global_batch_and_every_epoch_is_a_permutation():
     slices = [ShardedEpochs(7, shuffle_seed=1, layout=ProcessSlice(4, index, 2)) for index in range(2)]
     stream = np.concatenate([np.concatenate([s.examples(step) for s in slices]) for step in range(7)])  # 4 epochs
-    assert [sorted(stream[e * 7:(e + 1) * 7].tolist()) for e in range(4)] == [list(range(7))] * 4
+    assert [sorted(stream[e * 7 : (e + 1) * 7].tolist()) for e in range(4)] == [list(range(7))] * 4
     assert [slices[1].example(slices[1].layout.position(k)) for k in range(4)] == stream[[2, 3, 6, 7]].tolist()
     rows, mask = ProcessSlice(4, 1, 2).eval_rows(1, num_examples=6)
     assert rows.tolist() == [5, 5] and mask.tolist() == [False, False]

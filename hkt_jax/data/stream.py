@@ -69,8 +69,9 @@ def _check_divisible(global_batch_size: int, process_count: int) -> None:
         )
 
 
-def check_process_layout(global_batch_size: int, process_index: int | None = None,
-                         process_count: int | None = None) -> tuple[int, int]:
+def check_process_layout(
+    global_batch_size: int, process_index: int | None = None, process_count: int | None = None
+) -> tuple[int, int]:
     """(process_index, process_count), from JAX when not given, checked against the global batch."""
     if process_index is None or process_count is None:
         import jax  # deferred: only needed to discover the process layout
@@ -95,8 +96,9 @@ class ProcessSlice:
         check_process_layout(self.global_batch_size, self.process_index, self.process_count)
 
     @classmethod
-    def of(cls, global_batch_size: int, process_index: int | None = None,
-           process_count: int | None = None) -> ProcessSlice:
+    def of(
+        cls, global_batch_size: int, process_index: int | None = None, process_count: int | None = None
+    ) -> ProcessSlice:
         """The slice for this process; index and count default to JAX's."""
         return cls(global_batch_size, *check_process_layout(global_batch_size, process_index, process_count))
 
@@ -186,8 +188,14 @@ class TrainStream:
         self._fingerprint = fingerprint
 
     @classmethod
-    def of_steps(cls, build_batch: Callable[..., Batch], *, fingerprint: dict[str, Any],
-                 rng_seed: int | None = None, read_options: grain.ReadOptions = READ_OPTIONS) -> TrainStream:
+    def of_steps(
+        cls,
+        build_batch: Callable[..., Batch],
+        *,
+        fingerprint: dict[str, Any],
+        rng_seed: int | None = None,
+        read_options: grain.ReadOptions = READ_OPTIONS,
+    ) -> TrainStream:
         """Batch ``s`` = ``build_batch(s)``, or ``build_batch(s, rng)`` with grain's per-step RNG seeded by
         ``rng_seed`` (augmentation, sampling); the builder works on whole batches (vectorised numpy)."""
         steps = grain.MapDataset.range(ENDLESS)
@@ -195,9 +203,15 @@ class TrainStream:
         return cls(steps.to_iter_dataset(read_options), fingerprint)
 
     @classmethod
-    def of_examples(cls, build_example: Callable[[int], Batch], stack: Callable[[list[Batch]], Batch], *,
-                    per_process: int, fingerprint: dict[str, Any],
-                    read_options: grain.ReadOptions = READ_OPTIONS) -> TrainStream:
+    def of_examples(
+        cls,
+        build_example: Callable[[int], Batch],
+        stack: Callable[[list[Batch]], Batch],
+        *,
+        per_process: int,
+        fingerprint: dict[str, Any],
+        read_options: grain.ReadOptions = READ_OPTIONS,
+    ) -> TrainStream:
         """Element ``k`` of this process's stream = ``build_example(k)`` (``ProcessSlice.position`` maps it
         to the global stream), ``per_process`` of them stacked per batch; for costly examples that grain's
         threads build in parallel."""
@@ -222,8 +236,12 @@ class TrainStream:
         self._iterator.set_state(state["iterator"])
 
 
-def padded_passes(num_examples: int, layout: ProcessSlice, build_batch: Callable[[np.ndarray, np.ndarray], Batch],
-                  read_options: grain.ReadOptions = READ_OPTIONS) -> Iterator[Batch]:
+def padded_passes(
+    num_examples: int,
+    layout: ProcessSlice,
+    build_batch: Callable[[np.ndarray, np.ndarray], Batch],
+    read_options: grain.ReadOptions = READ_OPTIONS,
+) -> Iterator[Batch]:
     """One fixed-order pass: batch ``s`` = ``build_batch(rows, mask)`` of ``layout.eval_rows(s)``, prefetched
     (no batch for no examples)."""
 
