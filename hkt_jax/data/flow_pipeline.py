@@ -1,6 +1,6 @@
 """grain pipelines for optical flow: an endless augmented train stream and padded eval passes.
 
-Like the CIFAR pipeline (``pipeline.py``): position ``i`` of the infinite
+On the shared stream (``hkt_jax.data.stream``): position ``i`` of the infinite
 train stream is example ``permutation(seed, epoch=i // N)[i % N]``; global
 batch ``s`` is positions ``[s*G, (s+1)*G)`` and process ``p`` of ``P`` builds
 only its contiguous ``G/P`` slice. Each position is augmented with
@@ -23,10 +23,9 @@ import grain
 import numpy as np
 
 from hkt_jax.data.flow_augment import AugmentConfig, augment
-from hkt_jax.data.pipeline import TrainIterator
+from hkt_jax.data.stream import ProcessSlice, ShardedEpochs, TrainStream, padded_passes, shuffle_and_augment_seeds
 
 BATCH_KEYS = ("image1", "image2", "flow", "valid")
-_ENDLESS = 2**62  # positions in the train stream; effectively infinite
 # RAFT's InputPadder: "sintel" pads evenly on all sides, "kitti" left/right and bottom only.
 PAD_MODES = ("sintel", "kitti")
 
@@ -35,15 +34,6 @@ class FlowSource(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]: ...
-
-
-def _slice_size(global_batch_size: int, process_count: int) -> int:
-    if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(
-            f"global_batch_size={global_batch_size} must be a positive multiple of the "
-            f"process count {process_count}, so each process gets an equal slice."
-        )
-    return global_batch_size // process_count
 
 
 def _stack(samples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -99,29 +89,17 @@ class FlowMixture:
 
 
 class _TrainExample:
-    """Local position ``k`` of this process's stream -> augmented sample of its global position."""
+    """Element ``k`` of this process's stream -> augmented sample of its global position."""
 
-    def __init__(self, source, config, shuffle_seed, augment_seed, global_batch_size, process_index, process_count):
+    def __init__(self, source: FlowSource, config: AugmentConfig | None, epochs: ShardedEpochs, augment_seed: int):
         self._source = source
         self._config = config
-        self._shuffle_seed = shuffle_seed
+        self._epochs = epochs
         self._augment_seed = augment_seed
-        self._global_batch_size = global_batch_size
-        self._per_process = _slice_size(global_batch_size, process_count)
-        self._process_index = process_index
-
-    @functools.lru_cache(maxsize=4)  # batches straddle epochs; threads read neighbouring ones
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self._shuffle_seed, epoch]).permutation(len(self._source))
-
-    def position(self, local_index: int) -> int:
-        step, within = divmod(local_index, self._per_process)
-        return step * self._global_batch_size + self._process_index * self._per_process + within
 
     def __call__(self, local_index: int) -> dict[str, np.ndarray]:
-        position = self.position(int(local_index))
-        epoch, offset = divmod(position, len(self._source))
-        index = int(self._epoch_order(epoch)[offset])
+        position = self._epochs.layout.position(local_index)
+        index = self._epochs.example(position)
         sample = self._source[index]
         config = self._source.locate(index)[0].augment if isinstance(self._source, FlowMixture) else self._config
         if config is not None:
@@ -139,22 +117,16 @@ def make_flow_train_iterator(
     process_count: int = 1,
     num_threads: int = 2,
     prefetch_batches: int = 2,
-) -> TrainIterator:
+) -> TrainStream:
     """Endless batches ``{"image1", "image2", "flow", "valid"}`` of ``G / P`` examples, resumable.
 
     Without augmentation the source's samples must all have one size.
     """
     if len(source) == 0:
         raise ValueError("make_flow_train_iterator: the flow source is empty")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} is outside [0, {process_count}).")
-    per_process = _slice_size(global_batch_size, process_count)
-    shuffle_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
-    example = _TrainExample(
-        source, augment_config, shuffle_seed, augment_seed, global_batch_size, process_index, process_count
-    )
-    batches = grain.MapDataset.range(_ENDLESS).map(example).batch(per_process, batch_fn=_stack)
-    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches)
+    layout = ProcessSlice(global_batch_size, process_index, process_count)
+    shuffle_seed, augment_seed = shuffle_and_augment_seeds(seed)
+    example = _TrainExample(source, augment_config, ShardedEpochs(len(source), shuffle_seed, layout), augment_seed)
     fingerprint: dict[str, Any] = {
         "seed": seed,
         "global_batch_size": global_batch_size,
@@ -163,7 +135,9 @@ def make_flow_train_iterator(
     }
     if isinstance(source, FlowMixture):
         fingerprint["mixture"] = [(p.name, p.times, len(p.source), repr(p.augment)) for p in source.parts]
-    return TrainIterator(batches.to_iter_dataset(options), fingerprint)
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches)
+    return TrainStream.of_examples(example, _stack, per_process=layout.per_process, fingerprint=fingerprint,
+                                   read_options=options)
 
 
 def pad_sample(sample: dict[str, np.ndarray], height: int, width: int, mode: str = "sintel") -> dict[str, np.ndarray]:
@@ -196,21 +170,15 @@ def _ceil8(value: int) -> int:
 
 
 class _EvalBatch:
-    """This process's slice of padded global eval batch ``step``; ``mask`` marks real examples."""
+    """This process's slice of a padded global eval batch; ``mask`` marks real examples."""
 
-    def __init__(self, source, global_batch_size, process_index, process_count, pad_mode, pad_to):
+    def __init__(self, source, pad_mode, pad_to):
         self._source = source
-        self._global_batch_size = global_batch_size
-        self._per_process = _slice_size(global_batch_size, process_count)
-        self._process_index = process_index
         self._pad_mode = pad_mode
         self._pad_to = pad_to
 
-    def __call__(self, step: int) -> dict[str, np.ndarray]:
-        start = int(step) * self._global_batch_size + self._process_index * self._per_process
-        positions = np.arange(start, start + self._per_process)
-        mask = positions < len(self._source)
-        samples = [self._source[int(min(p, len(self._source) - 1))] for p in positions]
+    def __call__(self, rows: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        samples = [self._source[int(row)] for row in rows]
         if self._pad_to is not None:
             height, width = self._pad_to
         else:
@@ -244,6 +212,5 @@ def flow_eval_batches(
         raise ValueError(f"pad mode {pad_mode!r}: expected one of {PAD_MODES}")
     if len(source) == 0:
         raise ValueError("flow_eval_batches: the flow source is empty")
-    builder = _EvalBatch(source, global_batch_size, process_index, process_count, pad_mode, pad_to)
-    steps = grain.MapDataset.range(math.ceil(len(source) / global_batch_size))
-    return iter(steps.map(builder).to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
+    layout = ProcessSlice(global_batch_size, process_index, process_count)
+    return padded_passes(len(source), layout, _EvalBatch(source, pad_mode, pad_to))

@@ -1,11 +1,9 @@
-"""Train/eval input pipeline on grain: seeded order, resumable state, per-host slices.
+"""Image-classification input pipeline (CIFAR-style, channels-last) on the shared train stream.
 
-Training reads one infinite global stream: position `i` is train example
-`permutation(seed, epoch=i // N)[i % N]`.  Global batch `s` is positions
-`[s*G, (s+1)*G)` and process `p` of `P` builds only its contiguous `G/P`
-slice, with crop/flip parameters drawn from grain's per-step RNG for the
-whole global batch.  So all processes agree on each global batch, the
-iterator state is just the step, and the work is numpy on whole batches
+Order, process slices, resume and padded eval passes are ``hkt_jax.data.stream``'s: position `i` is
+train example `permutation(seed, epoch=i // N)[i % N]`, process `p` of `P` builds its `G/P` slice of
+each global batch. Crop/flip parameters are drawn from grain's per-step RNG for the whole global
+batch, so all processes agree on each global batch, and the work is numpy on whole batches
 (grain's per-element maps cost ~40 us/image, too slow for 2 cores).
 """
 
@@ -13,11 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Iterator
-from typing import Any
 
-import grain
 import numpy as np
 
 from hkt_jax.data.image_folder import load_image_folder, shared_cifar10_archive
@@ -30,6 +25,13 @@ from hkt_jax.data.sources import (
     load_tfds,
     make_synthetic,
     open_tfds,
+)
+from hkt_jax.data.stream import (
+    ProcessSlice,
+    ShardedEpochs,
+    TrainStream,
+    padded_passes,
+    shuffle_and_augment_seeds,
 )
 
 logger = logging.getLogger(__name__)
@@ -48,10 +50,6 @@ CROP_PADDING = 4
 VALIDATION_SPLIT_SEED = 0
 # Fixed, so a low-data subset (data.train_per_class) is the same images in every run.
 TRAIN_SUBSET_SEED = 1
-# Prefetching one batch in a thread overlaps input work with the train step.
-_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
-# Number of train steps; effectively infinite.
-_ENDLESS = 2**62
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,125 +192,43 @@ class _Normalizer:
 class _TrainBatchBuilder:
     """Builds this process's slice of global batch `step`, vectorised over the slice.
 
-    Position `i` of the infinite stream is train example `order(i // N)[i % N]`
-    with a fresh seeded permutation per epoch; crop/flip parameters come from
-    grain's per-step RNG and are drawn for the whole global batch, so every
-    process sees the same parameters for the same position.
+    The examples come from the shared epoch-wise order (`ShardedEpochs`); crop/flip parameters come
+    from grain's per-step RNG and are drawn for the whole global batch, so every process sees the same
+    parameters for the same position.
     """
 
-    def __init__(
-        self,
-        split: ImageSet,
-        indices: np.ndarray,
-        normalize: _Normalizer,
-        augment: bool,
-        shuffle_seed: int,
-        global_batch_size: int,
-        process_index: int,
-        process_count: int,
-    ):
+    def __init__(self, split: ImageSet, indices: np.ndarray, normalize: _Normalizer, augment: bool,
+                 epochs: ShardedEpochs):
         self._split = split
         self._indices = indices
         self._normalize = normalize
         self._augment = augment
-        self._shuffle_seed = shuffle_seed
-        self._global_batch_size = global_batch_size
-        self._per_process = global_batch_size // process_count
-        self._offset = process_index * self._per_process
-        self._orders: dict[int, np.ndarray] = {}
-
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        """Permutation of epoch `epoch`; the last two are kept since batches straddle epochs."""
-        order = self._orders.get(epoch)
-        if order is None:
-            order = np.random.default_rng([self._shuffle_seed, epoch]).permutation(len(self._indices))
-            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1} | {epoch: order}
-        return order
+        self._epochs = epochs
 
     def __call__(self, step: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        start = step * self._global_batch_size + self._offset
-        epochs, offsets = np.divmod(np.arange(start, start + self._per_process), len(self._indices))
-        examples = np.empty(self._per_process, np.int64)
-        for epoch in np.unique(epochs).tolist():
-            in_epoch = epochs == epoch
-            examples[in_epoch] = self._epoch_order(epoch)[offsets[in_epoch]]
-        rows = self._indices[examples]
+        rows = self._indices[self._epochs.examples(step)]
         images = self._split.images[rows]
         if self._augment:
             span = 2 * CROP_PADDING + 1
-            params = rng.integers((span, span, 2), size=(self._global_batch_size, 3))
-            images = crop_and_flip(images, *params[self._offset : self._offset + self._per_process].T)
+            layout = self._epochs.layout
+            params = rng.integers((span, span, 2), size=(layout.global_batch_size, 3))
+            images = crop_and_flip(images, *params[layout.part].T)
         return {"image": self._normalize(images), "label": self._split.labels[rows]}
 
 
-@dataclasses.dataclass(frozen=True)
-class _EvalBatchBuilder:
-    """Host slice of padded global eval batch `step`; `mask` marks real images."""
-
-    split: ImageSet
-    indices: np.ndarray
-    normalize: _Normalizer
-    global_batch_size: int
-    process_index: int
-    process_count: int
-
-    def __call__(self, step: int) -> dict[str, np.ndarray]:
-        per_process = self.global_batch_size // self.process_count
-        start = step * self.global_batch_size + self.process_index * per_process
-        positions = np.arange(start, start + per_process)
-        mask = positions < len(self.indices)
-        rows = self.indices[np.minimum(positions, len(self.indices) - 1)]
-        images = self.normalize(self.split.images[rows])
-        images[~mask] = 0
-        labels = np.where(mask, self.split.labels[rows], 0).astype(np.int32)
-        return {"image": images, "label": labels, "mask": mask.astype(np.float32)}
-
-
-class TrainIterator:
-    """Infinite training batches whose position survives a checkpoint.
-
-    `get_state()` is a JSON-serialisable dict; `set_state()` on a fresh
-    iterator built with the same data, seed and global batch size resumes on
-    exactly the next batch.  The position is the global step, so a run may
-    resume with a different process count.
-    """
-
-    def __init__(self, dataset: grain.IterDataset, fingerprint: dict[str, Any]):
-        self._iterator = iter(dataset)
-        self._fingerprint = fingerprint
-
-    def __iter__(self) -> TrainIterator:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._iterator)
-
-    def get_state(self) -> dict[str, Any]:
-        return {"iterator": self._iterator.get_state(), "pipeline": dict(self._fingerprint)}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        if state.get("pipeline") != self._fingerprint:
-            raise ValueError(
-                f"Train iterator state was saved for pipeline {state.get('pipeline')}, "
-                f"but this one is {self._fingerprint}; resuming would give different batches."
-            )
-        self._iterator.set_state(state["iterator"])
-
-
-class Datasets:
-    """The train stream, eval passes and split sizes of one data configuration."""
+class ImageDatasets:
+    """The train stream, eval passes and split sizes of one image-classification data configuration
+    (a `Datasets`), plus the number of classes, their names and the image shape."""
 
     def __init__(
         self,
         *,
-        train: TrainIterator,
+        train: TrainStream,
         splits: dict[str, tuple[ImageSet, np.ndarray]],
         num_classes: int,
         class_names: tuple[str, ...] | None,
         normalize: _Normalizer,
-        global_batch_size: int,
-        process_index: int,
-        process_count: int,
+        layout: ProcessSlice,
     ):
         self.train = train
         self.num_classes = num_classes
@@ -323,9 +239,7 @@ class Datasets:
         self.image_shape = tuple(splits["train"][0].images.shape[1:])
         self._splits = splits
         self._normalize = normalize
-        self._global_batch_size = global_batch_size
-        self._process_index = process_index
-        self._process_count = process_count
+        self._layout = layout
 
     def eval_batches(self, split: str, *, global_batch_size: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """One pass over `validation` or `test` in fixed order.
@@ -339,35 +253,18 @@ class Datasets:
         image_set, indices = self._splits[split]
         if len(indices) == 0:
             raise ValueError(f"No {split} split: data.validation_size is 0.")
-        batch_size = global_batch_size or self._global_batch_size
-        _check_divisible(batch_size, self._process_count)
-        builder = _EvalBatchBuilder(
-            image_set, indices, self._normalize, batch_size, self._process_index, self._process_count
-        )
-        steps = grain.MapDataset.range(math.ceil(len(indices) / batch_size))
-        return iter(steps.map(builder).to_iter_dataset(_READ_OPTIONS))
+        layout = self._layout
+        if global_batch_size:
+            layout = ProcessSlice(global_batch_size, layout.process_index, layout.process_count)
 
+        def build(rows: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+            rows = indices[rows]
+            images = self._normalize(image_set.images[rows])
+            images[~mask] = 0
+            labels = np.where(mask, image_set.labels[rows], 0).astype(np.int32)
+            return {"image": images, "label": labels, "mask": mask.astype(np.float32)}
 
-def _check_divisible(global_batch_size: int, process_count: int) -> None:
-    if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(
-            f"global_batch_size={global_batch_size} must be a positive multiple of the "
-            f"process count {process_count}, so each process gets an equal slice."
-        )
-
-
-def check_process_layout(global_batch_size: int, process_index: int | None = None,
-                         process_count: int | None = None) -> tuple[int, int]:
-    """(process_index, process_count), from JAX when not given, checked against the global batch."""
-    if process_index is None or process_count is None:
-        import jax  # deferred: only needed to discover the process layout
-
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} is outside [0, {process_count}).")
-    _check_divisible(global_batch_size, process_count)
-    return process_index, process_count
+        return padded_passes(len(indices), layout, build)
 
 
 def _infer_num_classes(config: DataConfig, train: ImageSet, test: ImageSet) -> int:
@@ -385,13 +282,13 @@ def make_datasets(
     seed: int,
     process_index: int | None = None,
     process_count: int | None = None,
-) -> Datasets:
+) -> ImageDatasets:
     """Loads the data and builds this process's train stream and eval passes.
 
     Batches are `{"image": float32 (b, H, W, C), "label": int32 (b,)}` with
     `b = global_batch_size / process_count`; eval batches add `"mask"`.
     """
-    process_index, process_count = check_process_layout(global_batch_size, process_index, process_count)
+    layout = ProcessSlice.of(global_batch_size, process_index, process_count)  # checked before any loading
     data_config = resolve_auto_source(data_config)
     train_source = load_split(data_config, "train", data_config.class_names)
     test_source = load_split(data_config, "test", train_source.class_names or data_config.class_names)
@@ -407,21 +304,12 @@ def make_datasets(
             raise ValueError(f"Label {image_set.labels.max()} is out of range for {num_classes} classes.")
 
     normalize = _Normalizer(data_config.normalization)
-    shuffle_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
-    builder = _TrainBatchBuilder(
-        train_source,
-        train_indices,
-        normalize,
-        data_config.augment,
-        shuffle_seed,
-        global_batch_size,
-        process_index,
-        process_count,
-    )
-    train_batches = grain.MapDataset.range(_ENDLESS).random_map(builder, seed=augment_seed)
+    shuffle_seed, augment_seed = shuffle_and_augment_seeds(seed)
+    epochs = ShardedEpochs(len(train_indices), shuffle_seed, layout)
+    builder = _TrainBatchBuilder(train_source, train_indices, normalize, data_config.augment, epochs)
     fingerprint = {"seed": seed, "global_batch_size": global_batch_size, "num_train": len(train_indices)}
-    return Datasets(
-        train=TrainIterator(train_batches.to_iter_dataset(_READ_OPTIONS), fingerprint),
+    return ImageDatasets(
+        train=TrainStream.of_steps(builder, fingerprint=fingerprint, rng_seed=augment_seed),
         splits={
             "train": (train_source, train_indices),
             "validation": (train_source, validation_indices),
@@ -430,7 +318,5 @@ def make_datasets(
         num_classes=num_classes,
         class_names=train_source.class_names,
         normalize=normalize,
-        global_batch_size=global_batch_size,
-        process_index=process_index,
-        process_count=process_count,
+        layout=layout,
     )

@@ -14,8 +14,8 @@ outside the declared classes - is a ValueError naming the file.
 
 Slices of all cases are held by a ``SliceSet`` (a random-access source grain
 can read); the validation split is made **by case**, so no volume has slices
-on both sides. Training batches come from ``make_train_stream``, built like
-``hkt_jax.data.pipeline``: global batch ``s`` is drawn from grain's per-step
+on both sides. Training batches come from ``make_train_stream``, on the shared
+stream (``hkt_jax.data.stream``): global batch ``s`` is drawn from grain's per-step
 RNG (foreground-weighted slice choice, then flips / 90-degree rotations), so
 the iterator state is just the step and resume is exact.
 """
@@ -23,21 +23,17 @@ the iterator state is just the step and resume is exact.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import grain
 import numpy as np
 
-from hkt_jax.data.pipeline import TrainIterator
+from hkt_jax.data.stream import ProcessSlice, TrainStream, padded_passes
 
 LITS_CLASSES = ("background", "liver", "tumour")
 DEFAULT_WINDOW = (-200.0, 250.0)
 _LITS_NAME = re.compile(r"^(volume|segmentation)-(\d+)\.nii(\.gz)?$")
-_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
-_ENDLESS = 2**62
 
 
 # -- reading and checking -------------------------------------------------------------------------
@@ -307,19 +303,16 @@ class _TrainBatchBuilder:
     slice_set: SliceSet
     probabilities: np.ndarray
     augment: bool
-    global_batch_size: int
-    process_index: int
-    process_count: int
+    layout: ProcessSlice
 
     def __call__(self, step: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         del step  # grain's per-step rng already depends on it
-        size = self.global_batch_size
+        size = self.layout.global_batch_size
         rows = rng.choice(len(self.slice_set), size=size, p=self.probabilities)
         flips = rng.random((size, 2)) < 0.5
         square = self.slice_set.images.shape[1] == self.slice_set.images.shape[2]
         rotations = rng.integers(0, 4, size) if square else 2 * rng.integers(0, 2, size)
-        part = slice(self.process_index * size // self.process_count,
-                     (self.process_index + 1) * size // self.process_count)
+        part = self.layout.part
         batch = self.slice_set.batch(rows[part])
         if self.augment:
             batch["image"], batch["mask"] = augment(batch["image"], batch["mask"], flips[part], rotations[part])
@@ -328,36 +321,32 @@ class _TrainBatchBuilder:
 
 def make_train_stream(slice_set: SliceSet, *, global_batch_size: int, seed: int,
                       foreground_fraction: float | None = 0.5, augment_slices: bool = True,
-                      process_index: int = 0, process_count: int = 1) -> TrainIterator:
-    """Batches {"image": (b, H, W, C) float32, "mask": (b, H, W) int32, "case": (b,)}, b = global / processes."""
-    if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of {process_count}")
+                      process_index: int = 0, process_count: int = 1) -> TrainStream:
+    """Batches {"image": (b, H, W, C) float32, "mask": (b, H, W) int32, "case": (b,)}, b = global / processes.
+
+    Slices are drawn with replacement (foreground-weighted), not in epochs: grain's per-step RNG, seeded by
+    ``seed``, draws the whole global batch and each process keeps its slice.
+    """
+    layout = ProcessSlice(global_batch_size, process_index, process_count)
     if len(slice_set) == 0:
         raise ValueError("no training slices")
     probabilities = sampling_probabilities(slice_set.has_foreground(), foreground_fraction)
-    builder = _TrainBatchBuilder(slice_set, probabilities, augment_slices, global_batch_size,
-                                 process_index, process_count)
-    dataset = grain.MapDataset.range(_ENDLESS).random_map(builder, seed=seed)
+    builder = _TrainBatchBuilder(slice_set, probabilities, augment_slices, layout)
     fingerprint = {"seed": seed, "global_batch_size": global_batch_size, "num_slices": len(slice_set),
                    "foreground_fraction": foreground_fraction, "augment": augment_slices}
-    return TrainIterator(dataset.to_iter_dataset(_READ_OPTIONS), fingerprint)
+    return TrainStream.of_steps(builder, fingerprint=fingerprint, rng_seed=seed)
 
 
 def eval_batches(slice_set: SliceSet, *, global_batch_size: int, process_index: int = 0,
                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
     """Every slice once, in order; the last batch padded, ``"valid"`` 1.0 for real slices."""
-    if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of {process_count}")
-    per_process = global_batch_size // process_count
+    layout = ProcessSlice(global_batch_size, process_index, process_count)
 
-    def build(step: int) -> dict[str, np.ndarray]:
-        positions = step * global_batch_size + process_index * per_process + np.arange(per_process)
-        valid = positions < len(slice_set)
-        batch = slice_set.batch(np.minimum(positions, len(slice_set) - 1))
+    def build(rows: np.ndarray, valid: np.ndarray) -> dict[str, np.ndarray]:
+        batch = slice_set.batch(rows)
         batch["image"][~valid] = 0
         batch["mask"][~valid] = 0
         batch["valid"] = valid.astype(np.float32)
         return batch
 
-    steps = grain.MapDataset.range(math.ceil(len(slice_set) / global_batch_size))
-    return iter(steps.map(build).to_iter_dataset(_READ_OPTIONS))
+    return padded_passes(len(slice_set), layout, build)

@@ -18,6 +18,8 @@ from typing import Any, Callable, Literal
 import jax
 import numpy as np
 
+from hkt_jax.data.stream import Datasets
+
 Batch = dict[str, Any]
 LossFn = Callable[[Any, Batch], jax.Array]
 
@@ -42,9 +44,10 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def make_datasets(self, data_config: Any, *, global_batch_size: int, seed: int,
-                      process_index: int | None = None, process_count: int | None = None) -> Any:
-        """Train stream (``.train`` with ``get_state``/``set_state``), ``eval_batches(split)``,
-        ``num_train`` / ``num_validation`` / ``num_test``."""
+                      process_index: int | None = None, process_count: int | None = None) -> Datasets:
+        """This process's data (``hkt_jax.data.stream.Datasets``): the resumable train stream (``.train``
+        with ``get_state``/``set_state``), ``eval_batches(split)``, ``num_train`` / ``num_validation`` /
+        ``num_test``; task-specific facts (classes, shapes) as attributes of the concrete class."""
 
     def model_kwargs(self, datasets: Any) -> dict[str, Any]:
         """Constructor arguments the data decides (e.g. the number of classes)."""

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from hkt_jax.tasks.base import Batch, LossFn, Task
-from hkt_jax.data.pipeline import make_datasets
+from hkt_jax.data.pipeline import ImageDatasets, make_datasets
 
 
 def classification_ce(logits: jax.Array, batch: Batch) -> jax.Array:
@@ -47,7 +47,8 @@ class Classification(Task):
     selection_mode: str = "max"
     inherit_losses: tuple[str, ...] = tuple(INHERIT_LOSSES)
 
-    def make_datasets(self, data_config, *, global_batch_size, seed, process_index=None, process_count=None):
+    def make_datasets(self, data_config, *, global_batch_size, seed, process_index=None,
+                      process_count=None) -> ImageDatasets:
         return make_datasets(data_config, global_batch_size=global_batch_size, seed=seed,
                              process_index=process_index, process_count=process_count)
 

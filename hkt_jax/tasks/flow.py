@@ -61,7 +61,8 @@ class Flow(Task):
 
     # -- data and models ------------------------------------------------------------------------
 
-    def make_datasets(self, data_config, *, global_batch_size, seed, process_index=None, process_count=None):
+    def make_datasets(self, data_config, *, global_batch_size, seed, process_index=None,
+                      process_count=None) -> FlowDatasets:
         if not isinstance(data_config, FlowDataConfig):
             raise ValueError("task='flow' needs data=FlowDataConfig(...) (hkt_jax.tasks.flow_data), got "
                              f"{type(data_config).__name__}; see experiments/configs/flow_*.py")

@@ -24,7 +24,8 @@ import numpy as np
 from hkt_jax.data.flow_augment import AugmentConfig, raft_augment_config
 from hkt_jax.data.flow_datasets import LAYOUTS, open_flow_dataset
 from hkt_jax.data.flow_pipeline import FlowMixture, MixturePart, flow_eval_batches, make_flow_train_iterator
-from hkt_jax.data.pipeline import DataConfig, check_process_layout
+from hkt_jax.data.pipeline import DataConfig
+from hkt_jax.data.stream import ProcessSlice
 from hkt_jax.data.synthetic_flow import SyntheticFlow
 
 FLOW_SOURCES = ("synthetic", "chairs", "things", "sintel", "kitti", "folder")
@@ -205,17 +206,15 @@ def train_augmentation(config: FlowDataConfig) -> AugmentConfig | None:
 
 
 class FlowDatasets:
-    """Same interface as ``hkt_jax.data.pipeline.Datasets``: ``train`` (resumable), ``eval_batches(split)``
-    (padded to multiples of 8, ``mask`` / ``valid`` 0 on padding), split sizes, plus ``iters`` and the
-    training frame shape."""
+    """A ``Datasets`` of flow pairs: ``train`` (resumable), ``eval_batches(split)`` (padded to multiples
+    of 8, ``mask`` / ``valid`` 0 on padding), split sizes, plus ``iters`` and the training frame shape."""
 
     def __init__(self, config: FlowDataConfig, *, global_batch_size: int, seed: int,
                  process_index: int | None = None, process_count: int | None = None):
-        process_index, process_count = check_process_layout(global_batch_size, process_index, process_count)
+        layout = ProcessSlice.of(global_batch_size, process_index, process_count)
         self.config = config
         self._splits = flow_splits(config)
-        self._layout = dict(global_batch_size=global_batch_size, process_index=process_index,
-                            process_count=process_count)
+        self._layout = dataclasses.asdict(layout)
         augment = train_augmentation(config)
         self.train = make_flow_train_iterator(self._splits["train"], augment, seed=seed, **self._layout)
         self.num_train = len(self._splits["train"])

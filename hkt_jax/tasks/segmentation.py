@@ -38,7 +38,7 @@ from hkt_jax.tasks import seg_metrics
 from hkt_jax.data import DataConfig, volumes
 from hkt_jax.tasks.base import Batch, LossFn, Task
 from hkt_jax.data.synthetic_ct import SyntheticCTConfig, write_synthetic_lits
-from hkt_jax.data.pipeline import check_process_layout
+from hkt_jax.data.stream import ProcessSlice
 
 DATA_SOURCES = ("synthetic", "lits", "png_folder", "image_folder")  # data.source values this task reads
 PNG_LAYOUT = "images/NAME.png with a label map masks/NAME.png"
@@ -141,12 +141,12 @@ def load_slices(data_config: Any, settings: SegSettings) -> volumes.SliceSet:
 
 
 class SegDatasets:
-    """Train stream, eval passes (with one-hot case ids) and split sizes, all split by volume."""
+    """A ``Datasets`` of CT slices, split by volume: eval batches carry one-hot case ids (``case``) and mark
+    real slices with ``valid``; plus ``image_shape`` and ``num_cases`` per split."""
 
     def __init__(self, slices: volumes.SliceSet, settings: SegSettings, *, global_batch_size: int, seed: int,
                  split_seed: int, process_index: int | None = None, process_count: int | None = None):
-        self._process = check_process_layout(global_batch_size, process_index, process_count)
-        self._global = global_batch_size
+        self._layout = ProcessSlice.of(global_batch_size, process_index, process_count)
         rest, test_ids = volumes.split_by_case(slices.case_ids, settings.test_cases, seed=split_seed)
         train_ids, validation_ids = volumes.split_by_case(rest, settings.validation_cases, seed=split_seed + 1)
         self.splits = {"train": volumes.select_cases(slices, train_ids), "test": volumes.select_cases(slices, test_ids)}
@@ -155,7 +155,7 @@ class SegDatasets:
         self.train = volumes.make_train_stream(
             self.splits["train"], global_batch_size=global_batch_size, seed=seed,
             foreground_fraction=settings.foreground_fraction, augment_slices=settings.augment,
-            process_index=self._process[0], process_count=self._process[1])
+            process_index=self._layout.process_index, process_count=self._layout.process_count)
         self.num_train = len(self.splits["train"])
         self.num_validation = len(self.splits["validation"]) if validation_ids else 0
         self.num_test = len(self.splits["test"])
@@ -166,8 +166,9 @@ class SegDatasets:
         if split not in self.splits:
             raise ValueError(f"no {split!r} split in this data (seg.validation_cases=0?)")
         cases = self.num_cases[split]
-        for batch in volumes.eval_batches(self.splits[split], global_batch_size=self._global,
-                                          process_index=self._process[0], process_count=self._process[1]):
+        for batch in volumes.eval_batches(self.splits[split], global_batch_size=self._layout.global_batch_size,
+                                          process_index=self._layout.process_index,
+                                          process_count=self._layout.process_count):
             batch["case"] = np.eye(cases, dtype=np.int32)[batch["case"]]
             yield batch
 
@@ -207,7 +208,8 @@ class Segmentation(Task):
 
     # -- data and models --
 
-    def make_datasets(self, data_config, *, global_batch_size, seed, process_index=None, process_count=None):
+    def make_datasets(self, data_config, *, global_batch_size, seed, process_index=None,
+                      process_count=None) -> SegDatasets:
         return SegDatasets(load_slices(data_config, self.settings), self.settings,
                            global_batch_size=global_batch_size, seed=seed, split_seed=self.settings.split_seed,
                            process_index=process_index, process_count=process_count)

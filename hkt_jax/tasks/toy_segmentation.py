@@ -58,7 +58,8 @@ class ToySegmentation(Task):
     inherit_losses: tuple[str, ...] = tuple(INHERIT_LOSSES)
     image_size: int = 16
 
-    def make_datasets(self, data_config, *, global_batch_size, seed, process_index=None, process_count=None):
+    def make_datasets(self, data_config, *, global_batch_size, seed, process_index=None,
+                      process_count=None) -> ArrayDatasets:
         sizes = {"train": data_config.synthetic_train_size, "validation": data_config.validation_size,
                  "test": data_config.synthetic_test_size}
         base = data_config.synthetic_seed

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from hkt_jax.data.stream import Datasets
 from hkt_jax.training import checkpoint, factories, sharding, stopping
 from hkt_jax.training.config import ExperimentConfig
 from hkt_jax.training.methods import NEEDS_PARENT, child_variables, stage_split_for
@@ -140,7 +141,7 @@ class Run:
     parent_variables: Any
     parent_info: dict[str, Any]
     init_variables: dict[str, Any]
-    datasets: Any
+    datasets: Datasets
     mesh: Any
     conv_impl: str
     steps_per_epoch: int
