@@ -10,6 +10,7 @@ import pytest
 from hkt_jax.models import fold
 from hkt_jax.engine.hkt import HKT, HKTConfig
 from hkt_jax.models import CifarResNet, ToyStagedNet, run_all_stages
+from hkt_jax.tasks import Classification
 
 
 def _trained_like(model, seed=0):
@@ -51,7 +52,7 @@ def test_hkt_loss_and_gradients_with_a_folded_parent():
              "label": jnp.arange(8) % 10}
     losses, grads = [], []
     for p, pv in ((parent, parent_vars), (folded, folded_vars)):
-        engine = HKT(child, p, HKTConfig(mode="gate", inherit_loss="ce"))
+        engine = HKT(child, p, HKTConfig(mode="gate", inherit_loss="ce"), task=Classification())
         v = engine.init(jax.random.key(4), batch["image"][:2], pv)
         (loss, _), g = jax.value_and_grad(engine.loss, has_aux=True)(v["params"], v["batch_stats"], pv, batch)
         losses.append(loss)

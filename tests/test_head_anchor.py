@@ -16,6 +16,7 @@ import pytest
 
 from hkt_jax.engine.hkt import HKT, HKTConfig
 from hkt_jax.models import CifarResNet, apply_stage
+from hkt_jax.tasks import Classification
 
 CHILD = CifarResNet(depth=8, conv_impl="xla")
 PARENT = CifarResNet(depth=8, conv_impl="xla")
@@ -32,7 +33,8 @@ def setup():
 
 
 def _engine(anchor):
-    return HKT(CHILD, PARENT, HKTConfig(lam=LAM, mode="gate", head_anchor=anchor, inherit_loss="ce"))
+    return HKT(CHILD, PARENT, HKTConfig(lam=LAM, mode="gate", head_anchor=anchor, inherit_loss="ce"),
+               task=Classification())
 
 
 def _head_numpy(variables, parent_variables, x, anchor):

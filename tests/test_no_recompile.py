@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from hkt_jax.training import checkpoint, train
+from hkt_jax.training import checkpoint, run, train
 from hkt_jax.training.config import apply_overrides, load_config
 from hkt_jax.models import build_model, model_spec
 
@@ -23,8 +23,8 @@ def count_traces(monkeypatch):
     """Every train/eval step built in this test may be traced once (chex raises on the second trace)."""
     chex.clear_trace_counter()
     for name in ("make_train_step", "make_eval_step"):
-        make = getattr(train, name)
-        monkeypatch.setattr(train, name, lambda *a, _make=make, **k: chex.assert_max_traces(_make(*a, **k), n=1))
+        make = getattr(run, name)
+        monkeypatch.setattr(run, name, lambda *a, _make=make, **k: chex.assert_max_traces(_make(*a, **k), n=1))
 
 
 @pytest.mark.usefixtures("count_traces")

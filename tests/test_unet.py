@@ -13,6 +13,7 @@ from hkt_jax.engine.hkt import HKT, Boundary, HKTConfig, LeafLink
 from hkt_jax.models.registry import parameter_count
 from hkt_jax.models.unet import DenseUNet, PocketNet, UNet
 from hkt_jax.tasks.seg_metrics import segmentation_loss
+from hkt_jax.tasks.segmentation import Segmentation
 
 pytestmark = pytest.mark.usefixtures("highest_matmul_precision")  # compared with float64 / PyTorch: no TF32 on GPUs
 
@@ -221,7 +222,7 @@ def parent_variables():
 
 def _engine(lam=0.6, alphas=(0.2, 0.6, 0.2)):
     return HKT(CHILD, PARENT, HKTConfig(lam=lam, alphas=alphas, mode="softmax", boundaries=BOUNDARIES),
-               task_loss=segmentation_loss, inherit_loss=segmentation_loss)
+               task=Segmentation(), task_loss=segmentation_loss, inherit_loss=segmentation_loss)
 
 
 @pytest.fixture(scope="module")
