@@ -23,7 +23,7 @@ from hkt_jax.convert.deploy import (
     run_normalization,
 )
 from hkt_jax.convert.resnet import (
-    load_torch_checkpoint, require_torch, resnet_config, resnet_from_torch, resnet_to_torch,
+    cifar_resnet_depth, load_torch_checkpoint, require_torch, resnet_config, resnet_from_torch, resnet_to_torch,
 )
 from hkt_jax.data import CIFAR10_CLASSES
 from hkt_jax.data.pipeline import NORMALIZATIONS
@@ -68,6 +68,14 @@ def refuse_raft(checkpoint, src: str) -> None:
         return
     raise ValueError(f"{src} looks like a RAFT{'-S' if small else ''} checkpoint ({layout} layout), not a CIFAR "
                      f"ResNet: use `python -m hkt_jax.convert raft --src {src} --out DIR`")
+
+
+def refuse_resnet(checkpoint, src: str) -> None:
+    """A CIFAR ResNet checkpoint given to ``convert raft`` is named as one, with the command that converts it."""
+    depth = cifar_resnet_depth(checkpoint)
+    if depth is not None:
+        raise ValueError(f"{src} looks like a CIFAR ResNet checkpoint (depth {depth}, detected from its keys), not "
+                         f"RAFT: use `python -m hkt_jax.convert resnet --src {src} --depth {depth} --out DIR`")
 
 
 def export_preprocessing(data: dict, num_classes: int, normalization: str | None, model_dir: Path) -> dict:
@@ -123,6 +131,7 @@ def export_torch(args: argparse.Namespace) -> None:
 
 def convert_raft(args: argparse.Namespace) -> None:
     checkpoint = load_checkpoint(args.src)
+    refuse_resnet(checkpoint, args.src)
     variables = raft_from_torch(checkpoint)  # raises before anything is written
     layout, small = checkpoint_layout(checkpoint)
     spec = {"arch": "raft", "kwargs": {"small": small},

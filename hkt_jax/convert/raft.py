@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from hkt_jax.convert.resnet import ParamRule, load_torch_checkpoint, require_torch
+from hkt_jax.convert.resnet import ParamRule, cifar_resnet_depth, load_torch_checkpoint, require_torch
 from hkt_jax.models.raft import RAFT
 
 CONV, BATCHNORM = "conv", "batchnorm"
@@ -154,13 +154,21 @@ def _unwrap(checkpoint: Any) -> dict[str, Any]:
 
 
 def detect_layout(state_dict: Mapping[str, Any]) -> tuple[str, bool]:
-    """(layout, small) from the feature net's stem conv (64 output channels: large, 32: small)."""
+    """(layout, small) from the feature net's stem conv (64 output channels: large, 32: small).
+
+    Anything else is a ``ValueError``; a CIFAR ResNet is named as one, with its depth.
+    """
     for layout, stem in ((PRINCETON, "fnet.conv1.weight"), (TORCHVISION, "feature_encoder.convnormrelu.0.weight")):
         if stem in state_dict:
             channels = tuple(state_dict[stem].shape)[0]
             if channels not in (32, 64):
                 raise ValueError(f"{stem} has {channels} output channels: neither RAFT (64) nor RAFT-S (32)")
             return layout, channels == 32
+    depth = cifar_resnet_depth(state_dict)
+    if depth is not None:
+        raise ValueError(f"not a RAFT checkpoint: it holds a CIFAR ResNet of depth {depth} (detected from its keys); "
+                         f"convert it with resnet_from_torch(..., depth={depth}) or `python -m hkt_jax.convert "
+                         f"resnet --src FILE --depth {depth} --out DIR`")
     sample = ", ".join(list(state_dict)[:6])
     raise ValueError(
         f"not a RAFT checkpoint: no feature-encoder stem (princeton-vl 'fnet.conv1.weight' or torchvision "

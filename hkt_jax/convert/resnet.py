@@ -253,6 +253,29 @@ def _depth_note(counts: dict[int, int], depth: int) -> str | None:
     return f"checkpoint has uneven blocks per group {counts}, asked for depth {depth} ({wanted} in each group)"
 
 
+def cifar_resnet_depth(checkpoint: Any) -> int | None:
+    """Depth of the CIFAR ResNet a loaded checkpoint holds, or None when it holds something else.
+
+    Lets other converters name a CIFAR ResNet given to them (its unmatched keys would bury that):
+    a 3x3 ``conv1`` stem, exactly the three residual groups with the same number of blocks each
+    (an ImageNet ResNet has four) and a ``linear``/``fc`` classifier, in any layout this module reads.
+    """
+    if not isinstance(checkpoint, Mapping):
+        return None
+    try:
+        state_dict = _unwrap_state_dict(checkpoint)
+    except ValueError:
+        return None
+    shapes = {_canonical_torch_key(str(key)): tuple(value.shape) for key, value in state_dict.items()}
+    stem = shapes.get("conv1.weight", ())
+    if len(stem) != 4 or stem[2:] != (3, 3) or "linear.weight" not in shapes:
+        return None
+    blocks = _blocks_per_group(shapes, _TORCH_BLOCK)
+    if set(blocks) != set(range(1, len(GROUP_WIDTHS) + 1)) or len(set(blocks.values())) != 1:
+        return None
+    return 6 * blocks[1] + 2
+
+
 def resnet_from_torch(
     state_dict_or_path: Mapping[str, Any] | str | os.PathLike,
     depth: int,
