@@ -3,8 +3,8 @@
 Reads each run's ``metrics.jsonl`` (and ``config.json`` for the task, method and loss
 kinds) and draws six panels, one scale each (so the runs must be of one task): the task
 loss L2, the inheritance terms L1/L3 (MAE ~0.03-0.2 would vanish next to a cross-entropy
-of ~2), the weighted objective, accuracy (training batches and validation), the GA
-diagnostics per boundary and the learning rate. Each run keeps one colour in
+of ~2), the weighted objective, the task's selection metric (accuracy, EPE or Dice; training
+batches and validation), the GA diagnostics per boundary and the learning rate. Each run keeps one colour in
 every panel, so a baseline, a KD run and an HKT run compare at a glance.
 """
 
@@ -22,12 +22,29 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend first)
 from matplotlib.lines import Line2D  # noqa: E402
 
+from hkt_jax.tasks import TASKS  # noqa: E402
 from hkt_jax.training.metrics import read_metrics  # noqa: E402
 
 GA_KEY = re.compile(r"(?P<kind>gate|ga_ratio)/(?P<direction>to_child|to_parent)_(?P<boundary>\w+)")
 GA_UNITS = {"gate": "gate a (1 = nothing inherited)", "ga_ratio": "‖GA‖ / ‖x′‖"}
 IDENTICAL_GATES_NOTE = "to_child = to_parent (Transfer is the identity,\na is symmetric in x′ and τ): drawn once"
 STYLES = ("-", "--", ":", "-.")
+# Runs whose config.json names no task were written before tasks existed: CIFAR classification.
+DEFAULT_TASK = "classification"
+# Task -> (legend name of its L2, y label of the task-loss panel); other tasks get TASK_LOSS_FALLBACK.
+TASK_LOSSES = {
+    "classification": ("L2 task (cross-entropy)", "cross-entropy (nats)"),
+    "flow": ("L2 task (sequence loss)", "sequence loss (px)"),
+    "segmentation": ("L2 task (CE + soft Dice)", "cross-entropy + soft Dice"),
+    "toy_segmentation": ("L2 task (pixel cross-entropy)", "pixel cross-entropy (nats)"),
+}
+TASK_LOSS_FALLBACK = ("L2 task", "task loss")
+# Selection metric (a task's ``selection_metric``) -> (panel title, y label, factor on the logged value).
+METRIC_AXES = {
+    "accuracy": ("accuracy", "top-1 accuracy (%)", 100),
+    "epe": ("end-point error", "EPE of the final flow (px)", 1),
+    "dice": ("Dice", "Dice (%)", 100),
+}
 
 
 def _series(rows, key, *, evaluation=False):
@@ -84,24 +101,40 @@ def _ga_diagnostics(rows) -> tuple[list[tuple[str, tuple]], list[str]]:
     return drawn, notes
 
 
-def check_one_task(workdirs) -> None:
-    """Refuse runs of different tasks: each panel has one scale and one label (cross-entropy or sequence loss,
-    accuracy in % or EPE in px), so a second task's curves would be read on the first one's axis. Runs
-    without a config.json are taken as they come."""
+def check_one_task(workdirs) -> str:
+    """The task of the runs; refuses runs of different tasks: each panel has one scale and one label
+    (cross-entropy or sequence loss, accuracy in % or EPE in px), so a second task's curves would be read
+    on the first one's axis. Runs without a config.json are taken as they come."""
     tasks = {}
     for workdir in map(Path, workdirs):
         config = _run_config(workdir)
         if config:
-            tasks[str(workdir)] = config.get("task", "classification")  # runs from before tasks: classification
+            tasks[str(workdir)] = config.get("task", DEFAULT_TASK)
     if len(set(tasks.values())) > 1:
         runs = "; ".join(f"{workdir}: {task}" for workdir, task in tasks.items())
         raise ValueError(f"runs of different tasks cannot share one figure, whose panels have one scale each "
                          f"({runs}): plot each task's runs with a command of their own")
+    return next(iter(tasks.values()), DEFAULT_TASK)
+
+
+def metric_axis(task: str) -> tuple[str | None, str, str, float]:
+    """(logged key, panel title, y label, factor) of the metric that selects ``task``'s best model.
+
+    The key is None for a task this process has not registered (its module was not imported).
+    """
+    if task not in TASKS:
+        return None, "selection metric", "-", 1
+    metric = TASKS[task].selection_metric
+    title, ylabel, scale = METRIC_AXES.get(metric, (metric, metric, 1))
+    return metric, title, ylabel, scale
 
 
 def build_figure(workdirs):
-    """The figure (not saved); one colour per run across all panels; all runs of one task."""
-    check_one_task(workdirs)
+    """The figure (not saved); one colour per run across all panels; all runs of one task, whose loss and
+    selection metric label the axes."""
+    task = check_one_task(workdirs)
+    loss_name, loss_label = TASK_LOSSES.get(task, TASK_LOSS_FALLBACK)
+    metric, metric_title, metric_label, scale = metric_axis(task)
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
     (ax_task, ax_inherit, ax_total), (ax_acc, ax_ga, ax_lr) = axes
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -113,7 +146,6 @@ def build_figure(workdirs):
         ax.plot(steps, values, style, color=colour, linewidth=linewidth, **kwargs)
 
     run_handles = []
-    any_flow = False
     for index, workdir in enumerate(workdirs):
         workdir = Path(workdir)
         rows = read_metrics(workdir)
@@ -126,18 +158,16 @@ def build_figure(workdirs):
         run_handles.append(Line2D([], [], color=colour, lw=2, label=label))
 
         task_key = "l2" if any(row.get("l2") is not None for row in rows) else "loss"
-        flow = config.get("task") == "flow"  # flow runs: sequence loss and end-point error instead
-        draw(ax_task, "L2 task (sequence loss)" if flow else "L2 task (cross-entropy)", *_series(rows, task_key),
-             colour)
+        draw(ax_task, loss_name, *_series(rows, task_key), colour)
         for name, series in _inheritance_terms(rows, config):
             draw(ax_inherit, name, *series, colour)
         draw(ax_total, "L = sum of alpha_i L_i", *_series(rows, "loss"), colour)
-        metric, scale = ("epe", 1) if flow else ("accuracy", 100)
-        any_flow = any_flow or flow
-        steps, accuracy = _series(rows, metric)
-        draw(ax_acc, "training batches", steps, [scale * a for a in accuracy], colour, alpha=0.5)
-        steps, accuracy = _series(rows, f"eval_{metric}", evaluation=True)
-        draw(ax_acc, "validation", steps, [scale * a for a in accuracy], colour, marker="o")
+        if metric is not None:
+            steps, values = _series(rows, metric)
+            if steps:  # some tasks log their metric on validation only
+                draw(ax_acc, "training batches", steps, [scale * v for v in values], colour, alpha=0.5)
+            steps, values = _series(rows, f"eval_{metric}", evaluation=True)
+            draw(ax_acc, "validation", steps, [scale * v for v in values], colour, marker="o")
         drawn, identical = _ga_diagnostics(rows)
         for name, series in drawn:
             draw(ax_ga, name, *series, colour)
@@ -148,16 +178,17 @@ def build_figure(workdirs):
     inherit_kinds = {name.split()[-1] for name in styles_used[ax_inherit]} & {"MAE", "CE"}
     ga_unit = " or ".join(GA_UNITS[kind] for kind in sorted(ga_kinds)) or "-"
     panels = (
-        (ax_task, "task loss L2 (native child)", "sequence loss (px)" if any_flow else "cross-entropy (nats)"),
+        (ax_task, "task loss L2 (native child)", loss_label),
         (ax_inherit, "inheritance terms L1 / L3 (own scale)",
          f"loss ({'/'.join(sorted(inherit_kinds))})" if inherit_kinds else "loss"),
         (ax_total, "training objective", "weighted loss Σ αᵢ Lᵢ"),
-        (ax_acc, "end-point error" if any_flow else "accuracy",
-         "EPE of the final flow (px)" if any_flow else "top-1 accuracy (%)"),
+        (ax_acc, metric_title, metric_label),
         (ax_ga, "Genetic Attention per boundary", ga_unit),
         (ax_lr, "learning rate", "learning rate"),
     )
-    empty_notes = {ax_inherit: "no L1/L3 logged (child or parent runs)", ax_ga: "no GA diagnostics (not an HKT run)"}
+    empty_notes = {ax_inherit: "no L1/L3 logged (child or parent runs)", ax_ga: "no GA diagnostics (not an HKT run)",
+                   ax_acc: f"no {metric} logged" if metric else f"task {task!r} is not registered here: its "
+                   "metric is unknown"}
     for ax, title, ylabel in panels:
         ax.set_title(title)
         ax.set_xlabel("training step")

@@ -116,3 +116,35 @@ def test_runs_of_different_tasks_are_refused(runs, tmp_path, capsys):
     error = capsys.readouterr().err
     assert "runs of different tasks cannot share one figure" in error
     assert f"{runs[0]}: classification; {flow}: flow" in error and not (tmp_path / "mixed.png").exists()
+
+
+@pytest.mark.parametrize("task, metric, rows, loss_label, metric_label, drawn", [
+    ("flow", "end-point error",
+     [{"step": 10, "loss": 3.0, "l2": 3.0, "epe": 4.0, "lr": 0.1},
+      {"step": 10, "eval_epe": 5.0, "eval_loss": 3.5, "split": "validation"}],
+     "sequence loss (px)", "EPE of the final flow (px)", [((10,), (4.0,)), ((10,), (5.0,))]),
+    ("segmentation", "Dice",
+     [{"step": 10, "loss": 0.9, "l2": 0.9, "dice": 0.25, "pixel_accuracy": 0.8, "lr": 0.1},
+      {"step": 10, "eval_dice": 0.5, "eval_pixel_accuracy": 0.9, "split": "validation"}],
+     "cross-entropy + soft Dice", "Dice (%)", [((10,), (25.0,)), ((10,), (50.0,))]),
+    ("toy_segmentation", "Dice",  # its training rows log pixel accuracy only: validation Dice alone
+     [{"step": 10, "loss": 0.7, "l2": 0.7, "pixel_accuracy": 0.6, "lr": 0.1},
+      {"step": 10, "eval_dice": 0.75, "eval_pixel_accuracy": 0.9, "split": "validation"}],
+     "pixel cross-entropy (nats)", "Dice (%)", [((10,), (75.0,))]),
+])
+def test_axes_follow_the_task_of_the_runs(tmp_path, task, metric, rows, loss_label, metric_label, drawn):
+    fig = build_figure([write_run(tmp_path / task, rows, {"method": "child", "task": task})])
+    assert axis(fig, "task loss").get_ylabel() == loss_label
+    assert line_data(axis(fig, metric)) == drawn
+    assert axis(fig, metric).get_ylabel() == metric_label
+    assert not [ax for ax in fig.axes if ax.get_title() == "accuracy"], "no CIFAR panel on another task's runs"
+
+
+def test_unregistered_task_says_its_metric_is_unknown(tmp_path):
+    run = write_run(tmp_path / "mine", [{"step": 1, "loss": 1.0, "l2": 1.0, "iou": 0.3, "lr": 0.1}],
+                    {"method": "child", "task": "my_task"})
+    fig = build_figure([run])
+    assert axis(fig, "task loss").get_ylabel() == "task loss"
+    panel = axis(fig, "selection metric")
+    assert not panel.get_lines()
+    assert [text.get_text() for text in panel.texts] == ["task 'my_task' is not registered here: its metric is unknown"]
