@@ -14,7 +14,7 @@ Writes ``OUT.md``, ``OUT.json`` (every run's numbers and config) and ``OUT.png``
 
 For accelerator slots that end (docs/grids.md)::
 
-    python -m experiments.compare --grid G --root ROOT --unpack pack_in \
+    python -m experiments.compare --grid G --root ROOT --unpack pack_in \\
         --parallel 4 --time_budget 9 --pack pack_out
 
 ``--time_budget`` stops every run cleanly after MIN minutes (each saves its
@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from hkt_jax.grids import comparison, pack as grid_pack, runs as grid_runs
+from hkt_jax.training.preflight import check_model_checkpoint
 
 MIN_START_S = 60.0  # no run starts with less of the time budget left (or a quarter of a shorter budget)
 SIGNAL_GRACE_S = 1.0  # before forwarding: a run the signal reached too (a cgroup-wide SIGTERM) says so first
@@ -66,6 +67,25 @@ def parse_args(argv):
                         help="every run uses this parent (a model checkpoint dir, e.g. a converted ResNet-56) "
                              "instead of the grid's own; use another --root for it")
     return parser.parse_args(argv)
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(seed) for seed in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds {text}: expected comma-separated integers, e.g. --seeds 0,1") from None
+
+
+def _check_root(root: Path, args: argparse.Namespace) -> None:
+    """A --root or --pack that is a file, or a missing --root with nothing to run, is named before anything
+    runs or is written."""
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--root {root}: is a file; expected the folder the grid's runs live (or will live) in")
+    if args.pack and Path(args.pack).is_file():  # found now, not after the whole grid has run
+        raise ValueError(f"--pack {args.pack}: is a file; choose an empty or new folder")
+    if args.report_only and not args.unpack and not root.exists():
+        raise ValueError(f"--root {root}: no such folder, so no runs to report: give the --root the grid ran in, "
+                         "or drop --report_only to run it")
 
 
 def _queued(label: str, directory: Path, command: list[str]) -> grid_runs.Job | None:
@@ -189,7 +209,7 @@ def main(argv=None) -> int:
     try:
         grid = comparison.load_grid(args.grid)
         variants = args.variants.split(",") if args.variants else list(grid.variants)
-        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(grid.seeds)
+        seeds = _seeds(args.seeds) if args.seeds else list(grid.seeds)
         unknown = [v for v in variants if v not in grid.variants] + [str(s) for s in seeds if s not in grid.seeds]
         if unknown:
             raise ValueError(f"not in grid {args.grid!r}: {', '.join(unknown)}; variants: {', '.join(grid.variants)}, "
@@ -200,12 +220,15 @@ def main(argv=None) -> int:
             parallel=args.parallel,
             deadline=None if args.time_budget is None else time.monotonic() + 60 * args.time_budget,
             min_start_s=0.0 if args.time_budget is None else min(MIN_START_S, 60 * args.time_budget / 4))
+        root = Path(args.root or f"workdirs/compare_{args.grid}")
+        _check_root(root, args)
+        if args.parent_ckpt and not (args.dry_run or args.report_only):  # else every run would fail on it
+            check_model_checkpoint(args.parent_ckpt, key="--parent_ckpt")
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.parent_ckpt:
         grid = dataclasses.replace(grid, parent=None, common=(*grid.common, f"parent_ckpt={args.parent_ckpt}"))
-    root = Path(args.root or f"workdirs/compare_{args.grid}")
     if args.dry_run:
         if grid.parent is not None:
             print(" ".join(comparison.parent_command(grid, root)))
@@ -227,15 +250,22 @@ def main(argv=None) -> int:
     records = [comparison.run_record(grid, root, v, s) for s in seeds for v in variants]
     table = comparison.aggregate(records, variants, comparison.report_keys(grid))
     out = Path(args.out or root / "report")
-    out.parent.mkdir(parents=True, exist_ok=True)
     markdown = comparison.markdown_table(table, grid)
     report = {"grid": args.grid, **comparison.grid_facts(records), "table": table, "runs": records}
     if grid.parent is not None:
         report["parent"] = comparison.parent_record(grid, root)
         markdown += comparison.parent_line(grid, report["parent"])
-    out.with_suffix(".md").write_text(f"# {args.grid}\n\n{grid.description}\n\n{markdown}")
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    plot_report(records, table, out.with_suffix(".png"), grid)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".md").write_text(f"# {args.grid}\n\n{grid.description}\n\n{markdown}")
+        out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+        plot_report(records, table, out.with_suffix(".png"), grid)
+    except OSError as err:  # the runs are on disk: only the report's place is wrong
+        reason = (f"{err.filename} is a file, not a folder" if isinstance(err, (FileExistsError, NotADirectoryError))
+                  else f"{err.strerror or err}: {err.filename}")
+        print(f"error: --out {out}: cannot write the report there ({reason}); choose another --out, then rerun "
+              "with --report_only", file=sys.stderr)
+        return 2
     print(markdown)
     print(f"wrote {out.with_suffix('.md')}, {out.with_suffix('.json')}, {out.with_suffix('.png')}")
     if args.pack:

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (backend first)
 from matplotlib.lines import Line2D  # noqa: E402
 
 from hkt_jax.tasks import TASKS  # noqa: E402
-from hkt_jax.training.metrics import read_metrics  # noqa: E402
+from hkt_jax.training.metrics import METRICS_FILE, read_metrics  # noqa: E402
 
 GA_KEY = re.compile(r"(?P<kind>gate|ga_ratio)/(?P<direction>to_child|to_parent)_(?P<boundary>\w+)")
 GA_UNITS = {"gate": "gate a (1 = nothing inherited)", "ga_ratio": "‖GA‖ / ‖x′‖"}
@@ -62,7 +62,23 @@ def _series(rows, key, *, evaluation=False):
 
 def _run_config(workdir: Path) -> dict:
     path = workdir / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); move it aside to plot the run without it") from None
+
+
+def _metrics(workdir: Path) -> list[dict]:
+    try:
+        rows = read_metrics(workdir)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{workdir / METRICS_FILE}: a line is not JSON ({err.msg}); a run killed while writing "
+                         "leaves its last line cut: delete that line") from None
+    if not rows:
+        raise ValueError(f"{workdir}: no {METRICS_FILE} rows (is it a training run's workdir?)")
+    return rows
 
 
 def _inheritance_terms(rows, config: dict) -> list[tuple[str, tuple]]:
@@ -148,9 +164,7 @@ def build_figure(workdirs):
     run_handles = []
     for index, workdir in enumerate(workdirs):
         workdir = Path(workdir)
-        rows = read_metrics(workdir)
-        if not rows:
-            raise ValueError(f"{workdir}: no metrics.jsonl rows (is it a training run's workdir?)")
+        rows = _metrics(workdir)
         config = _run_config(workdir)
         colour = colours[index % len(colours)]
         linewidth = 1.5 + 1.5 * (len(workdirs) - 1 - index) / max(len(workdirs) - 1, 1)  # equal curves stay visible
@@ -219,6 +233,15 @@ def save_figure(fig, out: Path) -> Path:
     return out
 
 
+def check_out(out: Path) -> None:
+    """An --out that cannot take the image is named before the runs are read."""
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a directory; expected an image file name, e.g. --out {out / 'metrics.png'}")
+    existing = next(parent for parent in out.parents if parent.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, not a folder: choose an --out outside it")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.plot_metrics", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -226,6 +249,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="metrics.png", help="output PNG (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
+        check_out(Path(args.out))
         path = plot_runs(args.workdirs, Path(args.out))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

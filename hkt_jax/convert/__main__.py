@@ -282,12 +282,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands whose --out is one file, with the suffix the docs give it; the others write a model checkpoint dir.
+FILE_OUTPUTS = {"export-torch": ".pt", "export-stablehlo": ".jaxexport", "export-onnx": ".onnx"}
+
+
+def check_output(out: Path, suffix: str | None) -> None:
+    """An --out that cannot be written is named before any work (an export traces the whole network).
+
+    ``suffix`` is None where --out is a model checkpoint directory, else the output file's usual suffix.
+    """
+    existing = next(parent for parent in (out, *out.parents) if parent.exists())
+    if existing != out and not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, not a folder: choose an --out outside it")
+    if suffix is None and out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file; expected a new (or an old, to overwrite) model checkpoint "
+                         "directory")
+    if suffix is not None and out.is_dir():
+        raise ValueError(f"--out {out}: is a directory; expected a file name, e.g. --out {out / 'child'}{suffix}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_output(Path(args.out), FILE_OUTPUTS.get(args.command))
         args.run(args)
     except (ValueError, FileNotFoundError, ImportError) as error:
         print(f"python -m hkt_jax.convert {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # cannot write --out (permissions, a full disk): nothing else went wrong
+        print(f"python -m hkt_jax.convert {args.command}: error: {error.filename or args.out}: "
+              f"{error.strerror or error}", file=sys.stderr)
         return 1
     return 0
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import os
-import pickle
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -177,17 +176,9 @@ def detect_layout(state_dict: Mapping[str, Any]) -> tuple[str, bool]:
 
 
 def load_checkpoint(path: str | os.PathLike) -> Any:
-    """``torch.load(weights_only=True)`` on CPU; a file torch cannot read that way is a ``ValueError``."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such checkpoint file: {path}")
-    try:
-        return load_torch_checkpoint(path)
-    except ValueError:  # load_torch_checkpoint already names the file and the problem
-        raise
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{path}: not a PyTorch checkpoint readable with torch.load(weights_only=True) ({reason})") \
-            from None
+    """``torch.load(weights_only=True)`` on CPU (``resnet.load_torch_checkpoint``): a missing file is a
+    ``FileNotFoundError``, a directory or a file torch cannot read that way a ``ValueError`` naming it."""
+    return load_torch_checkpoint(path)
 
 
 def checkpoint_layout(checkpoint: Mapping[str, Any]) -> tuple[str, bool]:

@@ -30,6 +30,7 @@ import numpy as np
 from flax import traverse_util
 
 from hkt_jax.models.cifar_resnet import GROUP_WIDTHS, CifarResNet
+from hkt_jax.training.checkpoint import MODEL_SPEC_FILE
 
 CONV, BATCHNORM, LINEAR = "conv", "batchnorm", "linear"
 
@@ -186,6 +187,13 @@ def load_torch_checkpoint(path: str | os.PathLike) -> Any:
     A file that pickles Python objects (a callable, a class) is refused, and a file
     torch cannot read is reported, each as a ``ValueError`` naming the file.
     """
+    if os.path.isdir(path):
+        converted = os.path.isfile(os.path.join(path, MODEL_SPEC_FILE))
+        raise ValueError(f"{path} is a directory, not a PyTorch checkpoint file (.th/.pt/.pth)" + (
+            f": its {MODEL_SPEC_FILE} makes it an hkt_jax model checkpoint already, to use as is (parent_ckpt=)"
+            if converted else ""))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such checkpoint file: {path}")
     torch = require_torch()
     try:
         return torch.load(os.fspath(path), map_location="cpu", weights_only=True)

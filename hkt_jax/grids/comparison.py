@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import json
 import math
+import pkgutil
 import statistics
 import subprocess
 from pathlib import Path
@@ -81,8 +82,19 @@ def load_grid(name: str) -> Grid:
     except ModuleNotFoundError as err:
         if err.name != module_name:
             raise
-        raise ValueError(f"unknown grid {name!r}: no experiments/configs/grid_{name}.py") from None
+        known = ", ".join(grid_names()) or "none"
+        raise ValueError(f"unknown grid {name!r}: no experiments/configs/grid_{name}.py (grids: {known})") from None
     return module.GRID
+
+
+def grid_names() -> list[str]:
+    """Names ``--grid`` takes: the ``grid_<name>.py`` files of ``experiments/configs``."""
+    try:
+        configs = importlib.import_module("experiments.configs")
+    except ModuleNotFoundError:  # the library without its experiments folder
+        return []
+    return sorted(module.name.removeprefix("grid_") for module in pkgutil.iter_modules(configs.__path__)
+                  if module.name.startswith("grid_"))
 
 
 def run_dir(root: Path, variant: str, seed: int) -> Path:

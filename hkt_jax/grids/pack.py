@@ -148,6 +148,8 @@ def check_limits(sizes: dict[str, int], *, max_files: int = MAX_FILES, max_bytes
 
 def _replace(staging: Path, out: Path) -> None:
     """Put ``staging`` at ``out``; an older pack there is removed only once the new one is in place."""
+    if out.exists() and not out.is_dir():
+        raise PackError(f"--pack {out}: is a file; choose an empty or new folder")
     if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
         raise PackError(f"--pack {out}: exists and is not a pack (no {MANIFEST}); choose an empty or new folder")
     old = None
