@@ -101,7 +101,7 @@ class Runner:
         # the same workdir, and a program two checks both compile, compile once.
         self.env.setdefault("JAX_COMPILATION_CACHE_DIR", str(workdir / "jax_cache"))
         if self.env.get("HKT_JAX_COMPILE_CACHE", "").lower() in ("0", "off", "false", "no"):
-            del self.env["HKT_JAX_COMPILE_CACHE"]  # the test suite turns it off; the checks measure it
+            del self.env["HKT_JAX_COMPILE_CACHE"]  # turned off by the caller; the checks measure it
 
     def left_s(self) -> float:
         return self.deadline - time.monotonic()
