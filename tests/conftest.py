@@ -1,22 +1,55 @@
 """Shared test helpers: where the real data lives, a skip when it is absent, an exported network's arrays.
 
-The suite runs with the experiment commands' persistent compilation cache off (``HKT_JAX_COMPILE_CACHE=0``,
-inherited by every subprocess): tests never write into the user's ``~/.cache``, and each test compiles what
-it runs. ``tests/test_startup.py`` turns it on, in a temporary folder, where it tests the cache.
+The suite shares one persistent JAX compilation cache, a temporary folder made for the session (see
+``_session_compile_cache``): tests never write into the user's ``~/.cache``, and a program that several tests,
+xdist workers or subprocesses build alike compiles once. ``tests/test_startup.py`` tests the cache itself in
+folders of its own.
 """
 
 from __future__ import annotations
 
+import atexit
+import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
+import jax
 import pytest
 
-from hkt_jax.runtime import paths
+from hkt_jax.runtime import compile_cache, paths
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-os.environ[paths.COMPILE_CACHE_ENV] = "0"
+SESSION_CACHE_ENV = "HKT_JAX_TEST_COMPILE_CACHE"
+
+
+def _session_compile_cache() -> None:
+    """Point this process, the xdist workers and every subprocess at one compilation cache for the session.
+
+    Why: most of the suite's CPU time was XLA compiling the same small programs again (each entry-point run,
+    each worker, each subprocess). The first process of the session (xdist's controller, or the only one)
+    makes the folder and removes it at exit; the workers and subprocesses inherit it through the environment.
+    ``HKT_JAX_COMPILE_CACHE`` is what the experiment commands read, ``JAX_COMPILATION_CACHE_DIR`` what a
+    plain ``python -c`` reads. A size bound makes JAX lock the folder around each read and write, so two
+    processes never see half an entry. A hit runs the very program a compilation would build: numbers do
+    not change (and no XLA optimisation flag is set here)."""
+    directory = os.environ.get(SESSION_CACHE_ENV)
+    if directory is None:
+        directory = tempfile.mkdtemp(prefix="hkt_jax_test_compile_cache_")
+        os.environ[SESSION_CACHE_ENV] = directory
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    os.environ[paths.COMPILE_CACHE_ENV] = directory
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(compile_cache.MIN_COMPILE_TIME_S)
+    if importlib.util.find_spec("filelock") is not None:  # JAX needs it for the size bound (and its lock)
+        os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(64 << 30))
+        jax.config.update("jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
+    compile_cache.enable_compile_cache()  # this process imported JAX before the environment said so
+
+
+_session_compile_cache()
 
 
 def shared_data_dir() -> Path:

@@ -89,6 +89,7 @@ def test_quick_run_reports_every_check_with_a_value_or_a_reason(tmp_path):
             assert isinstance(value, (bool, int, float)) and math.isfinite(value), (key, value)
     assert report["checks"]["tests_failed"] == 0 and report["checks"]["tests_passed"] == 2
     assert "--quick" in report["reasons"]["resnet110_leaves_chance"]
+    assert "--quick" in report["reasons"]["hkt_step_bf16_vs_f32"]  # float32 only: no bfloat16 twin runs
     assert [row["check"] for row in report["table"]] == list(device_check.TARGETS)
     assert "| check" in proc.stdout  # the table
 
