@@ -110,8 +110,8 @@ def _translated_pair(shift=(3, 2), seed=0):
 
 def test_hkt_steps_lower_the_loss_and_epe_on_a_fixed_pair(pair, hkt3):
     """Eight Adam steps (lr 5e-4) of 3HKT on one fixed translated pair: the loss and the child's EPE fall
-    (measured: loss 2.65 -> 0.96, EPE 4.5 -> 0.7 px); a broken gradient path (adapters, GA, stop_gradient in the wrong place)
-    leaves them where they were."""
+    (measured: loss 2.65 -> 0.96, EPE 4.5 -> 0.7 px); a broken gradient path (adapters, GA, a stop_gradient
+    in the wrong place) leaves them where they were."""
     task = pair[0]
     variables, value_and_grad = hkt3
     batch = _translated_pair()
