@@ -11,6 +11,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from hkt_jax.training import checkpoint, factories
@@ -73,23 +74,66 @@ def test_transfer_adapters_bridge_the_raft_widths(pair):
         _hkt(pair, stages=4)
 
 
-def test_parent_is_frozen_but_head_inheritance_trains_the_child(pair):
-    task, child, parent, parent_vars, example = pair
+@pytest.fixture(scope="module")
+def hkt3(pair):
+    """3HKT's initial variables and its loss's value and gradients w.r.t. (params, parent variables) at
+    (params, parent variables, batch): compiled once for the tests below (batches of one 64x64 pair)."""
     loss_fn, variables = _hkt(pair, stages=3)
-    before = [np.array(x) for x in jax.tree.leaves(parent_vars)]
-    batch = _batch(2)
 
-    def loss(params, parent_variables):
+    def loss(params, parent_variables, batch):
         return loss_fn(params, variables["batch_stats"], parent_variables, batch)
 
-    (value, aux), (grads, parent_grads) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
-        variables["params"], parent_vars)
+    return variables, jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+
+def test_parent_is_frozen_but_head_inheritance_trains_the_child(pair, hkt3):
+    task, child, parent, parent_vars, example = pair
+    variables, value_and_grad = hkt3
+    before = [np.array(x) for x in jax.tree.leaves(parent_vars)]
+    (value, aux), (grads, parent_grads) = value_and_grad(variables["params"], parent_vars, _batch(2))
     assert np.isfinite(float(value)) and {"l1", "l2", "l3"} <= set(aux["metrics"])
     assert any(k.startswith("ga_ratio/to_child_1_net") for k in aux["metrics"])  # softmax GA over 8x8 tokens
     assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(parent_grads))
     assert float(jnp.max(jnp.abs(grads["adapters"]["to_parent_1_net"]["proj"]["kernel"]))) > 0  # via L3
     for a, b in zip(before, jax.tree.leaves(parent_vars)):
         np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def _translated_pair(shift=(3, 2), seed=0):
+    """Frame 2 is frame 1 moved by ``shift`` = (x, y) pixels: one constant flow, learnable in a few steps."""
+    dx, dy = shift
+    frames = np.random.default_rng(seed).uniform(0, 255, (1, SIZE + dy, SIZE + dx, 3)).astype(np.float32)
+    return {"image1": jnp.asarray(frames[:, :SIZE, :SIZE]), "image2": jnp.asarray(frames[:, dy:, dx:]),
+            "flow": jnp.broadcast_to(jnp.asarray(shift, jnp.float32), (1, SIZE, SIZE, 2)),
+            "valid": jnp.ones((1, SIZE, SIZE), jnp.float32)}
+
+
+def test_hkt_steps_lower_the_loss_and_epe_on_a_fixed_pair(pair, hkt3):
+    """Eight Adam steps (lr 5e-4) of 3HKT on one fixed translated pair: the loss and the child's EPE fall
+    (measured: loss 2.65 -> 0.96, EPE 4.5 -> 0.7 px); a broken gradient path (adapters, GA, a stop_gradient
+    in the wrong place) leaves them where they were."""
+    task = pair[0]
+    variables, value_and_grad = hkt3
+    batch = _translated_pair()
+    tx = optax.adam(5e-4)
+
+    @jax.jit
+    def update(params, opt_state, grads):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    params = variables["params"]
+    opt_state = jax.jit(tx.init)(params)
+    epe = jax.jit(lambda outputs: task.train_metrics(outputs, batch)["epe"])
+    losses, epes = [], []
+    for step in range(9):
+        (value, aux), (grads, _) = value_and_grad(params, pair[3], batch)
+        losses.append(float(value))
+        epes.append(float(epe(aux["outputs"])))
+        if step < 8:
+            params, opt_state = update(params, opt_state, grads)
+    assert losses[-1] < 0.75 * losses[0], losses
+    assert epes[-1] < 0.85 * epes[0], epes
 
 
 @pytest.fixture(scope="module")

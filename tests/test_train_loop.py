@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from hkt_jax.training import checkpoint
@@ -100,12 +101,25 @@ def test_run_writes_every_output(uninterrupted):
 
 
 def test_exported_child_runs_alone(uninterrupted):
+    """The export is the trained state's child alone: on the same images it gives the logits of the child in
+    the last training checkpoint (the state the run ended with), not those of an earlier one."""
     variables, spec = checkpoint.load_model(uninterrupted / "export" / "child")
     assert set(variables) == {"params", "batch_stats"}
     assert "adapters" not in json.dumps(jax.tree.map(lambda x: None, variables))
     model = build_model(spec)
-    logits = model.apply(variables, jnp.zeros((3, 32, 32, 3)), train=False)
+    images = jax.random.normal(jax.random.key(7), (3, 32, 32, 3))
+    logits = model.apply(variables, images, train=False)
     assert logits.shape == (3, 10) and bool(jnp.all(jnp.isfinite(logits)))
+
+    def child_logits(step):
+        with ocp.StandardCheckpointer() as reader:
+            state = reader.restore(uninterrupted / "checkpoints" / str(step) / "state")
+        assert int(state["step"]) == step
+        child = {"params": state["params"]["child"], "batch_stats": state["batch_stats"]["child"]}
+        return model.apply(child, images, train=False)
+
+    np.testing.assert_allclose(logits, child_logits(12), rtol=1e-6, atol=1e-6)
+    assert np.max(np.abs(logits - child_logits(8))) > 1e-4
 
 
 def test_sigkill_then_resume_is_bit_identical(uninterrupted, parent_dir, tmp_path):
