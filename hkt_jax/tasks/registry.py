@@ -25,8 +25,13 @@ _REGISTERED: dict[str, type[Task]] = {}
 TASKS: Mapping[str, type[Task]] = types.MappingProxyType(_REGISTERED)
 
 
+def _where(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def register_task(cls: TaskClass) -> TaskClass:
-    """Class decorator: makes ``cls`` the task ``task=<cls.name>`` selects."""
+    """Class decorator: makes ``cls`` the task ``task=<cls.name>`` selects; another class under a name that
+    is taken is an error."""
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise TypeError(f"register_task takes a Task subclass, got {cls!r}")
     name = cls.name
@@ -36,11 +41,9 @@ def register_task(cls: TaskClass) -> TaskClass:
             "before registering it"
         )
     registered = _REGISTERED.get(name)
-    if registered is not None and registered is not cls:
-        raise ValueError(
-            f"task name {name!r} is taken by {registered.__module__}.{registered.__qualname__}; "
-            f"give {cls.__module__}.{cls.__qualname__} another name"
-        )
+    # The same definition run again (a reloaded module, a notebook cell) replaces the class it made before.
+    if registered is not None and _where(registered) != _where(cls):
+        raise ValueError(f"task name {name!r} is taken by {_where(registered)}; give {_where(cls)} another name")
     _REGISTERED[name] = cls
     return cls
 
