@@ -219,7 +219,7 @@ class ExperimentConfig:
         expected = task.settings_type
         if expected is None and self.task_settings is not None:
             raise ValueError(f"task_settings={type(self.task_settings).__name__}(...): task={self.task!r} has no "
-                             "settings; leave task_settings out")
+                             "settings; leave task_settings out (or set it to None)")
         if expected is not None:
             if self.task_settings is None:
                 object.__setattr__(self, "task_settings", expected())
