@@ -119,7 +119,7 @@ def test_clear_errors(pair):
     with pytest.raises(ValueError, match="needs \\(B, H, W, C\\) feature maps .* stage_split='groups'"):
         factories.make_method("at", paper_child, Classification(), batch["image"], jax.random.key(0),
                               parent=paper_parent, parent_variables=parent_variables)
-    with pytest.raises(ValueError, match="defined for task=classification only"):
+    with pytest.raises(ValueError, match="feature_distillation only .task=classification"):
         factories.make_method("fitnet", CHILD, Segmentation(), batch["image"], jax.random.key(0), parent=PARENT,
                               parent_variables=parent_variables)
     with pytest.raises(ValueError, match="fitnet.stage='head'.*group1"):

@@ -159,7 +159,7 @@ def test_eval_sums_give_lits_dice_per_case_and_global():
 def test_settings_reach_the_task_and_losses():
     config = apply_overrides(load_config("seg_smoke"), ["seg.ce_weight=0", "seg.num_classes=2"])
     task = make_task("segmentation", config)
-    assert task.settings == config.seg and task.settings.regions == (("foreground", (1,)),)
+    assert task.settings == config.task_settings and task.settings.regions == (("foreground", (1,)),)
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(2, 4, 4, 2)).astype(np.float32)
     batch = {"mask": rng.integers(0, 2, size=(2, 4, 4))}

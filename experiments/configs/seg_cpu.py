@@ -27,7 +27,7 @@ def get_config() -> ExperimentConfig:
         parent=ModelConfig(arch="unet", widths=(16, 32, 64)),
         parent_epochs=50.0,  # 1,200 steps
         data=SegDataConfig(source="synthetic"),
-        seg=SegSettings(synthetic_cases=24, synthetic_shape=(64, 64, 24), validation_cases=4, test_cases=4),
+        task_settings=SegSettings(synthetic_cases=24, synthetic_shape=(64, 64, 24), validation_cases=4, test_cases=4),
         optim=OptimConfig(learning_rate=0.1, momentum=0.9, weight_decay=1e-4, schedule="cosine"),
         hkt=HKTSettings(mode="softmax", inherit_loss="mae"),
         train=TrainSettings(batch_size=16, epochs=40.0, log_every_steps=24, eval_every_steps=120,

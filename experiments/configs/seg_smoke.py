@@ -22,7 +22,7 @@ def get_config() -> ExperimentConfig:
         child=ModelConfig(arch="pocketnet", width=8, depth=2),
         parent=ModelConfig(arch="unet", widths=(8, 16)),
         data=SegDataConfig(source="synthetic"),
-        seg=SegSettings(synthetic_cases=4, synthetic_shape=(32, 32, 16), validation_cases=1, test_cases=1),
+        task_settings=SegSettings(synthetic_cases=4, synthetic_shape=(32, 32, 16), validation_cases=1, test_cases=1),
         parent_epochs=25.0,  # 100 steps: the parent must be worth inheriting from
         optim=OptimConfig(learning_rate=0.1, schedule="constant", weight_decay=0.0),
         hkt=HKTSettings(mode="softmax", alphas=(0.25, 0.5, 0.25), inherit_loss="mae"),

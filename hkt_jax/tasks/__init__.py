@@ -1,22 +1,29 @@
-"""Tasks: what a training problem supplies to the generic training core (see ``tasks.base``)."""
+"""Tasks: what a training problem supplies to the generic training core (see ``tasks.base``).
 
-from typing import Any
+Each task module registers its class with ``@register_task``; importing this package imports the
+built-in ones, so ``TASKS`` lists them.
+"""
 
-from hkt_jax.tasks.base import Task
+from hkt_jax.tasks.base import Task, choose_inherit_loss
+from hkt_jax.tasks.registry import TASKS, make_task, register_task, task_class
 from hkt_jax.tasks.classification import Classification
 from hkt_jax.tasks.flow import Flow
 from hkt_jax.tasks.segmentation import Segmentation
 from hkt_jax.tasks.toy_segmentation import ToySegmentation
 
-TASKS: dict[str, type[Task]] = {"classification": Classification, "toy_segmentation": ToySegmentation,
-                                 "segmentation": Segmentation, "flow": Flow}
+#: what ``task=`` is when a config does not say: the paper's CIFAR experiment.
+DEFAULT_TASK = Classification.name
 
-
-def make_task(name: str, config: Any = None) -> Task:
-    """The task ``name``; given the experiment ``config``, with its task-specific settings."""
-    if name not in TASKS:
-        raise ValueError(f"task={name!r}: expected one of {tuple(TASKS)}")
-    return TASKS[name]() if config is None else TASKS[name].from_config(config)
-
-
-__all__ = ["TASKS", "Classification", "Flow", "Segmentation", "Task", "ToySegmentation", "make_task"]
+__all__ = [
+    "DEFAULT_TASK",
+    "TASKS",
+    "Classification",
+    "Flow",
+    "Segmentation",
+    "Task",
+    "ToySegmentation",
+    "choose_inherit_loss",
+    "make_task",
+    "register_task",
+    "task_class",
+]

@@ -8,12 +8,16 @@ evaluation pass, which metric picks the best model, and which images are
 worth logging. Classification is one Task; flow and segmentation are others.
 
 A Task is a stateless, hashable value: it is closed over by jit-compiled steps.
+It owns its settings too: ``settings_type`` is the frozen dataclass a config
+carries as ``task_settings`` (written ``<settings_key>.*`` on the command line
+and in ``config.json``), handed to the task as its ``settings`` field. A task
+registers itself with ``@register_task`` (``hkt_jax.tasks.registry``).
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal, Mapping
 
 import jax
 import numpy as np
@@ -31,14 +35,22 @@ class Task(abc.ABC):
     #: key of ``finish_eval``'s result that selects the best model, and whether higher is better.
     selection_metric: str = "loss"
     selection_mode: Literal["max", "min"] = "min"
-    #: names ``hkt.inherit_loss`` may take for this task (first = what the paper uses).
-    inherit_losses: tuple[str, ...] = ()
+    #: the frozen dataclass of this task's own settings (``config.task_settings``), None = it has none.
+    settings_type: ClassVar[type | None] = None
+    #: the key of those settings on the command line and in ``config.json`` (None: the task's name).
+    settings_key: ClassVar[str | None] = None
+    #: whether the networks give (B, H, W, C) maps at their stage ends that method=fitnet / at can compare.
+    feature_distillation: ClassVar[bool] = False
+
+    @classmethod
+    def settings_name(cls) -> str:
+        return cls.settings_key or cls.name
 
     @classmethod
     def from_config(cls, config: Any) -> Task:
-        """The task an experiment config asks for, with its task-specific settings (e.g. ``config.seg``);
-        tasks without settings take none."""
-        return cls()
+        """The task an experiment config asks for; a task with ``settings_type`` gets ``config.task_settings``
+        as its ``settings`` field."""
+        return cls() if cls.settings_type is None else cls(settings=config.task_settings)
 
     # -- data and models ------------------------------------------------------------------------
 
@@ -68,8 +80,16 @@ class Task(abc.ABC):
         """The native loss (L2 in HKT; the whole loss of a baseline)."""
 
     @abc.abstractmethod
+    def inherit_loss_table(self) -> Mapping[str, LossFn]:
+        """The losses ``hkt.inherit_loss`` may name for the inherited streams (L1, L3), by that name."""
+
+    @property
+    def inherit_losses(self) -> tuple[str, ...]:
+        return tuple(self.inherit_loss_table())
+
     def inherit_loss(self, name: str) -> LossFn:
         """The loss of the inherited streams (L1, L3) named by ``hkt.inherit_loss``."""
+        return choose_inherit_loss(self, name, self.inherit_loss_table())
 
     def distill_loss(self, student: Any, teacher: Any, batch: Batch, *, temperature: float,
                      weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -106,3 +126,10 @@ class Task(abc.ABC):
     def describe_data(self, datasets: Any) -> str:
         return (f"{datasets.num_train} train / {datasets.num_validation} validation / "
                 f"{datasets.num_test} test examples")
+
+
+def choose_inherit_loss(task: Task, name: str, table: Mapping[str, LossFn]) -> LossFn:
+    """``table[name]``; a name the task does not take is an error naming the ones it does."""
+    if name not in table:
+        raise ValueError(f"hkt.inherit_loss={name!r}: task {task.name!r} takes one of {tuple(table)}")
+    return table[name]

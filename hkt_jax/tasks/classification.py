@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from hkt_jax.tasks.base import Batch, LossFn, Task
+from hkt_jax.tasks.registry import register_task
 from hkt_jax.data.pipeline import ImageDatasets, make_datasets
 
 
@@ -37,6 +38,7 @@ def hinton_kd(student: jax.Array, teacher: jax.Array, temperature: float) -> jax
 INHERIT_LOSSES = {"mae": classification_mae, "ce": classification_ce}
 
 
+@register_task
 @dataclasses.dataclass(frozen=True)
 class Classification(Task):
     """Batches ``{"image": (B, H, W, C) float, "label": (B,) int}``; eval batches add ``"mask"``
@@ -45,7 +47,7 @@ class Classification(Task):
     name: str = "classification"
     selection_metric: str = "accuracy"
     selection_mode: str = "max"
-    inherit_losses: tuple[str, ...] = tuple(INHERIT_LOSSES)
+    feature_distillation = True
 
     def make_datasets(self, data_config, *, global_batch_size, seed, process_index=None,
                       process_count=None) -> ImageDatasets:
@@ -61,10 +63,8 @@ class Classification(Task):
     def task_loss(self, outputs, batch):
         return classification_ce(outputs, batch)
 
-    def inherit_loss(self, name: str) -> LossFn:
-        if name not in INHERIT_LOSSES:
-            raise ValueError(f"hkt.inherit_loss={name!r}: expected one of {tuple(INHERIT_LOSSES)}")
-        return INHERIT_LOSSES[name]
+    def inherit_loss_table(self) -> dict[str, LossFn]:
+        return INHERIT_LOSSES
 
     def distill_loss(self, student, teacher, batch, *, temperature, weight):
         ce = classification_ce(student, batch)

@@ -22,6 +22,7 @@ import numpy as np
 from hkt_jax.data.flow_io import flow_to_color
 from hkt_jax.tasks.flow_metrics import MAX_FLOW, SEQUENCE_GAMMA, end_point_error, flow_metric_sums, sequence_loss
 from hkt_jax.tasks.base import Batch, LossFn, Task
+from hkt_jax.tasks.registry import register_task
 from hkt_jax.tasks.flow_data import FlowDataConfig, FlowDatasets
 
 #: the inference timing in the run summary needs no more frames than this per call.
@@ -36,6 +37,7 @@ def final_flow_mae(outputs: jax.Array, batch: Batch, max_flow: float = MAX_FLOW)
     return jnp.sum(mask * jnp.abs(final - batch["flow"])) / jnp.maximum(2.0 * jnp.sum(mask), 1.0)
 
 
+@register_task
 @dataclasses.dataclass(frozen=True)
 class Flow(Task):
     """RAFT-style supervised optical flow (see the module docstring)."""
@@ -43,7 +45,6 @@ class Flow(Task):
     name: str = "flow"
     selection_metric: str = "epe"
     selection_mode: str = "min"
-    inherit_losses: tuple[str, ...] = ("seq", "mae")
     gamma: float = SEQUENCE_GAMMA
     max_flow: float = MAX_FLOW
 
@@ -84,13 +85,9 @@ class Flow(Task):
     def task_loss(self, outputs, batch):
         return sequence_loss(outputs, batch["flow"], batch["valid"], gamma=self.gamma, max_flow=self.max_flow)
 
-    def inherit_loss(self, name: str) -> LossFn:
-        if name == "seq":
-            return self.task_loss
-        if name == "mae":
-            return functools.partial(final_flow_mae, max_flow=self.max_flow)
-        raise ValueError(f"hkt.inherit_loss={name!r}: flow takes one of {self.inherit_losses} "
-                         "(seq: RAFT's sequence loss, mae: mean |final flow - gt|)")
+    def inherit_loss_table(self) -> dict[str, LossFn]:
+        """"seq": RAFT's sequence loss; "mae": the paper's mean |final flow - gt|."""
+        return {"seq": self.task_loss, "mae": functools.partial(final_flow_mae, max_flow=self.max_flow)}
 
     def distill_loss(self, student, teacher, batch, *, temperature, weight):
         """DRAFT-style: (1 - weight) x sequence loss against the ground truth + weight x sequence loss against

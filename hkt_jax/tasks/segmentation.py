@@ -11,7 +11,7 @@ They are counted on the slices as the network sees them (``seg.slice_size``);
 The best model is the one with the highest validation liver Dice per case
 (``"dice"``; with other than 3 classes: foreground = every label > 0).
 
-Settings (``config.seg``, ``SegSettings``): HU window, slice size, classes, loss
+Settings (``seg.*``, ``SegSettings``, the config's ``task_settings``): HU window, slice size, classes, loss
 weights, sampling and the splits by case. HKT's default wiring for a U-Net pair
 (bottom features after encoder and bottleneck) is the model's ``hkt_boundaries``.
 Data (``data.source``): ``synthetic`` writes synthetic NIfTI cases in the LiTS
@@ -37,6 +37,7 @@ from hkt_jax.runtime import paths
 from hkt_jax.tasks import seg_metrics
 from hkt_jax.data import DataConfig, volumes
 from hkt_jax.tasks.base import Batch, LossFn, Task
+from hkt_jax.tasks.registry import register_task
 from hkt_jax.data.synthetic_ct import SyntheticCTConfig, write_synthetic_lits
 from hkt_jax.data.stream import ProcessSlice
 
@@ -48,7 +49,8 @@ LABEL_COLOURS = np.array([[0, 0, 0], [0, 200, 0], [230, 0, 0], [0, 120, 255], [2
 
 @dataclasses.dataclass(frozen=True)
 class SegSettings:
-    """``config.seg``: what a segmentation run needs beyond the shared data/optim/train settings."""
+    """``seg.*`` (the config's ``task_settings``): what a segmentation run needs beyond the shared
+    data/optim/train settings."""
 
     window: tuple[float, float] = volumes.DEFAULT_WINDOW  # HU window mapped to [0, 1]
     slice_size: int | None = None  # resize slices to this square size (None: native size)
@@ -87,7 +89,7 @@ class SegSettings:
 @dataclasses.dataclass(frozen=True)
 class SegDataConfig(DataConfig):
     """``data.*`` of a segmentation run: ``source`` one of ``DATA_SOURCES``, ``path`` the dataset folder
-    (unused for ``synthetic``); slicing, windowing and splits are ``config.seg``."""
+    (unused for ``synthetic``); slicing, windowing and splits are ``seg.*``."""
 
     source: str = "synthetic"
     name: str = "synthetic_ct"
@@ -192,19 +194,17 @@ def _case_sum_key(case: int, name: str, region: int) -> str:
     return f"case{case}/{name}/{region}"
 
 
+@register_task
 @dataclasses.dataclass(frozen=True)
 class Segmentation(Task):
-    """Per-pixel classes of CT slices (module docstring); ``settings`` = the run's ``config.seg``."""
+    """Per-pixel classes of CT slices (module docstring); ``settings`` = the run's ``seg.*``."""
 
     name: str = "segmentation"
     selection_metric: str = "dice"
     selection_mode: str = "max"
-    inherit_losses: tuple[str, ...] = ("mae", "ce")
+    settings_type = SegSettings
+    settings_key = "seg"
     settings: SegSettings = SegSettings()
-
-    @classmethod
-    def from_config(cls, config: Any) -> Segmentation:
-        return cls(settings=config.seg)
 
     # -- data and models --
 
@@ -225,11 +225,9 @@ class Segmentation(Task):
     def task_loss(self, outputs, batch):
         return seg_metrics.make_segmentation_loss(self.settings.ce_weight, self.settings.dice_weight)(outputs, batch)
 
-    def inherit_loss(self, name: str) -> LossFn:
+    def inherit_loss_table(self) -> dict[str, LossFn]:
         """"mae": the paper's per-pixel MAE; "ce": the segmentation loss itself (CE + soft Dice)."""
-        if name not in self.inherit_losses:
-            raise ValueError(f"hkt.inherit_loss={name!r}: expected one of {self.inherit_losses}")
-        return seg_metrics.segmentation_mae if name == "mae" else self.task_loss
+        return {"mae": seg_metrics.segmentation_mae, "ce": self.task_loss}
 
     def distill_loss(self, student, teacher, batch, *, temperature, weight):
         """(1 - weight) * segmentation loss + weight * pixel-wise KD on the parent's logits."""

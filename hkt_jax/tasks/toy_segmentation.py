@@ -18,6 +18,7 @@ import optax
 
 from hkt_jax.data.arrays import ArrayDatasets
 from hkt_jax.tasks.base import Batch, LossFn, Task
+from hkt_jax.tasks.registry import register_task
 
 NUM_CLASSES = 2
 
@@ -48,6 +49,7 @@ def pixel_mae(logits: jax.Array, batch: Batch) -> jax.Array:
 INHERIT_LOSSES = {"mae": pixel_mae, "ce": pixel_ce}
 
 
+@register_task
 @dataclasses.dataclass(frozen=True)
 class ToySegmentation(Task):
     """Batches ``{"image": (B, S, S, 3), "segmentation": (B, S, S) int}``; best model by validation Dice."""
@@ -55,7 +57,6 @@ class ToySegmentation(Task):
     name: str = "toy_segmentation"
     selection_metric: str = "dice"
     selection_mode: str = "max"
-    inherit_losses: tuple[str, ...] = tuple(INHERIT_LOSSES)
     image_size: int = 16
 
     def make_datasets(self, data_config, *, global_batch_size, seed, process_index=None,
@@ -78,10 +79,8 @@ class ToySegmentation(Task):
     def task_loss(self, outputs, batch):
         return pixel_ce(outputs, batch)
 
-    def inherit_loss(self, name: str) -> LossFn:
-        if name not in INHERIT_LOSSES:
-            raise ValueError(f"hkt.inherit_loss={name!r}: expected one of {tuple(INHERIT_LOSSES)}")
-        return INHERIT_LOSSES[name]
+    def inherit_loss_table(self) -> dict[str, LossFn]:
+        return INHERIT_LOSSES
 
     def train_metrics(self, outputs, batch):
         return {"pixel_accuracy": jnp.mean(jnp.argmax(outputs, -1) == batch["segmentation"])}

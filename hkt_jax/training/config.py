@@ -4,7 +4,9 @@ A config file (``experiments/configs/NAME.py``) defines ``get_config()``
 returning an ``ExperimentConfig``; the command line then overrides any field
 by its dotted path, e.g. ``train.steps=200 hkt.lam=0.5 hkt.alphas=0.2,0.6,0.2``.
 Values are parsed by the type of the field they replace, and a path that does
-not exist is an error listing the valid ones.
+not exist is an error listing the valid ones. The task's own settings
+(``task_settings``, a dataclass the task defines) go by the task's key, e.g.
+``seg.window=-200,250`` for segmentation.
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ from hkt_jax.data.pipeline import DataConfig
 from hkt_jax.engine.hkt import HKTConfig
 from hkt_jax.training.methods import METHODS
 from hkt_jax.models.registry import config_fields
-from hkt_jax.tasks import TASKS
-from hkt_jax.tasks.segmentation import SegSettings
+from hkt_jax.tasks import DEFAULT_TASK, TASKS, task_class
 
 
 def _check(key: str, value: Any, ok: bool, expected: str) -> None:
@@ -192,7 +193,7 @@ class MeshSettings:
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    task: str = "classification"  # hkt_jax.tasks.TASKS
+    task: str = DEFAULT_TASK  # a name in hkt_jax.tasks.TASKS
     method: str = "hkt"  # hkt_jax.training.methods.METHODS
     child: ModelConfig = ModelConfig(depth=20)
     parent: ModelConfig = ModelConfig(depth=110)
@@ -207,21 +208,44 @@ class ExperimentConfig:
     at: ATSettings = ATSettings()
     train: TrainSettings = TrainSettings()
     mesh: MeshSettings = MeshSettings()
-    seg: SegSettings = SegSettings()  # task=segmentation only (HU window, slice size, losses, splits)
+    # The task's own settings (an instance of its ``Task.settings_type``; None = its defaults, or none for a
+    # task without settings). Command line and config.json name them by ``Task.settings_name()`` (``seg``).
+    task_settings: Any = dataclasses.field(default=None, metadata={"nested": True})
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: expected one of {METHODS}")
-        if self.task not in TASKS:
-            raise ValueError(f"task={self.task!r}: expected one of {tuple(TASKS)}")
+        task = task_class(self.task)
+        expected = task.settings_type
+        if expected is None and self.task_settings is not None:
+            raise ValueError(f"task_settings={type(self.task_settings).__name__}(...): task={self.task!r} has no "
+                             "settings; leave task_settings out (or set it to None)")
+        if expected is not None:
+            if self.task_settings is None:
+                object.__setattr__(self, "task_settings", expected())
+            elif not isinstance(self.task_settings, expected):
+                raise ValueError(f"task_settings: task={self.task!r} takes {expected.__name__}(...), got "
+                                 f"{type(self.task_settings).__name__}")
+            if task.settings_name() in {field.name for field in dataclasses.fields(self)}:
+                raise ValueError(f"task={self.task!r}: its settings key {task.settings_name()!r} is already a "
+                                 "config field; give the task another settings_key")
         _check("parent_epochs", self.parent_epochs, self.parent_epochs is None or self.parent_epochs > 0,
                "> 0 or none")
 
+    @property
+    def cli_names(self) -> dict[str, str]:
+        """Fields the command line and ``config.json`` call by another name (the task's settings)."""
+        return {"task_settings": task_class(self.task).settings_name()} if self.task_settings is not None else {}
+
     def record(self) -> dict[str, Any]:
-        """What ``config.json`` holds: every setting, models with only the fields their architecture uses."""
+        """What ``config.json`` holds: every setting, models with only the fields their architecture uses, the
+        task's settings (if it has any) under its key."""
         record = dataclasses.asdict(self)
         record["child"], record["parent"] = self.child.record(), self.parent.record()
         record["hkt"].pop("boundaries", None)
+        settings = record.pop("task_settings")
+        if settings is not None:
+            record[self.cli_names["task_settings"]] = settings
         return record
 
 
@@ -236,6 +260,10 @@ def load_config(name: str) -> ExperimentConfig:
     return module.get_config()
 
 
+def _cli_name(config: Any, field_name: str) -> str:
+    return getattr(config, "cli_names", {}).get(field_name, field_name)
+
+
 def _field_paths(config: Any, prefix: str = "") -> list[str]:
     paths = []
     for field in dataclasses.fields(config):
@@ -243,8 +271,8 @@ def _field_paths(config: Any, prefix: str = "") -> list[str]:
             continue
         value = getattr(config, field.name)
         if dataclasses.is_dataclass(value):
-            paths += _field_paths(value, f"{prefix}{field.name}.")
-        else:
+            paths += _field_paths(value, f"{prefix}{_cli_name(config, field.name)}.")
+        elif not field.metadata.get("nested", False):
             paths.append(prefix + field.name)
     return paths
 
@@ -284,13 +312,14 @@ def _replace_all(config: Any, updates: dict[str, Any], prefix: str = "") -> Any:
     """One ``dataclasses.replace`` per nested config, so fields that are only
     valid together (``data.source`` + ``data.path``) are checked together."""
     hints = typing.get_type_hints(type(config))
+    fields = {_cli_name(config, field.name): field.name for field in dataclasses.fields(config)}
     changes = {}
     for name, update in updates.items():
-        path = prefix + name
+        path, field = prefix + name, fields[name]
         if isinstance(update, dict):
-            changes[name] = _replace_all(getattr(config, name), update, path + ".")
+            changes[field] = _replace_all(getattr(config, field), update, path + ".")
         else:
-            changes[name] = _parse_value(update, hints[name], getattr(config, name), path)
+            changes[field] = _parse_value(update, hints[field], getattr(config, field), path)
     try:
         return dataclasses.replace(config, **changes)
     except ValueError as error:  # name the user's keys when the check that failed does not (e.g. the engine's)
@@ -300,16 +329,31 @@ def _replace_all(config: Any, updates: dict[str, Any], prefix: str = "") -> Any:
         raise
 
 
+def _switch_task(config: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
+    """``config`` for the task a ``task=NAME`` override names (the last one), so that the new task's settings
+    keys are valid overrides too; settings of another type are replaced by the new task's defaults."""
+    names = [item.lstrip("-").partition("=")[2] for item in overrides if item.lstrip("-").partition("=")[0] == "task"]
+    if not names or names[-1] == config.task:
+        return config
+    settings_type = task_class(names[-1]).settings_type
+    keep = settings_type is not None and isinstance(config.task_settings, settings_type)
+    return dataclasses.replace(config, task=names[-1], task_settings=config.task_settings if keep else None)
+
+
 def apply_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
     """Apply ``a.b=value`` overrides (also accepts ``--a.b=value``); later ones win."""
+    config = _switch_task(config, overrides)
     valid = _field_paths(config)
     updates: dict[str, Any] = {}
     for item in overrides:
         key, sep, text = item.lstrip("-").partition("=")
+        prefix = key.partition(".")[0]
         if not sep:
             raise ValueError(f"override {item!r} must look like key=value (e.g. train.steps=100)")
         if key not in valid:
-            raise ValueError(f"override {item!r}: unknown key {key!r}; valid keys: {', '.join(valid)}")
+            owners = [name for name, task in TASKS.items() if task.settings_type and task.settings_name() == prefix]
+            hint = f" ({prefix}.* belongs to task={owners[0]}, this config is task={config.task})" if owners else ""
+            raise ValueError(f"override {item!r}: unknown key {key!r}{hint}; valid keys: {', '.join(valid)}")
         *parents, leaf = key.split(".")
         node = updates
         for part in parents:

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from hkt_jax.engine.hkt import HKT
 from hkt_jax.engine.stages import apply_stage
 from hkt_jax.tasks import Task
+from hkt_jax.tasks.registry import feature_distillation_tasks
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, Any]]]
 METHODS = ("hkt", "child", "kd", "fitnet", "at", "parent")
@@ -170,9 +171,11 @@ def parent_stage_outputs(parent: nn.Module, parent_variables, x) -> list[Any]:
 def feature_points(method: str, model: nn.Module, parent: nn.Module, task: Task, child_outputs: list[Any],
                    parent_outputs: list[Any]) -> tuple[str, ...]:
     """The stage names whose outputs fitnet / at compare (every stage but the last), after checking that
-    the task is classification and that those outputs are spatial maps of matching sizes."""
-    if task.name != "classification":
-        raise ValueError(f"method={method} is defined for task=classification only, not {task.name!r}")
+    the task has feature maps to compare (``Task.feature_distillation``) and that those outputs are spatial maps
+    of matching sizes."""
+    if not task.feature_distillation:
+        raise ValueError(f"method={method} is defined for tasks with feature_distillation only "
+                         f"(task={' or task='.join(feature_distillation_tasks())}), not {task.name!r}")
     names = tuple(model.stage_names)
     if names != tuple(parent.stage_names):
         raise ValueError(f"method={method}: child and parent must share stage names, got {names} and "

@@ -154,7 +154,7 @@ class Run:
 
 
 def build_run(config: ExperimentConfig) -> Run:
-    task = make_task(config.task, config)
+    task = make_task(config)
     batch_size = config.train.batch_size
     mesh = factories.make_mesh(config.mesh.data, config.mesh.model, global_batch_size=batch_size)
     datasets = task.make_datasets(config.data, global_batch_size=batch_size, seed=config.train.seed)
