@@ -171,9 +171,9 @@ def stand_in_data(config: ExperimentConfig, cache_dir: str) -> ExperimentConfig:
             data, source="synthetic", path=None, frame_size=(64, 64), crop_size=(64, 64), augment=False,
             sintel_mix="sintel", synthetic_train_size=8, validation_size=4, synthetic_test_size=4))
     if isinstance(data, SegDataConfig):
-        seg = dataclasses.replace(config.seg, synthetic_cases=3, synthetic_shape=(32, 32, 4), validation_cases=1,
+        seg = dataclasses.replace(config.task_settings, synthetic_cases=3, synthetic_shape=(32, 32, 4), validation_cases=1,
                                   test_cases=1, slice_size=None)
-        return dataclasses.replace(config, seg=seg, data=dataclasses.replace(data, source="synthetic", path=None,
+        return dataclasses.replace(config, task_settings=seg, data=dataclasses.replace(data, source="synthetic", path=None,
                                                                             cache_dir=cache_dir))
     return dataclasses.replace(config, data=dataclasses.replace(
         data, source="synthetic", path=None, train_per_class=None, validation_size=8, synthetic_train_size=32,
