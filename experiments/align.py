@@ -38,32 +38,66 @@ SUBSET_SEED = 0
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m experiments.align", description=__doc__.split("\n\n")[0])
     for side in ("parent", "child"):
-        parser.add_argument(f"--{side}_ckpt", type=Path, required=True,
-                            help=f"the {side}'s model checkpoint (model.json + variables/, as `hkt_jax.convert` "
-                                 "or a training run's export writes)")
-        parser.add_argument(f"--{side}", choices=sorted(ARCHITECTURES),
-                            help=f"the {side}'s architecture; optional: read from its model.json (if given, "
-                                 "the two must agree)")
+        parser.add_argument(
+            f"--{side}_ckpt",
+            type=Path,
+            required=True,
+            help=f"the {side}'s model checkpoint (model.json + variables/, as `hkt_jax.convert` "
+            "or a training run's export writes)",
+        )
+        parser.add_argument(
+            f"--{side}",
+            choices=sorted(ARCHITECTURES),
+            help=f"the {side}'s architecture; optional: read from its model.json (if given, the two must agree)",
+        )
     parser.add_argument("--images", type=int, default=512, help="how many test images (default 512)")
-    parser.add_argument("--data", type=Path, default=None,
-                        help="image folder or .tar.gz with a test split (default: the shared CIFAR-10 archive)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="image folder or .tar.gz with a test split (default: the shared CIFAR-10 archive)",
+    )
     parser.add_argument("--split", default="test")
-    parser.add_argument("--normalization", default="imagenet", choices=sorted(NORMALIZATIONS),
-                        help="as the networks were trained (the converted CIFAR ResNets: imagenet)")
+    parser.add_argument(
+        "--normalization",
+        default="imagenet",
+        choices=sorted(NORMALIZATIONS),
+        help="as the networks were trained (the converted CIFAR ResNets: imagenet)",
+    )
     parser.add_argument("--k", type=int, default=None, help="pairs to choose (default: by the largest gap)")
     parser.add_argument("--max_k", type=int, default=None, help="cap on K when chosen by the gap")
-    parser.add_argument("--max_depth", type=int, default=1,
-                        help="candidate paths at most this many levels deep (1: top-level submodules such as "
-                             "residual blocks; 0: every depth, e.g. layer1_0/bn1 too)")
-    parser.add_argument("--include", default=None, metavar="REGEX",
-                        help="keep only candidate paths matching this regular expression (re.search), e.g. "
-                             "'^layer' for residual blocks only")
-    parser.add_argument("--child_taps", default=None, metavar="PATH,PATH,...",
-                        help="fix the child's stage ends (K = their number) and choose only the parent's")
-    parser.add_argument("--parent_taps", default=None, metavar="PATH,PATH,...",
-                        help="fix the parent's stage ends and choose only the child's")
-    parser.add_argument("--max_features", type=int, default=16384,
-                        help="feature maps larger than this are average-pooled over windows first")
+    parser.add_argument(
+        "--max_depth",
+        type=int,
+        default=1,
+        help="candidate paths at most this many levels deep (1: top-level submodules such as "
+        "residual blocks; 0: every depth, e.g. layer1_0/bn1 too)",
+    )
+    parser.add_argument(
+        "--include",
+        default=None,
+        metavar="REGEX",
+        help="keep only candidate paths matching this regular expression (re.search), e.g. "
+        "'^layer' for residual blocks only",
+    )
+    parser.add_argument(
+        "--child_taps",
+        default=None,
+        metavar="PATH,PATH,...",
+        help="fix the child's stage ends (K = their number) and choose only the parent's",
+    )
+    parser.add_argument(
+        "--parent_taps",
+        default=None,
+        metavar="PATH,PATH,...",
+        help="fix the parent's stage ends and choose only the child's",
+    )
+    parser.add_argument(
+        "--max_features",
+        type=int,
+        default=16384,
+        help="feature maps larger than this are average-pooled over windows first",
+    )
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--json", type=Path, help="write pairs and the full CKA matrix here")
     parser.add_argument("--png", type=Path, help="write the heat map with the chosen pairs here")
@@ -107,19 +141,22 @@ def load_images(args) -> np.ndarray:
 
 def grams_of(model, variables, images, args, fixed):
     probe = images[: min(len(images), args.batch_size)]
-    shapes = align.candidate_paths(model, variables, probe, max_depth=0 if fixed else args.max_depth,
-                                   include=None if fixed else args.include)
+    shapes = align.candidate_paths(
+        model, variables, probe, max_depth=0 if fixed else args.max_depth, include=None if fixed else args.include
+    )
     if fixed:
         unknown = [p for p in fixed if p not in shapes]
         if unknown:
-            raise SystemExit(f"error: {unknown} cannot end a stage of {type(model).__name__}; candidates: "
-                             f"{list(shapes)}")
+            raise SystemExit(
+                f"error: {unknown} cannot end a stage of {type(model).__name__}; candidates: {list(shapes)}"
+            )
         order = list(shapes)
         if [order.index(p) for p in fixed] != sorted(order.index(p) for p in fixed):
             raise SystemExit(f"error: list the fixed taps in forward order: {sorted(fixed, key=order.index)}")
         shapes = {p: shapes[p] for p in fixed}
-    grams = align.centred_grams(model, variables, images, list(shapes), batch_size=args.batch_size,
-                                max_features=args.max_features)
+    grams = align.centred_grams(
+        model, variables, images, list(shapes), batch_size=args.batch_size, max_features=args.max_features
+    )
     return shapes, grams
 
 
@@ -162,8 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     matrix = align.cka_matrix([parent_grams[p] for p in parent_paths], [child_grams[c] for c in child_paths])
     totals = align.best_totals(matrix)
     if args.k is not None and args.k > len(totals):
-        raise SystemExit(f"error: --k {args.k}, but only {len(totals)} monotone pairs fit "
-                         f"({len(parent_paths)} parent x {len(child_paths)} child candidates)")
+        raise SystemExit(
+            f"error: --k {args.k}, but only {len(totals)} monotone pairs fit "
+            f"({len(parent_paths)} parent x {len(child_paths)} child candidates)"
+        )
     fixed = args.parent_taps or args.child_taps
     if fixed:
         k, how = len(fixed), f"fixed --{'parent' if args.parent_taps else 'child'}_taps"
@@ -174,40 +213,67 @@ def main(argv: list[str] | None = None) -> int:
     match = align.monotone_pairs(matrix, k)
     seconds = time.perf_counter() - started
 
-    pairs = [{"parent": parent_paths[i], "child": child_paths[j], "cka": float(matrix[i, j]),
-              "parent_shape": list(parent_shapes[parent_paths[i]]), "child_shape": list(child_shapes[child_paths[j]])}
-             for i, j in match.pairs]
-    print(f"linear CKA on {len(images)} images: {len(parent_paths)} parent x {len(child_paths)} child candidates; "
-          f"K = {k} ({how}), summed CKA {match.total:.4f}, {seconds:.1f} s")
+    pairs = [
+        {
+            "parent": parent_paths[i],
+            "child": child_paths[j],
+            "cka": float(matrix[i, j]),
+            "parent_shape": list(parent_shapes[parent_paths[i]]),
+            "child_shape": list(child_shapes[child_paths[j]]),
+        }
+        for i, j in match.pairs
+    ]
+    print(
+        f"linear CKA on {len(images)} images: {len(parent_paths)} parent x {len(child_paths)} child candidates; "
+        f"K = {k} ({how}), summed CKA {match.total:.4f}, {seconds:.1f} s"
+    )
     width = max(len(p["parent"]) for p in pairs) + 2
     print(f"  {'parent':<{width}}{'child':<{width}}CKA")
     for p in pairs:
         print(f"  {p['parent']:<{width}}{p['child']:<{width}}{p['cka']:.4f}")
-    override = (f"hkt.parent_taps={','.join(p['parent'] for p in pairs)} "
-                f"hkt.child_taps={','.join(p['child'] for p in pairs)}")
+    override = (
+        f"hkt.parent_taps={','.join(p['parent'] for p in pairs)} hkt.child_taps={','.join(p['child'] for p in pairs)}"
+    )
     print(f"override: {override}")
     for side in ("parent", "child"):
         nested = align.nested_paths([p[side] for p in pairs])
         if nested:
-            print(f"warning: {side} paths {nested} run one inside the other; Tapped refuses such taps: "
-                  "choose another K or narrow the candidates (--max_depth 1, --include)")
+            print(
+                f"warning: {side} paths {nested} run one inside the other; Tapped refuses such taps: "
+                "choose another K or narrow the candidates (--max_depth 1, --include)"
+            )
 
     if args.png:
-        title = (f"parent {describe(parent_spec)}\nchild {describe(child_spec)}\n"
-                 f"linear CKA, {len(images)} images, K = {k} ({how})")
+        title = (
+            f"parent {describe(parent_spec)}\nchild {describe(child_spec)}\n"
+            f"linear CKA, {len(images)} images, K = {k} ({how})"
+        )
         plot(matrix, parent_paths, child_paths, match.pairs, title, args.png)
         print(f"heat map: {args.png}")
     if args.json:
         record = {
             "parent": {"checkpoint": str(args.parent_ckpt), "spec": parent_spec, "paths": parent_paths},
             "child": {"checkpoint": str(args.child_ckpt), "spec": child_spec, "paths": child_paths},
-            "images": len(images), "data": str(args.data or shared_cifar10_archive()), "split": args.split,
-            "subset_seed": SUBSET_SEED, "normalization": args.normalization, "max_depth": args.max_depth,
-            "include": args.include, "fixed_parent_taps": args.parent_taps, "fixed_child_taps": args.child_taps,
+            "images": len(images),
+            "data": str(args.data or shared_cifar10_archive()),
+            "split": args.split,
+            "subset_seed": SUBSET_SEED,
+            "normalization": args.normalization,
+            "max_depth": args.max_depth,
+            "include": args.include,
+            "fixed_parent_taps": args.parent_taps,
+            "fixed_child_taps": args.child_taps,
             "max_features": args.max_features,
-            "k": k, "k_chosen": how, "best_totals": totals.tolist(), "total_cka": match.total,
-            "pairs": pairs, "override": override, "matrix": matrix.tolist(),
-            "seconds": round(seconds, 2), "jax": jax.__version__, "device": jax.devices()[0].device_kind,
+            "k": k,
+            "k_chosen": how,
+            "best_totals": totals.tolist(),
+            "total_cka": match.total,
+            "pairs": pairs,
+            "override": override,
+            "matrix": matrix.tolist(),
+            "seconds": round(seconds, 2),
+            "jax": jax.__version__,
+            "device": jax.devices()[0].device_kind,
             "cpu": platform.processor() or platform.machine(),
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)

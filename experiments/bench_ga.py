@@ -130,17 +130,23 @@ def bench_case(case, batch, spatial, channels, *, reps, chunk_sizes, roofline_si
         key = len(rows)
         calls[(key, "fwd")] = functools.partial(compiled_fwd, child, parent)
         calls[(key, "fwd_bwd")] = functools.partial(compiled_fb, child, parent, cotangent)
-        rows.append({
-            "case": case, "batch": batch, "tokens": tokens, "channels": channels, "mode": mode,
-            "impl": impl if mode == "softmax" else "-",
-            "chunk_size": chunk_size,
-            "dtype": jnp.dtype(dtype).name,
-            "resolved_impl": resolved,
-            "chunk_rows": chunk_rows,
-            "flops_fwd": 6 * batch * tokens * channels if mode == "gate" else 4 * batch * tokens**2 * channels,
-            "fwd_temp_mib": compiled_fwd.memory_analysis().temp_size_in_bytes / 2**20,
-            "fwd_bwd_temp_mib": compiled_fb.memory_analysis().temp_size_in_bytes / 2**20,
-        })
+        rows.append(
+            {
+                "case": case,
+                "batch": batch,
+                "tokens": tokens,
+                "channels": channels,
+                "mode": mode,
+                "impl": impl if mode == "softmax" else "-",
+                "chunk_size": chunk_size,
+                "dtype": jnp.dtype(dtype).name,
+                "resolved_impl": resolved,
+                "chunk_rows": chunk_rows,
+                "flops_fwd": 6 * batch * tokens * channels if mode == "gate" else 4 * batch * tokens**2 * channels,
+                "fwd_temp_mib": compiled_fwd.memory_analysis().temp_size_in_bytes / 2**20,
+                "fwd_bwd_temp_mib": compiled_fb.memory_analysis().temp_size_in_bytes / 2**20,
+            }
+        )
 
     times = _timed_rounds(calls, reps)
     roofline = 2 * roofline_size**3 / statistics.median(times["roofline"]) / 1e9
@@ -172,7 +178,9 @@ HEADER = (
 
 def format_row(row) -> str:
     err_plain = "-" if row["err_vs_plain"] is None else f"{row['err_vs_plain']:.1e}"
-    impl = row["impl"] if row["impl"] != "auto" else "auto=" + row["resolved_impl"].replace("dot_product_attention", "dpa")
+    impl = (
+        row["impl"] if row["impl"] != "auto" else "auto=" + row["resolved_impl"].replace("dot_product_attention", "dpa")
+    )
     bwd = "-" if row["bwd_roofline_frac"] is None else f"{row['bwd_roofline_frac']:.0%}"
     return (
         f"{row['case']:14s} {row['mode']:7s} {impl:21s} {row['chunk_rows'] or '-':>5} | "
@@ -187,7 +195,8 @@ def run(cases: dict, *, reps: int, chunk_sizes: tuple[int, ...], roofline_size: 
     array_dtype, tag = DTYPES[dtype]
     device_memory, compute_capability = ga.device_facts(device.platform)
     report = {
-        "platform": device.platform, "cpu": cpu_info.describe_cpu(),
+        "platform": device.platform,
+        "cpu": cpu_info.describe_cpu(),
         "device_kind": device.device_kind,
         "device_memory_bytes": device_memory,
         "compute_capability": compute_capability,
@@ -198,17 +207,28 @@ def run(cases: dict, *, reps: int, chunk_sizes: tuple[int, ...], roofline_size: 
         "auto_choice": {},
         "rows": [],
     }
-    print(f"# device: {device.device_kind} (platform {device.platform}), cpu {cpu_info.describe_cpu()}, jax {jax.__version__}, "
-          f"{dtype} inputs, median of <= {reps} interleaved rounds")
+    print(
+        f"# device: {device.device_kind} (platform {device.platform}), cpu {cpu_info.describe_cpu()}, jax {jax.__version__}, "
+        f"{dtype} inputs, median of <= {reps} interleaved rounds"
+    )
     print(HEADER)
     rng = np.random.default_rng(0)
     for case, (batch, spatial, channels) in cases.items():
         rows = bench_case(
-            case, batch, spatial, channels, reps=reps, chunk_sizes=chunk_sizes, roofline_size=roofline_size, rng=rng,
+            case,
+            batch,
+            spatial,
+            channels,
+            reps=reps,
+            chunk_sizes=chunk_sizes,
+            roofline_size=roofline_size,
+            rng=rng,
             dtype=array_dtype,
         )
-        print(f"# {case}: B={batch} N={math.prod(spatial)} C={channels}, roofline {rows[0]['roofline_gflops']:.1f} "
-              f"GFLOP/s (median of {rows[0]['rounds']} rounds; best {rows[0]['roofline_best_gflops']:.1f})")
+        print(
+            f"# {case}: B={batch} N={math.prod(spatial)} C={channels}, roofline {rows[0]['roofline_gflops']:.1f} "
+            f"GFLOP/s (median of {rows[0]['rounds']} rounds; best {rows[0]['roofline_best_gflops']:.1f})"
+        )
         for row in rows:
             print(format_row(row), flush=True)
         if spatial:
@@ -243,7 +263,9 @@ def plot(report: dict, out: Path) -> Path:
     width = 0.8 / len(labels)
     for ax, (key, title, log) in zip(axes, metrics):
         for i, label in enumerate(labels):
-            values = [next((r[key] for r in rows if r["case"] == case and _label(r) == label), np.nan) for case in cases]
+            values = [
+                next((r[key] for r in rows if r["case"] == case and _label(r) == label), np.nan) for case in cases
+            ]
             ax.bar(np.arange(len(cases)) + i * width, values, width, label=label)
         ax.set_xticks(np.arange(len(cases)) + width * (len(labels) - 1) / 2, cases)
         ax.set_title(title)
@@ -257,8 +279,9 @@ def plot(report: dict, out: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.bench_ga", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.bench_ga", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes and 2 rounds, well under a minute on CPU")
     parser.add_argument("--reps", type=int, help="timed rounds per size (default 7, --quick 2)")
     parser.add_argument("--chunk-sizes", default="", help="comma-separated explicit chunk sizes to add as extra rows")

@@ -64,7 +64,8 @@ def jax_train_step(model: RAFT, iters: int, optimizer):
 
     def step(params, batch_stats, opt_state, image1, image2, target):
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, batch_stats, image1, image2, target)
+            params, batch_stats, image1, image2, target
+        )
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
@@ -100,27 +101,39 @@ def build_cases(config: dict, sizes: list[str], tasks: list[str], torch, corr_im
             infer = jax_inference(model.clone(unroll=1), config["infer_iters"])  # rolled, as estimate_flow
             args = jax.device_put((variables, frames[0], frames[1]))  # on the device once, not per call
             if "inference" in tasks:
-                cases.append({"task": "inference", "size": size, "impl": f"jax {impl}",
-                              "temp_mib": temp_mib(infer, *args),
-                              "run": lambda infer=infer, args=args: infer(*args).block_until_ready()})
+                cases.append(
+                    {
+                        "task": "inference",
+                        "size": size,
+                        "impl": f"jax {impl}",
+                        "temp_mib": temp_mib(infer, *args),
+                        "run": lambda infer=infer, args=args: infer(*args).block_until_ready(),
+                    }
+                )
             if "train" not in tasks:
                 continue
             optimizer = optax.adamw(LEARNING_RATE, weight_decay=1e-5)
             step = jax_train_step(model, config["train_iters"], optimizer)
-            state = {"params": jax.tree.map(jnp.array, variables["params"]),
-                     "batch_stats": jax.tree.map(jnp.array, variables["batch_stats"])}
+            state = {
+                "params": jax.tree.map(jnp.array, variables["params"]),
+                "batch_stats": jax.tree.map(jnp.array, variables["batch_stats"]),
+            }
             state["opt_state"] = optimizer.init(state["params"])
             data = (jnp.asarray(train_frames[0]), jnp.asarray(train_frames[1]), jnp.asarray(target))
             mib = temp_mib(step, state["params"], state["batch_stats"], state["opt_state"], *data)
 
             def train(step=step, state=state, data=data):
                 state["params"], state["batch_stats"], state["opt_state"], loss = step(
-                    state["params"], state["batch_stats"], state["opt_state"], *data)
+                    state["params"], state["batch_stats"], state["opt_state"], *data
+                )
                 loss.block_until_ready()
 
             cases.append({"task": "train step", "size": size, "impl": f"jax {impl}", "temp_mib": mib, "run": train})
-        cases += [case for case in torch_cases(torch, reference, size, config, frames, train_frames, target)
-                  if case["task"].split()[0] in tasks]
+        cases += [
+            case
+            for case in torch_cases(torch, reference, size, config, frames, train_frames, target)
+            if case["task"].split()[0] in tasks
+        ]
     return cases
 
 
@@ -159,8 +172,10 @@ def torch_cases(torch, reference, size: str, config: dict, frames, train_frames,
         synchronize()
 
     nan = float("nan")
-    return [{"task": "inference", "size": size, "impl": "torchvision eager", "temp_mib": nan, "run": infer},
-            {"task": "train step", "size": size, "impl": "torchvision eager", "temp_mib": nan, "run": train}]
+    return [
+        {"task": "inference", "size": size, "impl": "torchvision eager", "temp_mib": nan, "run": infer},
+        {"task": "train step", "size": size, "impl": "torchvision eager", "temp_mib": nan, "run": train},
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,14 +196,20 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [s for s in args.sizes.split(",") if s]
     flags = cpu_info.cpu_flags()
     device = jax.devices()[0]
-    print(f"# CPU: {cpu_info.cpu_model()} (avx512f: {'yes' if 'avx512f' in flags else 'no'}; "
-          f"{cpu_info.describe_cpu()}), {torch.get_num_threads()} torch threads")
-    print(f"# JAX {jax.__version__} on {device.platform} ({device.device_kind}); torch {torch.__version__} "
-          f"on {torch_device(torch)}")
-    print(f"# inference: 1 pair {config['infer_shape'][0]}x{config['infer_shape'][1]}, {config['infer_iters']} iters; "
-          f"train step: batch {config['batch']} {config['train_shape'][0]}x{config['train_shape'][1]}, "
-          f"{config['train_iters']} iters; median of {args.repeats} rounds after a warm-up; "
-          f"load average {' '.join(open('/proc/loadavg').read().split()[:3])}")
+    print(
+        f"# CPU: {cpu_info.cpu_model()} (avx512f: {'yes' if 'avx512f' in flags else 'no'}; "
+        f"{cpu_info.describe_cpu()}), {torch.get_num_threads()} torch threads"
+    )
+    print(
+        f"# JAX {jax.__version__} on {device.platform} ({device.device_kind}); torch {torch.__version__} "
+        f"on {torch_device(torch)}"
+    )
+    print(
+        f"# inference: 1 pair {config['infer_shape'][0]}x{config['infer_shape'][1]}, {config['infer_iters']} iters; "
+        f"train step: batch {config['batch']} {config['train_shape'][0]}x{config['train_shape'][1]}, "
+        f"{config['train_iters']} iters; median of {args.repeats} rounds after a warm-up; "
+        f"load average {' '.join(open('/proc/loadavg').read().split()[:3])}"
+    )
     corr_impls = tuple(i for i in args.corr_impls.split(",") if i)
     unknown = set(corr_impls) - set(CORR_IMPLS)
     if unknown:
@@ -197,32 +218,52 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases:  # warm-up: compiles the JAX functions, fills torch's caches
         case["compile_s"] = timed(case["run"])
         case["times"] = []
-        print(f"  warm-up {case['task']}, {case['size']}, {case['impl']}: {case['compile_s']:.1f} s", file=sys.stderr,
-              flush=True)
+        print(
+            f"  warm-up {case['task']}, {case['size']}, {case['impl']}: {case['compile_s']:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
     for round_index in range(args.repeats):
         for case in cases:
             case["times"].append(timed(case["run"]))
         print(f"  round {round_index + 1}/{args.repeats} done", file=sys.stderr, flush=True)
     rows = []
     for case in cases:
-        torch_case = next(c for c in cases if c["task"] == case["task"] and c["size"] == case["size"]
-                          and c["impl"] == "torchvision eager")
+        torch_case = next(
+            c
+            for c in cases
+            if c["task"] == case["task"] and c["size"] == case["size"] and c["impl"] == "torchvision eager"
+        )
         median, torch_median = statistics.median(case["times"]), statistics.median(torch_case["times"])
-        rows.append({key: case[key] for key in ("task", "size", "impl", "temp_mib", "compile_s", "times")}
-                    | {"median_s": median, "torch_over_this": torch_median / median})
+        rows.append(
+            {key: case[key] for key in ("task", "size", "impl", "temp_mib", "compile_s", "times")}
+            | {"median_s": median, "torch_over_this": torch_median / median}
+        )
     print("\n| task | model | implementation | median s | torchvision / this | temp MiB | first call s |")
     print("|---|---|---|---:|---:|---:|---:|")
     for row in rows:
         mib = "-" if np.isnan(row["temp_mib"]) else f"{row['temp_mib']:.0f}"
         model = "RAFT" if row["size"] == "large" else "RAFT-S"
-        print(f"| {row['task']} | {model} | {row['impl']} | {row['median_s']:.2f} | {row['torch_over_this']:.2f}x | "
-              f"{mib} | {row['compile_s']:.1f} |")
+        print(
+            f"| {row['task']} | {model} | {row['impl']} | {row['median_s']:.2f} | {row['torch_over_this']:.2f}x | "
+            f"{mib} | {row['compile_s']:.1f} |"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        report = {"load_average": open("/proc/loadavg").read().split()[:3], "cpu": cpu_info.cpu_model(), "avx512f": "avx512f" in flags, "cpu_description": cpu_info.describe_cpu(),
-                  "jax": jax.__version__, "torch": torch.__version__, "platform": device.platform,
-                  "device_kind": device.device_kind, "torch_device": torch_device(torch),
-                  "config": config, "repeats": args.repeats, "rows": rows}
+        report = {
+            "load_average": open("/proc/loadavg").read().split()[:3],
+            "cpu": cpu_info.cpu_model(),
+            "avx512f": "avx512f" in flags,
+            "cpu_description": cpu_info.describe_cpu(),
+            "jax": jax.__version__,
+            "torch": torch.__version__,
+            "platform": device.platform,
+            "device_kind": device.device_kind,
+            "torch_device": torch_device(torch),
+            "config": config,
+            "repeats": args.repeats,
+            "rows": rows,
+        }
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"\nwritten to {args.json}")
     return 0

@@ -44,6 +44,7 @@ NUM_CLASSES = 10
 def describe_cpu() -> str:
     try:
         from hkt_jax.runtime.cpu_info import describe_cpu as describe
+
         return describe()
     except ImportError:  # fall back to /proc/cpuinfo's first model name and flags
         fields = {}
@@ -70,17 +71,26 @@ def parent_variables(parent: CifarResNet, seed: int) -> Any:
 
 def build_step(args, tapped: bool, parent_vars: Any, batch: dict[str, jax.Array]) -> tuple[Callable, str, dict]:
     """(one HKT train step on ``batch``, its compiled HLO text, XLA's cost analysis of it)."""
+
     def network(depth: int):
         if tapped:
-            return Tapped(CifarResNet(depth=depth, num_classes=NUM_CLASSES, conv_impl=args.conv_impl),
-                          taps=group_taps(depth), names=GROUP_NAMES)
+            return Tapped(
+                CifarResNet(depth=depth, num_classes=NUM_CLASSES, conv_impl=args.conv_impl),
+                taps=group_taps(depth),
+                names=GROUP_NAMES,
+            )
         return CifarResNet(depth=depth, num_classes=NUM_CLASSES, stage_split="groups", conv_impl=args.conv_impl)
 
     child, parent = network(args.child_depth), network(args.parent_depth)
     config = HKTConfig(lam=0.6, mode=args.mode, alphas=(0.25, 0.5, 0.25), inherit_loss="mae")
     if tapped:
-        config = HKTConfig(lam=0.6, mode=args.mode, alphas=(0.25, 0.5, 0.25), inherit_loss="mae",
-                           boundaries=tapped_boundaries(child, parent))
+        config = HKTConfig(
+            lam=0.6,
+            mode=args.mode,
+            alphas=(0.25, 0.5, 0.25),
+            inherit_loss="mae",
+            boundaries=tapped_boundaries(child, parent),
+        )
     engine = HKT(child, parent, config, task=Classification())
     variables = engine.init(jax.random.key(2), batch["image"][:2], parent_vars)
     tx = optax.sgd(0.01, momentum=0.9)
@@ -138,8 +148,10 @@ def main(argv=None):
     cpu = describe_cpu()
     print(f"CPU: {cpu}; jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].platform}")
     rng = np.random.default_rng(0)
-    batch = {"image": jnp.asarray(rng.normal(size=(args.batch_size, 32, 32, 3)), jnp.float32),
-             "label": jnp.asarray(rng.integers(0, NUM_CLASSES, args.batch_size), jnp.int32)}
+    batch = {
+        "image": jnp.asarray(rng.normal(size=(args.batch_size, 32, 32, 3)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, NUM_CLASSES, args.batch_size), jnp.int32),
+    }
     parent_vars = parent_variables(CifarResNet(depth=args.parent_depth, num_classes=NUM_CLASSES), seed=1)
     programs, histograms, costs, compile_s = {}, {}, {}, {}
     for name, tapped in (("staged", False), ("tapped", True)):
@@ -156,30 +168,59 @@ def main(argv=None):
     paired = statistics.median(t / s for t, s in zip(times["tapped"], times["staged"]))
     best = min(times["tapped"]) / min(times["staged"])
 
-    print(f"HKT train step, ResNet-{args.parent_depth} -> ResNet-{args.child_depth}, batch {args.batch_size}, "
-          f"GA {args.mode}, conv_impl {args.conv_impl}, {args.rounds} interleaved rounds")
-    print(f"{'model':<8} {'median ms':>10} {'min ms':>8} {'img/s':>7} {'convolutions':>13} "
-          f"{'HLO instructions':>17} {'build+compile s':>16}")
+    print(
+        f"HKT train step, ResNet-{args.parent_depth} -> ResNet-{args.child_depth}, batch {args.batch_size}, "
+        f"GA {args.mode}, conv_impl {args.conv_impl}, {args.rounds} interleaved rounds"
+    )
+    print(
+        f"{'model':<8} {'median ms':>10} {'min ms':>8} {'img/s':>7} {'convolutions':>13} "
+        f"{'HLO instructions':>17} {'build+compile s':>16}"
+    )
     for name in programs:
-        print(f"{name:<8} {medians[name]:>10.1f} {min(times[name]):>8.1f} "
-              f"{args.batch_size / medians[name] * 1e3:>7.1f} {convolutions[name]:>13d} "
-              f"{instructions[name]:>17d} {compile_s[name]:>16.1f}")
-    print(f"tapped / staged: {ratio:.3f} (ratio of medians), {paired:.3f} (median of per-round ratios), "
-          f"{best:.3f} (ratio of minima)")
-    print(f"compiled steps: same opcode histogram {same_ops}; XLA cost analysis staged {costs['staged']}, "
-          f"tapped {costs['tapped']}")
+        print(
+            f"{name:<8} {medians[name]:>10.1f} {min(times[name]):>8.1f} "
+            f"{args.batch_size / medians[name] * 1e3:>7.1f} {convolutions[name]:>13d} "
+            f"{instructions[name]:>17d} {compile_s[name]:>16.1f}"
+        )
+    print(
+        f"tapped / staged: {ratio:.3f} (ratio of medians), {paired:.3f} (median of per-round ratios), "
+        f"{best:.3f} (ratio of minima)"
+    )
+    print(
+        f"compiled steps: same opcode histogram {same_ops}; XLA cost analysis staged {costs['staged']}, "
+        f"tapped {costs['tapped']}"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "cpu": cpu, "jax_version": jax.__version__, "platform": platform.platform(),
-            "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
-            "parent_depth": args.parent_depth, "child_depth": args.child_depth, "batch_size": args.batch_size,
-            "mode": args.mode, "conv_impl": args.conv_impl, "rounds": args.rounds, "warmup": args.warmup,
-            "median_ms": medians, "all_ms": {k: [round(t, 2) for t in v] for k, v in times.items()},
-            "convolutions": convolutions, "hlo_instructions": instructions, "build_and_compile_s": compile_s,
-            "tapped_over_staged": ratio, "tapped_over_staged_paired": paired, "tapped_over_staged_min": best,
-            "same_opcode_histogram": same_ops, "cost_analysis": costs,
-        }, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "cpu": cpu,
+                    "jax_version": jax.__version__,
+                    "platform": platform.platform(),
+                    "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
+                    "parent_depth": args.parent_depth,
+                    "child_depth": args.child_depth,
+                    "batch_size": args.batch_size,
+                    "mode": args.mode,
+                    "conv_impl": args.conv_impl,
+                    "rounds": args.rounds,
+                    "warmup": args.warmup,
+                    "median_ms": medians,
+                    "all_ms": {k: [round(t, 2) for t in v] for k, v in times.items()},
+                    "convolutions": convolutions,
+                    "hlo_instructions": instructions,
+                    "build_and_compile_s": compile_s,
+                    "tapped_over_staged": ratio,
+                    "tapped_over_staged_paired": paired,
+                    "tapped_over_staged_min": best,
+                    "same_opcode_histogram": same_ops,
+                    "cost_analysis": costs,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         print(f"wrote {args.json}")
 
 

@@ -86,8 +86,10 @@ def _parent_variables(parent: CifarResNet, seed: int) -> Any:
             return jnp.asarray(rng.normal(0, 0.1, x.shape).astype(np.float32))
         return x
 
-    return {"params": variables["params"],
-            "batch_stats": jax.tree_util.tree_map_with_path(stats, variables["batch_stats"])}
+    return {
+        "params": variables["params"],
+        "batch_stats": jax.tree_util.tree_map_with_path(stats, variables["batch_stats"]),
+    }
 
 
 @dataclasses.dataclass
@@ -101,29 +103,55 @@ class JaxPrograms:
 
 def build_jax(args, mesh) -> JaxPrograms:
     dtype = [f"train.compute_dtype={args.compute_dtype}"] if args.compute_dtype else []
-    config = apply_overrides(load_config(args.config), [
-        f"child.depth={args.child_depth}", f"parent.depth={args.parent_depth}",
-        f"train.batch_size={args.batch_size}", "train.steps=1000", *dtype, *args.override,
-    ])
+    config = apply_overrides(
+        load_config(args.config),
+        [
+            f"child.depth={args.child_depth}",
+            f"parent.depth={args.parent_depth}",
+            f"train.batch_size={args.batch_size}",
+            "train.steps=1000",
+            *dtype,
+            *args.override,
+        ],
+    )
     task = Classification()
     classes = {"num_classes": NUM_CLASSES}
     stage_split = config.hkt.stage_split
     child, _ = factories.make_model(config.child, classes, stage_split=stage_split, conv_impl=args.conv_impl)
     raw_parent, _ = factories.make_model(config.parent, classes, stage_split=stage_split, conv_impl=args.conv_impl)
     raw_parent_vars = _parent_variables(raw_parent, seed=1)
-    parent, parent_vars = (raw_parent, raw_parent_vars) if args.no_fold else fold.fold_parent(raw_parent, raw_parent_vars)
+    parent, parent_vars = (
+        (raw_parent, raw_parent_vars) if args.no_fold else fold.fold_parent(raw_parent, raw_parent_vars)
+    )
     # --override hkt.child_taps=... hkt.parent_taps=...: the same networks cut by submodule path (Tapped).
     child, parent = factories.tap_models(child, parent, config.hkt.child_taps, config.hkt.parent_taps)
     sample = jnp.zeros((2, 32, 32, 3), jnp.float32)
     tx, schedule = factories.make_optimization(config.optim, 390, 1000)
 
     def make(method):
-        loss_fn, init_variables = factories.make_method(method, child, task, sample, jax.random.key(2), parent=parent,
-                                                        parent_variables=parent_vars, hkt=config.hkt, kd=config.kd)
+        loss_fn, init_variables = factories.make_method(
+            method,
+            child,
+            task,
+            sample,
+            jax.random.key(2),
+            parent=parent,
+            parent_variables=parent_vars,
+            hkt=config.hkt,
+            kd=config.kd,
+        )
         state = initial_state(init_variables, tx)
         state = sharding.put(state, sharding.state_shardings(state, mesh))
-        step, _ = compile_steps(task=task, model=child, loss_fn=loss_fn, tx=tx, schedule=schedule,
-                                      parent_variables=parent_vars, mesh=mesh, state=state)
+        step, _ = compile_steps(
+            task=task,
+            model=child,
+            loss_fn=loss_fn,
+            tx=tx,
+            schedule=schedule,
+            parent_variables=parent_vars,
+            mesh=mesh,
+            state=state,
+        )
         return step, state, init_variables
 
     hkt_step, hkt_state, hkt_vars = make("hkt")
@@ -131,16 +159,20 @@ def build_jax(args, mesh) -> JaxPrograms:
 
     repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     forward = jax.jit(lambda v, x: parent.apply(v, x, train=False), in_shardings=(repl, data), out_shardings=data)
-    forward_raw = jax.jit(lambda v, x: raw_parent.apply(v, x, train=False), in_shardings=(repl, data),
-                          out_shardings=data)
+    forward_raw = jax.jit(
+        lambda v, x: raw_parent.apply(v, x, train=False), in_shardings=(repl, data), out_shardings=data
+    )
     parent_vars = sharding.put(parent_vars, sharding.parent_shardings(parent_vars, mesh))
     raw_parent_vars = sharding.put_replicated(raw_parent_vars, mesh)
 
     rng = np.random.default_rng(0)
-    batch = sharding.global_batch({
-        "image": rng.normal(size=(args.batch_size, 32, 32, 3)).astype(np.float32),
-        "label": rng.integers(0, NUM_CLASSES, args.batch_size).astype(np.int32),
-    }, mesh)
+    batch = sharding.global_batch(
+        {
+            "image": rng.normal(size=(args.batch_size, 32, 32, 3)).astype(np.float32),
+            "label": rng.integers(0, NUM_CLASSES, args.batch_size).astype(np.int32),
+        },
+        mesh,
+    )
     states = {"hkt": hkt_state, "child": child_state}
 
     def run_hkt():
@@ -168,8 +200,13 @@ def build_jax(args, mesh) -> JaxPrograms:
         "hlo_child_step": lambda: child_step.lower(states["child"], parent_vars, batch).compile().as_text(),
         "hlo_parent_forward": lambda: forward.lower(parent_vars, batch["image"]).compile().as_text(),
     }
-    return JaxPrograms(run_child, lambda: forward(parent_vars, batch["image"]),
-                       lambda: forward_raw(raw_parent_vars, batch["image"]), run_hkt, info)
+    return JaxPrograms(
+        run_child,
+        lambda: forward(parent_vars, batch["image"]),
+        lambda: forward_raw(raw_parent_vars, batch["image"]),
+        run_hkt,
+        info,
+    )
 
 
 def _later_stage_bytes(child: CifarResNet, params: Any) -> int:
@@ -195,14 +232,18 @@ def match_tf32(torch, precision: str) -> dict[str, Any]:
     (its own default allows it for convolutions only). ``highest``: full float32 on both sides."""
     jax.config.update("jax_default_matmul_precision", None if precision == "default" else "highest")
     allow = precision == "default"
-    settings = {"matmul_precision": precision,
-                "jax_default_matmul_precision": jax.config.jax_default_matmul_precision or "default",
-                "jax_tf32": allow and jax.default_backend() == "gpu"}
+    settings = {
+        "matmul_precision": precision,
+        "jax_default_matmul_precision": jax.config.jax_default_matmul_precision or "default",
+        "jax_tf32": allow and jax.default_backend() == "gpu",
+    }
     if torch is not None:
         torch.backends.cuda.matmul.allow_tf32 = allow
         torch.backends.cudnn.allow_tf32 = allow
-        settings.update(torch_matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
-                        torch_cudnn_allow_tf32=torch.backends.cudnn.allow_tf32)
+        settings.update(
+            torch_matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+            torch_cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+        )
     return settings
 
 
@@ -234,7 +275,9 @@ def build_torch(args, config_hkt: dict[str, Any]):
             y = self.bn2(self.conv2(y))
             r = x
             if self.stride != 1 or self.extra:  # option A: subsample, zero-pad channels
-                r = F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+                r = F.pad(
+                    x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2)
+                )
             return F.relu(y + r)
 
     class ResNet(tnn.Module):
@@ -265,8 +308,9 @@ def build_torch(args, config_hkt: dict[str, Any]):
     optim = config_hkt["optim"]
 
     def sgd(params):
-        return torch.optim.SGD(params, lr=optim["learning_rate"], momentum=optim["momentum"],
-                               weight_decay=optim["weight_decay"])
+        return torch.optim.SGD(
+            params, lr=optim["learning_rate"], momentum=optim["momentum"], weight_decay=optim["weight_decay"]
+        )
 
     opt_hkt, opt_child = sgd(child.parameters()), sgd(child.parameters())
     rng = np.random.default_rng(0)
@@ -339,8 +383,10 @@ def build_torch(args, config_hkt: dict[str, Any]):
         return None  # the PyTorch twin covers the paper's 2HKT (pooled vectors, gate GA) only
     programs = {"child_step": child_step, "parent_forward": parent_forward, "hkt_step": hkt_step}
     variant_errors = {}
-    for name, wanted, options in (("hkt_step_compiled", args.torch_compile, {"compiled": True}),
-                                  ("hkt_step_amp", args.amp, {"amp": True})):
+    for name, wanted, options in (
+        ("hkt_step_compiled", args.torch_compile, {"compiled": True}),
+        ("hkt_step_amp", args.amp, {"amp": True}),
+    ):
         if not wanted:
             continue
         try:  # the first call compiles (torch.compile needs Triton and a C compiler): a failure drops this row only
@@ -352,13 +398,20 @@ def build_torch(args, config_hkt: dict[str, Any]):
             print(f"PyTorch {name} left out: {variant_errors[name]}", file=sys.stderr)
     if device == "cuda":  # CUDA calls return at once: wait for the GPU, as block_until_ready does for JAX
         programs = {name: _then_synchronize(fn, torch.cuda.synchronize) for name, fn in programs.items()}
-    return {**programs,
-            "info": {"torch": torch.__version__, "device": device,
-                     "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                     "threads": torch.get_num_threads(), "channels_last": bool(args.torch_channels_last),
-                     "compile": bool(args.torch_compile), "amp": "bfloat16 autocast, channels-last" if args.amp else None,
-                     "variant_errors": variant_errors,
-                     "mkldnn": bool(torch.backends.mkldnn.is_available())}}
+    return {
+        **programs,
+        "info": {
+            "torch": torch.__version__,
+            "device": device,
+            "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "threads": torch.get_num_threads(),
+            "channels_last": bool(args.torch_channels_last),
+            "compile": bool(args.torch_compile),
+            "amp": "bfloat16 autocast, channels-last" if args.amp else None,
+            "variant_errors": variant_errors,
+            "mkldnn": bool(torch.backends.mkldnn.is_available()),
+        },
+    }
 
 
 def _then_synchronize(fn: Callable, synchronize: Callable) -> Callable:
@@ -395,8 +448,15 @@ def time_interleaved(programs: dict[str, Callable], rounds: int, warmup: int) ->
             start = time.perf_counter()
             _sync(fn())
             times[name].append(1000 * (time.perf_counter() - start))
-    return {name: {"median_ms": statistics.median(t), "min_ms": min(t), "all_ms": [round(v, 2) for v in t],
-                   "first_call_ms": compile_ms[name]} for name, t in times.items()}
+    return {
+        name: {
+            "median_ms": statistics.median(t),
+            "min_ms": min(t),
+            "all_ms": [round(v, 2) for v in t],
+            "first_call_ms": compile_ms[name],
+        }
+        for name, t in times.items()
+    }
 
 
 # -- all-reduce volume --------------------------------------------------------------------------------
@@ -408,19 +468,31 @@ def allreduce_report(args, programs: JaxPrograms | None) -> dict[str, Any]:
     if programs is not None and jax.device_count() > 1:
         text = programs.info["hlo_hkt_step"]()
         ops = sharding.collective_ops(text)
-        return {"devices": jax.device_count(), "simulated": False, "allreduce_bytes": sharding.allreduce_bytes(text),
-                "num_allreduce_ops": sum(1 for k, _ in ops if k == "all-reduce"),
-                "other_collectives": sorted({k for k, _ in ops if k != "all-reduce"})}
+        return {
+            "devices": jax.device_count(),
+            "simulated": False,
+            "allreduce_bytes": sharding.allreduce_bytes(text),
+            "num_allreduce_ops": sum(1 for k, _ in ops if k == "all-reduce"),
+            "other_collectives": sorted({k for k, _ in ops if k != "all-reduce"}),
+        }
     if args.allreduce_devices <= 1:
         return {"devices": 1, "simulated": False, "allreduce_bytes": 0, "note": "one device: nothing to reduce"}
-    cmd = [sys.executable, "-m", "experiments.bench_train", "--allreduce_probe",
-           f"--parent_depth={args.parent_depth}", f"--child_depth={args.child_depth}",
-           f"--batch_size={args.batch_size}", f"--config={args.config}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.bench_train",
+        "--allreduce_probe",
+        f"--parent_depth={args.parent_depth}",
+        f"--child_depth={args.child_depth}",
+        f"--batch_size={args.batch_size}",
+        f"--config={args.config}",
+    ]
     cmd += [f"--override={o}" for o in args.override] + (["--no_fold"] if args.no_fold else [])
     cmd += [f"--compute_dtype={args.compute_dtype}"] if args.compute_dtype else []
     env = sharding.simulated_cpu_env(args.allreduce_devices)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800,
-                          cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        cmd, env=env, capture_output=True, text=True, timeout=1800, cwd=Path(__file__).resolve().parents[1]
+    )
     if proc.returncode != 0:
         return {"devices": args.allreduce_devices, "simulated": True, "error": proc.stderr[-2000:]}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -434,9 +506,16 @@ def _probe(args) -> None:
     programs = build_jax(args, mesh)
     text = programs.info["hlo_hkt_step"]()
     ops = sharding.collective_ops(text)
-    print(json.dumps({"devices": jax.device_count(), "allreduce_bytes": sharding.allreduce_bytes(text),
-                      "num_allreduce_ops": sum(1 for k, _ in ops if k == "all-reduce"),
-                      "other_collectives": sorted({k for k, _ in ops if k != "all-reduce"})}))
+    print(
+        json.dumps(
+            {
+                "devices": jax.device_count(),
+                "allreduce_bytes": sharding.allreduce_bytes(text),
+                "num_allreduce_ops": sum(1 for k, _ in ops if k == "all-reduce"),
+                "other_collectives": sorted({k for k, _ in ops if k != "all-reduce"}),
+            }
+        )
+    )
 
 
 CONVOLUTION_CALL_TARGETS = re.compile(r'custom_call_target="(?:__cudnn\$conv\w*|hkt_conv3x3_\w+)"')
@@ -454,8 +533,10 @@ def count_convolutions(hlo_text: str) -> int:
 def recompute_check(programs: JaxPrograms) -> dict[str, int]:
     """The HKT step should hold exactly the parent's forward convolutions plus the
     child step's: the parent runs once and its stage outputs are shared by the streams."""
-    counts = {name: count_convolutions(programs.info[f"hlo_{name}"]())
-              for name in ("hkt_step", "child_step", "parent_forward")}
+    counts = {
+        name: count_convolutions(programs.info[f"hlo_{name}"]())
+        for name in ("hkt_step", "child_step", "parent_forward")
+    }
     counts["parent_runs_once"] = counts["hkt_step"] == counts["child_step"] + counts["parent_forward"]
     return counts
 
@@ -470,11 +551,15 @@ def _fmt(ms: float | None, batch: int) -> tuple[str, str]:
 
 
 def _precision_line(precision: dict[str, Any]) -> str:
-    line = (f"float32 matmul precision {precision['matmul_precision']}: JAX jax_default_matmul_precision="
-            f"{precision['jax_default_matmul_precision']} (TF32: {'yes' if precision['jax_tf32'] else 'no'})")
+    line = (
+        f"float32 matmul precision {precision['matmul_precision']}: JAX jax_default_matmul_precision="
+        f"{precision['jax_default_matmul_precision']} (TF32: {'yes' if precision['jax_tf32'] else 'no'})"
+    )
     if "torch_matmul_allow_tf32" in precision:
-        line += (f", PyTorch matmul.allow_tf32={precision['torch_matmul_allow_tf32']} "
-                 f"cudnn.allow_tf32={precision['torch_cudnn_allow_tf32']}")
+        line += (
+            f", PyTorch matmul.allow_tf32={precision['torch_matmul_allow_tf32']} "
+            f"cudnn.allow_tf32={precision['torch_cudnn_allow_tf32']}"
+        )
     return line
 
 
@@ -486,15 +571,18 @@ def render(result: dict[str, Any]) -> str:
         f"HKT training step: ResNet-{result['parent_depth']} -> ResNet-{result['child_depth']}, global batch {b}, "
         f"{result['devices']}, {result.get('cpu', 'CPU not recorded')}; median of {result['rounds']} interleaved rounds; "
         f"JAX convolutions: {result['jax_info']['conv_impl']}; malloc tuned: {result['malloc_tuned']}",
-        f"compute dtype {result['jax_info']['compute_dtype']}; " + _precision_line(result["precision"])
+        f"compute dtype {result['jax_info']['compute_dtype']}; "
+        + _precision_line(result["precision"])
         + (f"; PyTorch on {th_info['device']} ({th_info['device_name']})" if th_info else ""),
         f"{'':36s}{'JAX ms':>9s} {'img/s':>8s}   {'PyTorch ms':>10s} {'img/s':>8s}   {'JAX/PyTorch':>11s}",
     ]
-    rows = [("(a) child train step", "child_step", "child_step"),
-            ("(b) parent forward (inference)", "parent_forward", "parent_forward"),
-            ("(c) HKT step", "hkt_step", "hkt_step"),
-            ("    vs PyTorch torch.compile", "hkt_step", "hkt_step_compiled"),
-            ("    vs PyTorch AMP (bf16, ch-last)", "hkt_step", "hkt_step_amp")]
+    rows = [
+        ("(a) child train step", "child_step", "child_step"),
+        ("(b) parent forward (inference)", "parent_forward", "parent_forward"),
+        ("(c) HKT step", "hkt_step", "hkt_step"),
+        ("    vs PyTorch torch.compile", "hkt_step", "hkt_step_compiled"),
+        ("    vs PyTorch AMP (bf16, ch-last)", "hkt_step", "hkt_step_amp"),
+    ]
     for label, key, torch_key in rows:
         if key != torch_key and torch_key not in th:
             continue
@@ -505,37 +593,49 @@ def render(result: dict[str, Any]) -> str:
     if "parent_forward_unfolded" in jx:
         j = jx["parent_forward_unfolded"]["median_ms"]
         lines.append(f"{'    parent forward, BatchNorm unfolded':36s}{_fmt(j, b)[0]} {_fmt(j, b)[1]}")
-    lines.append(f"{'(a)+(b)':36s}{result['jax_a_plus_b_ms']:9.1f}"
-                 + (f"{'':12s}{result['torch_a_plus_b_ms']:9.1f}" if th else ""))
-    lines.append(f"{'overhead (c)/((a)+(b))':36s}{result['jax_overhead_ratio']:9.3f}"
-                 + (f"{'':12s}{result['torch_overhead_ratio']:9.3f}" if th else "")
-                 + "   target <= 1.15")
+    lines.append(
+        f"{'(a)+(b)':36s}{result['jax_a_plus_b_ms']:9.1f}"
+        + (f"{'':12s}{result['torch_a_plus_b_ms']:9.1f}" if th else "")
+    )
+    lines.append(
+        f"{'overhead (c)/((a)+(b))':36s}{result['jax_overhead_ratio']:9.3f}"
+        + (f"{'':12s}{result['torch_overhead_ratio']:9.3f}" if th else "")
+        + "   target <= 1.15"
+    )
     if th:
         lines.append(f"{'HKT step JAX / PyTorch':36s}{result['hkt_jax_over_torch']:9.3f}   target <= 1.00")
     conv = result["convolutions"]
-    lines.append(f"convolutions in the compiled HKT step: {conv['hkt_step']} = child step {conv['child_step']} + "
-                 f"parent forward {conv['parent_forward']}: "
-                 + ("the parent runs once" if conv["parent_runs_once"] else "MISMATCH (something is recomputed)"))
+    lines.append(
+        f"convolutions in the compiled HKT step: {conv['hkt_step']} = child step {conv['child_step']} + "
+        f"parent forward {conv['parent_forward']}: "
+        + ("the parent runs once" if conv["parent_runs_once"] else "MISMATCH (something is recomputed)")
+    )
     ar = result["allreduce"]
     if "error" in ar:
         lines.append(f"all-reduce: probe failed: {ar['error'][-300:]}")
     else:
         where = f"{ar['devices']}-device mesh" + (" (simulated, compiled only)" if ar.get("simulated") else "")
         info = result["jax_info"]
-        expected = (info["trainable_bytes"] + info["child_later_stage_bytes"] + 12 * info["bn_channels"])
-        lines.append(f"bytes all-reduced per step, {where}: {ar['allreduce_bytes']:,} in "
-                     f"{ar.get('num_allreduce_ops', 0)} ops")
+        expected = info["trainable_bytes"] + info["child_later_stage_bytes"] + 12 * info["bn_channels"]
+        lines.append(
+            f"bytes all-reduced per step, {where}: {ar['allreduce_bytes']:,} in {ar.get('num_allreduce_ops', 0)} ops"
+        )
         if ar["allreduce_bytes"]:
-            lines.append(f"  = trainable {info['trainable_bytes']:,} (child {info['child_bytes']:,} + adapters "
-                         f"{info['adapter_bytes']:,}) + later-stage grads reduced per stream "
-                         f"{info['child_later_stage_bytes']:,} + BN statistics {12 * info['bn_channels']:,} "
-                         f"+ scalars {ar['allreduce_bytes'] - expected:,}; frozen parent ({info['parent_bytes']:,} B): 0")
+            lines.append(
+                f"  = trainable {info['trainable_bytes']:,} (child {info['child_bytes']:,} + adapters "
+                f"{info['adapter_bytes']:,}) + later-stage grads reduced per stream "
+                f"{info['child_later_stage_bytes']:,} + BN statistics {12 * info['bn_channels']:,} "
+                f"+ scalars {ar['allreduce_bytes'] - expected:,}; frozen parent ({info['parent_bytes']:,} B): 0"
+            )
     return "\n".join(lines)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m experiments.bench_train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.bench_train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--parent_depth", type=int, default=110)
     parser.add_argument("--child_depth", type=int, default=20)
     parser.add_argument("--batch_size", type=int, default=128)
@@ -544,24 +644,45 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="ResNet-20 -> ResNet-8, batch 32, 3 rounds")
     parser.add_argument("--config", default="default", help="experiments/configs name for the HKT/optimizer settings")
     parser.add_argument("--override", action="append", default=[], help="config override key=value (repeatable)")
-    parser.add_argument("--conv_impl", default="auto", choices=cpu_conv.CONV_IMPLS,
-                        help="JAX convolutions: auto (CPU kernels on one CPU device), xla, cpu_kernel")
-    parser.add_argument("--malloc_tuning", action="store_true",
-                        help="tune glibc malloc as experiments.cifar_hkt does (for JAX and PyTorch alike)")
+    parser.add_argument(
+        "--conv_impl",
+        default="auto",
+        choices=cpu_conv.CONV_IMPLS,
+        help="JAX convolutions: auto (CPU kernels on one CPU device), xla, cpu_kernel",
+    )
+    parser.add_argument(
+        "--malloc_tuning",
+        action="store_true",
+        help="tune glibc malloc as experiments.cifar_hkt does (for JAX and PyTorch alike)",
+    )
     parser.add_argument("--no_fold", action="store_true", help="run the parent with its BatchNorm (not folded)")
     parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch twin")
     parser.add_argument("--torch_threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     parser.add_argument("--torch_channels_last", action="store_true", help="PyTorch in channels-last memory format")
-    parser.add_argument("--torch_compile", action="store_true",
-                        help="also time the PyTorch HKT step under torch.compile (default mode)")
-    parser.add_argument("--amp", action="store_true",
-                        help="also time the PyTorch HKT step under bfloat16 autocast, channels-last")
-    parser.add_argument("--matmul_precision", default="default", choices=("default", "highest"),
-                        help="float32 matmuls/convolutions on both sides: default (TF32 on NVIDIA GPUs) or highest")
-    parser.add_argument("--compute_dtype", default=None, choices=("float32", "bfloat16"),
-                        help="the networks' compute dtype (config train.compute_dtype; default: the config's)")
-    parser.add_argument("--allreduce_devices", type=int, default=8,
-                        help="on one device, simulate this many to read the all-reduce volume (<= 1: skip)")
+    parser.add_argument(
+        "--torch_compile", action="store_true", help="also time the PyTorch HKT step under torch.compile (default mode)"
+    )
+    parser.add_argument(
+        "--amp", action="store_true", help="also time the PyTorch HKT step under bfloat16 autocast, channels-last"
+    )
+    parser.add_argument(
+        "--matmul_precision",
+        default="default",
+        choices=("default", "highest"),
+        help="float32 matmuls/convolutions on both sides: default (TF32 on NVIDIA GPUs) or highest",
+    )
+    parser.add_argument(
+        "--compute_dtype",
+        default=None,
+        choices=("float32", "bfloat16"),
+        help="the networks' compute dtype (config train.compute_dtype; default: the config's)",
+    )
+    parser.add_argument(
+        "--allreduce_devices",
+        type=int,
+        default=8,
+        help="on one device, simulate this many to read the all-reduce volume (<= 1: skip)",
+    )
     parser.add_argument("--json", default=None, help="write the full result here")
     parser.add_argument("--allreduce_probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -589,16 +710,25 @@ def main(argv=None) -> int:
         jax_programs = build_jax(args, mesh)
     except ValueError as error:
         if args.compute_dtype and "train.compute_dtype" in str(error):
-            print(f"--compute_dtype {args.compute_dtype}: not available: this branch's config has no "
-                  f"train.compute_dtype key", file=sys.stderr)
+            print(
+                f"--compute_dtype {args.compute_dtype}: not available: this branch's config has no "
+                f"train.compute_dtype key",
+                file=sys.stderr,
+            )
             return 2
         raise
-    programs = {"jax/child_step": jax_programs.child_step, "jax/parent_forward": jax_programs.parent_forward,
-                "jax/hkt_step": jax_programs.hkt_step}
+    programs = {
+        "jax/child_step": jax_programs.child_step,
+        "jax/parent_forward": jax_programs.parent_forward,
+        "jax/hkt_step": jax_programs.hkt_step,
+    }
     if jax_programs.info["parent_folded"]:
         programs["jax/parent_forward_unfolded"] = jax_programs.parent_forward_unfolded
-    twin = None if args.no_torch else build_torch(args, {"hkt": jax_programs.info["hkt"],
-                                                         "optim": jax_programs.info["optim"]})
+    twin = (
+        None
+        if args.no_torch
+        else build_torch(args, {"hkt": jax_programs.info["hkt"], "optim": jax_programs.info["optim"]})
+    )
     if twin is not None:
         programs.update({f"torch/{k}": v for k, v in twin.items() if k != "info"})
     timings = time_interleaved(programs, args.steps, args.warmup)
@@ -606,12 +736,23 @@ def main(argv=None) -> int:
     jx = {k.split("/", 1)[1]: v for k, v in timings.items() if k.startswith("jax/")}
     th = {k.split("/", 1)[1]: v for k, v in timings.items() if k.startswith("torch/")}
     result: dict[str, Any] = {
-        "parent_depth": args.parent_depth, "child_depth": args.child_depth, "batch_size": args.batch_size,
-        "rounds": args.steps, "warmup": args.warmup,
-        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind} ({os.cpu_count()} CPU cores)", "cpu": cpu_info.describe_cpu(),
-        "jax_version": jax.__version__, "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "platform": platform.platform(), "malloc_tuned": malloc_tuned, "jax": jx, "torch": th or None,
-        "torch_info": twin["info"] if twin else None, "jax_info": info, "precision": precision,
+        "parent_depth": args.parent_depth,
+        "child_depth": args.child_depth,
+        "batch_size": args.batch_size,
+        "rounds": args.steps,
+        "warmup": args.warmup,
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind} ({os.cpu_count()} CPU cores)",
+        "cpu": cpu_info.describe_cpu(),
+        "jax_version": jax.__version__,
+        "backend": jax.default_backend(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "platform": platform.platform(),
+        "malloc_tuned": malloc_tuned,
+        "jax": jx,
+        "torch": th or None,
+        "torch_info": twin["info"] if twin else None,
+        "jax_info": info,
+        "precision": precision,
     }
     result["jax_a_plus_b_ms"] = jx["child_step"]["median_ms"] + jx["parent_forward"]["median_ms"]
     result["jax_overhead_ratio"] = jx["hkt_step"]["median_ms"] / result["jax_a_plus_b_ms"]
@@ -625,7 +766,9 @@ def main(argv=None) -> int:
         result["hkt_jax_over_torch"] = jx["hkt_step"]["median_ms"] / th["hkt_step"]["median_ms"]
         for variant in ("compiled", "amp"):
             if f"hkt_step_{variant}" in th:
-                result[f"hkt_jax_over_torch_{variant}"] = jx["hkt_step"]["median_ms"] / th[f"hkt_step_{variant}"]["median_ms"]
+                result[f"hkt_jax_over_torch_{variant}"] = (
+                    jx["hkt_step"]["median_ms"] / th[f"hkt_step_{variant}"]["median_ms"]
+                )
     result["allreduce"] = allreduce_report(args, jax_programs)
     result["convolutions"] = recompute_check(jax_programs)
     result["load_average_before_after"] = [list(load_before), list(os.getloadavg())]

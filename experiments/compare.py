@@ -43,8 +43,9 @@ SIGNAL_GRACE_S = 1.0  # before forwarding: a run the signal reached too (a cgrou
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m experiments.compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--grid", required=True, help="grid name: experiments/configs/grid_<NAME>.py")
     parser.add_argument("--root", default=None, help="where the runs live (default: workdirs/compare_<grid>)")
     parser.add_argument("--out", default=None, help="report path without suffix (default: ROOT/report)")
@@ -52,20 +53,42 @@ def parse_args(argv):
     parser.add_argument("--variants", default=None, help="comma-separated subset of the grid's variants")
     parser.add_argument("--seeds", default=None, help="comma-separated subset of the grid's seeds")
     parser.add_argument("--dry_run", action="store_true", help="print the run commands and exit")
-    parser.add_argument("--parallel", type=int, default=1, metavar="K",
-                        help="run up to K runs at once, one process each (on one GPU each takes memory as it "
-                             "needs it, up to 0.9/K of it)")
-    parser.add_argument("--time_budget", type=float, default=None, metavar="MIN",
-                        help="after MIN minutes every running run saves a checkpoint and stops (exit 0); the "
-                             "same command continues them and skips finished ones")
-    parser.add_argument("--pack", default=None, metavar="DIR",
-                        help="at the end, write what a fresh machine needs to continue the grid into DIR "
-                             f"(at most {grid_pack.MAX_FILES} files, {grid_pack.MAX_BYTES // 2**20} MiB)")
-    parser.add_argument("--unpack", default=None, metavar="DIR",
-                        help="first, restore --root from a pack written by --pack (into a fresh root)")
-    parser.add_argument("--parent_ckpt", default=None, metavar="DIR",
-                        help="every run uses this parent (a model checkpoint dir, e.g. a converted ResNet-56) "
-                             "instead of the grid's own; use another --root for it")
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        metavar="K",
+        help="run up to K runs at once, one process each (on one GPU each takes memory as it "
+        "needs it, up to 0.9/K of it)",
+    )
+    parser.add_argument(
+        "--time_budget",
+        type=float,
+        default=None,
+        metavar="MIN",
+        help="after MIN minutes every running run saves a checkpoint and stops (exit 0); the "
+        "same command continues them and skips finished ones",
+    )
+    parser.add_argument(
+        "--pack",
+        default=None,
+        metavar="DIR",
+        help="at the end, write what a fresh machine needs to continue the grid into DIR "
+        f"(at most {grid_pack.MAX_FILES} files, {grid_pack.MAX_BYTES // 2**20} MiB)",
+    )
+    parser.add_argument(
+        "--unpack",
+        default=None,
+        metavar="DIR",
+        help="first, restore --root from a pack written by --pack (into a fresh root)",
+    )
+    parser.add_argument(
+        "--parent_ckpt",
+        default=None,
+        metavar="DIR",
+        help="every run uses this parent (a model checkpoint dir, e.g. a converted ResNet-56) "
+        "instead of the grid's own; use another --root for it",
+    )
     return parser.parse_args(argv)
 
 
@@ -84,8 +107,10 @@ def _check_root(root: Path, args: argparse.Namespace) -> None:
     if args.pack and Path(args.pack).is_file():  # found now, not after the whole grid has run
         raise ValueError(f"--pack {args.pack}: is a file; choose an empty or new folder")
     if args.report_only and not args.unpack and not root.exists():
-        raise ValueError(f"--root {root}: no such folder, so no runs to report: give the --root the grid ran in, "
-                         "or drop --report_only to run it")
+        raise ValueError(
+            f"--root {root}: no such folder, so no runs to report: give the --root the grid ran in, "
+            "or drop --report_only to run it"
+        )
 
 
 def _queued(label: str, directory: Path, command: list[str]) -> grid_runs.Job | None:
@@ -104,19 +129,29 @@ def run_grid(grid, root: Path, variants, seeds, runner: grid_runs.GridRunner) ->
         job = _queued("[parent]", comparison.parent_dir(root), comparison.parent_command(grid, root, sys.executable))
         outcome = runner.run([job])["[parent]"] if job else "done"
         if outcome != "done":
-            why = {"failed": f"it failed; see {comparison.parent_dir(root) / 'run.log'}",
-                   "stopped": "it stopped before finishing (rerun to continue it)"}.get(outcome, outcome)
+            why = {
+                "failed": f"it failed; see {comparison.parent_dir(root) / 'run.log'}",
+                "stopped": "it stopped before finishing (rerun to continue it)",
+            }.get(outcome, outcome)
             print(f"[parent] {why}: no run starts without it", flush=True)
             return
     todo = [(v, s) for s in seeds for v in variants]  # seed-major: an early stop still has every variant
-    jobs = [_queued(f"[{k}/{len(todo)}] {variant} seed {seed}", comparison.run_dir(root, variant, seed),
-                    comparison.run_command(grid, root, variant, seed, python=sys.executable))
-            for k, (variant, seed) in enumerate(todo, 1)]
+    jobs = [
+        _queued(
+            f"[{k}/{len(todo)}] {variant} seed {seed}",
+            comparison.run_dir(root, variant, seed),
+            comparison.run_command(grid, root, variant, seed, python=sys.executable),
+        )
+        for k, (variant, seed) in enumerate(todo, 1)
+    ]
     outcomes = runner.run([job for job in jobs if job])
     left = [label for label, outcome in outcomes.items() if outcome in ("stopped", "not started", "partial")]
     if left:
-        print(f"{len(left)} run(s) unfinished ({runner.stop_reason or 'stopped'}); rerun the same command to "
-              "continue them", flush=True)
+        print(
+            f"{len(left)} run(s) unfinished ({runner.stop_reason or 'stopped'}); rerun the same command to "
+            "continue them",
+            flush=True,
+        )
 
 
 @contextlib.contextmanager
@@ -131,8 +166,12 @@ def stopping_runs_on_signals(runner: grid_runs.GridRunner):
     def handle(signum, frame):
         name = signal.Signals(signum).name
         if not received:
-            print(f"\n{name}: every run stops after its current step and saves it ({name} again ends them "
-                  "at once, without saving)", file=sys.stderr, flush=True)
+            print(
+                f"\n{name}: every run stops after its current step and saves it ({name} again ends them "
+                "at once, without saving)",
+                file=sys.stderr,
+                flush=True,
+            )
         received.append(signum)
         runner.stop(f"{name} received", grace_s=SIGNAL_GRACE_S)
 
@@ -165,9 +204,16 @@ def plot_report(records, table, path: Path, grid) -> None:
             values = [grid.scale * v for v in stat["by_seed"].values()]
             ax.scatter([i + offset] * len(values), values, color=colors[row["variant"]], marker=marker, alpha=0.5, s=18)
             if values:
-                ax.errorbar(i + offset, grid.scale * stat["mean"], yerr=grid.scale * stat["std"], color="black",
-                            marker=marker, capsize=3, ms=5, label={final_key: "final (mean ± std)",
-                                                                   best_key: "best on validation"}[key] if i == 0 else None)
+                ax.errorbar(
+                    i + offset,
+                    grid.scale * stat["mean"],
+                    yerr=grid.scale * stat["std"],
+                    color="black",
+                    marker=marker,
+                    capsize=3,
+                    ms=5,
+                    label={final_key: "final (mean ± std)", best_key: "best on validation"}[key] if i == 0 else None,
+                )
     ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right")
     ax.set_ylabel(grid.metric_label)
     ax.set_title(f"child {grid.metric_label} per seed")
@@ -177,9 +223,15 @@ def plot_report(records, table, path: Path, grid) -> None:
         curve = record.get("validation_curve") or []
         if curve:
             steps, accs = zip(*curve)
-            ax.plot(steps, [grid.scale * a for a in accs], color=colors[record["variant"]], alpha=0.6,
-                    label=record["variant"] if record["seed"] == min(r["seed"] for r in records
-                                                                     if r["variant"] == record["variant"]) else None)
+            ax.plot(
+                steps,
+                [grid.scale * a for a in accs],
+                color=colors[record["variant"]],
+                alpha=0.6,
+                label=record["variant"]
+                if record["seed"] == min(r["seed"] for r in records if r["variant"] == record["variant"])
+                else None,
+            )
     ax.set_xlabel("train step")
     ax.set_ylabel(f"validation {grid.metric}")
     ax.set_title("validation curves (one line per seed)")
@@ -193,8 +245,13 @@ def plot_report(records, table, path: Path, grid) -> None:
                     continue
                 steps, values = zip(*series)
                 label = f"{record['variant']} {key}"
-                ax.plot(steps, values, color=colors[record["variant"]], alpha=0.6,
-                        label=label if label not in shown else None)
+                ax.plot(
+                    steps,
+                    values,
+                    color=colors[record["variant"]],
+                    alpha=0.6,
+                    label=label if label not in shown else None,
+                )
                 shown.add(label)
         ax.set_xlabel("train step")
         ax.set_ylabel("gate a (gate GA) or ‖GA‖/‖x′‖ (softmax GA)")
@@ -212,14 +269,17 @@ def main(argv=None) -> int:
         seeds = _seeds(args.seeds) if args.seeds else list(grid.seeds)
         unknown = [v for v in variants if v not in grid.variants] + [str(s) for s in seeds if s not in grid.seeds]
         if unknown:
-            raise ValueError(f"not in grid {args.grid!r}: {', '.join(unknown)}; variants: {', '.join(grid.variants)}, "
-                             f"seeds: {grid.seeds}")
+            raise ValueError(
+                f"not in grid {args.grid!r}: {', '.join(unknown)}; variants: {', '.join(grid.variants)}, "
+                f"seeds: {grid.seeds}"
+            )
         if args.time_budget is not None and args.time_budget <= 0:
             raise ValueError(f"--time_budget must be a positive number of minutes, got {args.time_budget}")
         runner = grid_runs.GridRunner(
             parallel=args.parallel,
             deadline=None if args.time_budget is None else time.monotonic() + 60 * args.time_budget,
-            min_start_s=0.0 if args.time_budget is None else min(MIN_START_S, 60 * args.time_budget / 4))
+            min_start_s=0.0 if args.time_budget is None else min(MIN_START_S, 60 * args.time_budget / 4),
+        )
         root = Path(args.root or f"workdirs/compare_{args.grid}")
         _check_root(root, args)
         if args.parent_ckpt and not (args.dry_run or args.report_only):  # else every run would fail on it
@@ -261,16 +321,24 @@ def main(argv=None) -> int:
         out.with_suffix(".json").write_text(json.dumps(report, indent=1))
         plot_report(records, table, out.with_suffix(".png"), grid)
     except OSError as err:  # the runs are on disk: only the report's place is wrong
-        reason = (f"{err.filename} is a file, not a folder" if isinstance(err, (FileExistsError, NotADirectoryError))
-                  else f"{err.strerror or err}: {err.filename}")
-        print(f"error: --out {out}: cannot write the report there ({reason}); choose another --out, then rerun "
-              "with --report_only", file=sys.stderr)
+        reason = (
+            f"{err.filename} is a file, not a folder"
+            if isinstance(err, (FileExistsError, NotADirectoryError))
+            else f"{err.strerror or err}: {err.filename}"
+        )
+        print(
+            f"error: --out {out}: cannot write the report there ({reason}); choose another --out, then rerun "
+            "with --report_only",
+            file=sys.stderr,
+        )
         return 2
     print(markdown)
     print(f"wrote {out.with_suffix('.md')}, {out.with_suffix('.json')}, {out.with_suffix('.png')}")
     if args.pack:
         try:
-            manifest = grid_pack.pack(args.grid, grid, root, Path(args.pack), variants, seeds, commit=comparison.current_commit())
+            manifest = grid_pack.pack(
+                args.grid, grid, root, Path(args.pack), variants, seeds, commit=comparison.current_commit()
+            )
         except grid_pack.PackError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

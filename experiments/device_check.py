@@ -48,13 +48,17 @@ from hkt_jax.runtime import paths
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CIFAR_ARCHIVE = Path("cifar10-q75") / "cifar10-q75-imagefolder.tar.gz"
 RESNET56_TORCH = Path("resnet-cifar10-torch") / "resnet56-4bfd9763.th"
-QUICK_TESTS = ("tests/test_hkt.py::test_classification_losses_match_numpy",  # gpu-marked, and cheap to collect
-               "tests/test_sharding.py::test_hlo_collective_parser")
+QUICK_TESTS = (
+    "tests/test_hkt.py::test_classification_losses_match_numpy",  # gpu-marked, and cheap to collect
+    "tests/test_sharding.py::test_hlo_collective_parser",
+)
 GA_CASE = "n16384"
 LOOP_STEPS, LOG_EVERY = 300, 50  # the real-data run: 6 logged windows; the first (compilation) is dropped
 CHANCE_STEPS = (300, 400)  # ResNet-110 must be above chance over these steps
-QUICK_NO_BF16 = ("--quick: float32 only (bfloat16 is emulated on CPUs, its speed judged on GPUs only; "
-                 "tests/test_mixed_precision.py tests it)")
+QUICK_NO_BF16 = (
+    "--quick: float32 only (bfloat16 is emulated on CPUs, its speed judged on GPUs only; "
+    "tests/test_mixed_precision.py tests it)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,9 +98,12 @@ class Runner:
     def __init__(self, workdir: Path, budget_s: float):
         self.workdir, self.deadline = workdir, time.monotonic() + budget_s
         self.records: dict[str, dict[str, Any]] = {}
-        self.env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE=os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE",
-                                                                                 "false"),
-                        PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+        self.env = dict(
+            os.environ,
+            XLA_PYTHON_CLIENT_PREALLOCATE=os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "false"),
+            PYTHONUNBUFFERED="1",
+            TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+        )
         # One persistent compilation cache for the checks (the smoke keeps its own, to be cold): a rerun in
         # the same workdir, and a program two checks both compile, compile once.
         self.env.setdefault("JAX_COMPILATION_CACHE_DIR", str(workdir / "jax_cache"))
@@ -116,10 +123,23 @@ class Runner:
         cmd = [sys.executable, *args]
         print(f"[device_check] {name}: {' '.join(args)} (timeout {timeout_s:.0f} s, log {log})", flush=True)
         handle = log.open("w")
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**self.env, **(env or {})}, stdout=handle,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        return {"name": name, "args": args, "proc": proc, "log": log, "handle": handle,
-                "start": time.monotonic(), "timeout_s": timeout_s}
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO_ROOT,
+            env={**self.env, **(env or {})},
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return {
+            "name": name,
+            "args": args,
+            "proc": proc,
+            "log": log,
+            "handle": handle,
+            "start": time.monotonic(),
+            "timeout_s": timeout_s,
+        }
 
     def wait(self, job) -> dict[str, Any] | None:
         if job is None:
@@ -137,8 +157,13 @@ class Runner:
                 proc.wait()
         job["handle"].close()
         seconds = time.monotonic() - job["start"]
-        record = {"cmd": job["args"], "rc": proc.returncode, "seconds": round(seconds, 1), "timed_out": timed_out,
-                  "log": str(job["log"])}
+        record = {
+            "cmd": job["args"],
+            "rc": proc.returncode,
+            "seconds": round(seconds, 1),
+            "timed_out": timed_out,
+            "log": str(job["log"]),
+        }
         if proc.returncode != 0:
             record["tail"] = job["log"].read_text(errors="replace")[-1500:]
         self.records[job["name"]] = record
@@ -190,15 +215,26 @@ class Results:
 def start_gpu_tests(runner: Runner, quick: bool):
     """The ``gpu`` subset (a handful of it under --quick), results read from pytest's junit XML."""
     if importlib.util.find_spec("pytest") is None:
-        runner.records["gpu_tests"] = {"skipped": f"pytest is not installed for {sys.executable}: add its wheels "
-                                                  "(pytest, pluggy, iniconfig, packaging) to the machine"}
+        runner.records["gpu_tests"] = {
+            "skipped": f"pytest is not installed for {sys.executable}: add its wheels "
+            "(pytest, pluggy, iniconfig, packaging) to the machine"
+        }
         return None
     from tests.conftest import GPU_SUBSET  # imports pytest: only now that it is known to be there
 
     xml = runner.workdir / "gpu_tests.xml"
     modules = [f"tests/{name}" for name in sorted(GPU_SUBSET)]  # collect only these, not the whole suite
-    args = ["-m", "pytest", "-q", "-m", "gpu", f"--junitxml={xml}", "-o", "junit_family=xunit1",
-            *(QUICK_TESTS if quick else modules)]
+    args = [
+        "-m",
+        "pytest",
+        "-q",
+        "-m",
+        "gpu",
+        f"--junitxml={xml}",
+        "-o",
+        "junit_family=xunit1",
+        *(QUICK_TESTS if quick else modules),
+    ]
     return runner.start("gpu_tests", args, 90 if quick else 150)
 
 
@@ -219,8 +255,11 @@ def finish_gpu_tests(runner: Runner, job, results: Results) -> None:
     results.set("tests_passed", total - failed - skipped)
     results.set("tests_failed", failed)
     results.set("tests_skipped", skipped)
-    results.details["failed_tests"] = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
-                                       if case.find("failure") is not None or case.find("error") is not None]
+    results.details["failed_tests"] = [
+        f"{case.get('classname')}::{case.get('name')}"
+        for case in suite.iter("testcase")
+        if case.find("failure") is not None or case.find("error") is not None
+    ]
     if record and record.get("timed_out"):
         results.details["gpu_tests_note"] = "pytest timed out: the counts cover the tests that finished"
 
@@ -229,12 +268,27 @@ def check_smoke(runner: Runner, results: Results, quick: bool) -> None:
     """The smoke run twice in fresh workdirs: cold (an empty JAX compilation cache, named by
     ``JAX_COMPILATION_CACHE_DIR``), then warm (the same cache); wall seconds of the whole command."""
     cache = runner.workdir / "jax_compilation_cache"
-    few = ["method=child", "train.steps=4", "train.log_every_steps=2", "train.eval_every_steps=4", "train.checkpoint_every_steps=4",
-           "data.synthetic_train_size=256", "data.validation_size=64", "data.synthetic_test_size=64"] if quick else []
+    few = (
+        [
+            "method=child",
+            "train.steps=4",
+            "train.log_every_steps=2",
+            "train.eval_every_steps=4",
+            "train.checkpoint_every_steps=4",
+            "data.synthetic_train_size=256",
+            "data.validation_size=64",
+            "data.synthetic_test_size=64",
+        ]
+        if quick
+        else []
+    )
     for key, name in (("smoke_cold_s", "smoke_cold"), ("smoke_warm_s", "smoke_warm")):
-        record = runner.run(name, ["-m", "experiments.cifar_hkt", "--config", "smoke", "--workdir",
-                                   str(runner.workdir / name), *few], 90 if quick else 75,
-                            env={"JAX_COMPILATION_CACHE_DIR": str(cache), "HKT_JAX_COMPILE_CACHE": str(cache)})
+        record = runner.run(
+            name,
+            ["-m", "experiments.cifar_hkt", "--config", "smoke", "--workdir", str(runner.workdir / name), *few],
+            90 if quick else 75,
+            env={"JAX_COMPILATION_CACHE_DIR": str(cache), "HKT_JAX_COMPILE_CACHE": str(cache)},
+        )
         if record and record["rc"] == 0:
             results.set(key, record["seconds"])
         else:
@@ -251,24 +305,32 @@ def check_bench_train(runner: Runner, results: Results, quick: bool, compute_dty
         args = ["--quick", "--steps", "2", "--warmup", "0", "--no_torch"]
     else:
         args = ["--steps", "10", "--warmup", "2", "--torch_compile", "--amp"]
-    record = runner.run("bench_train_f32", ["-m", "experiments.bench_train", *args, "--allreduce_devices", "1",
-                                            "--json", str(out)], 90 if quick else 150)
+    record = runner.run(
+        "bench_train_f32",
+        ["-m", "experiments.bench_train", *args, "--allreduce_devices", "1", "--json", str(out)],
+        90 if quick else 150,
+    )
     f32 = read_json(out) if record and record["rc"] == 0 else None
     torch_keys = ("hkt_step_vs_torch_eager", "hkt_step_vs_torch_compile", "hkt_step_vs_torch_amp")
     if f32 is None:
-        results.missing(("parent_runs_once", *torch_keys, "hkt_step_bf16_vs_f32"),
-                        failure_reason("bench_train_f32", record, runner))
+        results.missing(
+            ("parent_runs_once", *torch_keys, "hkt_step_bf16_vs_f32"), failure_reason("bench_train_f32", record, runner)
+        )
         return None
     results.set("parent_runs_once", bool(f32["convolutions"]["parent_runs_once"]))
-    results.details["bench_train"] = {key: f32.get(key) for key in ("parent_depth", "child_depth", "batch_size",
-                                                                     "devices", "precision", "torch_info")}
+    results.details["bench_train"] = {
+        key: f32.get(key) for key in ("parent_depth", "child_depth", "batch_size", "devices", "precision", "torch_info")
+    }
     results.details["bench_train"]["hkt_step_img_per_s"] = f32["jax"]["hkt_step"]["img_per_s"]
     results.details["bench_train"]["convolutions"] = f32["convolutions"]
     for key, source in zip(torch_keys, ("hkt_jax_over_torch", "hkt_jax_over_torch_compiled", "hkt_jax_over_torch_amp")):
         if source in f32:
             results.set(key, f32[source])
-    reason = ("--quick: no PyTorch twin (minutes on a loaded 2-core CPU)" if quick
-              else "PyTorch (or torch.compile) not usable here: see bench_train_f32's log")
+    reason = (
+        "--quick: no PyTorch twin (minutes on a loaded 2-core CPU)"
+        if quick
+        else "PyTorch (or torch.compile) not usable here: see bench_train_f32's log"
+    )
     results.missing(torch_keys, reason)
 
     if not compute_dtype_available:
@@ -277,9 +339,25 @@ def check_bench_train(runner: Runner, results: Results, quick: bool, compute_dty
     if quick:
         return f32
     out16 = runner.workdir / "bench_train_bf16.json"
-    record = runner.run("bench_train_bf16", ["-m", "experiments.bench_train", "--steps", "10", "--warmup", "2",
-                                             "--no_torch", "--allreduce_devices", "1", "--compute_dtype", "bfloat16",
-                                             "--json", str(out16)], 100)
+    record = runner.run(
+        "bench_train_bf16",
+        [
+            "-m",
+            "experiments.bench_train",
+            "--steps",
+            "10",
+            "--warmup",
+            "2",
+            "--no_torch",
+            "--allreduce_devices",
+            "1",
+            "--compute_dtype",
+            "bfloat16",
+            "--json",
+            str(out16),
+        ],
+        100,
+    )
     bf16 = read_json(out16) if record and record["rc"] == 0 else None
     if bf16 is None:
         results.missing(["hkt_step_bf16_vs_f32"], failure_reason("bench_train_bf16", record, runner))
@@ -296,8 +374,13 @@ def ga_auto_fb_ms(report: dict[str, Any], case: str) -> float | None:
         choice = report.get("auto_choice", {}).get(case)
         if choice is None:
             return None
-        auto = [r for r in rows if r["impl"] == choice["impl"] and r.get("chunk_size") is None
-                and r.get("chunk_rows") == choice.get("chunk_rows")]
+        auto = [
+            r
+            for r in rows
+            if r["impl"] == choice["impl"]
+            and r.get("chunk_size") is None
+            and r.get("chunk_rows") == choice.get("chunk_rows")
+        ]
     return auto[0]["fwd_bwd_ms"] if auto else None
 
 
@@ -308,14 +391,25 @@ def check_bench_ga(runner: Runner, results: Results, quick: bool) -> None:
             results.missing([key], QUICK_NO_BF16)
             continue
         out = runner.workdir / f"bench_ga_{dtype}.json"
-        args = ["-m", "experiments.bench_ga", *(["--quick", "--reps", "2"] if quick else ["--reps", "5"]),
-                "--cases", case, "--json", str(out), *(["--dtype", dtype] if dtype != "float32" else [])]
+        args = [
+            "-m",
+            "experiments.bench_ga",
+            *(["--quick", "--reps", "2"] if quick else ["--reps", "5"]),
+            "--cases",
+            case,
+            "--json",
+            str(out),
+            *(["--dtype", dtype] if dtype != "float32" else []),
+        ]
         record = runner.run(f"bench_ga_{dtype}", args, 60 if quick else 75)
         report = read_json(out) if record and record["rc"] == 0 else None
         if report is None:
             tail = (record or {}).get("tail", "")
-            reason = ("not available: bench_ga has no --dtype on this branch" if "--dtype" in tail
-                      and "unrecognized" in tail else failure_reason(f"bench_ga_{dtype}", record, runner))
+            reason = (
+                "not available: bench_ga has no --dtype on this branch"
+                if "--dtype" in tail and "unrecognized" in tail
+                else failure_reason(f"bench_ga_{dtype}", record, runner)
+            )
             results.missing([key], reason)
             continue
         value = ga_auto_fb_ms(report, case)
@@ -342,16 +436,22 @@ def check_bench_raft(runner: Runner, results: Results, quick: bool) -> None:
             continue
         name, out = f"bench_raft_{task}", runner.workdir / f"bench_raft_{task}.json"
         args = ["--quick", "--sizes", "small", "--repeats", "1"] if quick else ["--sizes", "large", "--repeats", "3"]
-        record = runner.run(name, ["-m", "experiments.bench_raft", *args, "--tasks", task, "--corr_impls",
-                                   "all_pairs", "--json", str(out)], 90 if quick else 100)
+        record = runner.run(
+            name,
+            ["-m", "experiments.bench_raft", *args, "--tasks", task, "--corr_impls", "all_pairs", "--json", str(out)],
+            90 if quick else 100,
+        )
         report = read_json(out) if record and record["rc"] == 0 else None
         rows = [row for row in (report or {}).get("rows", []) if row["impl"].startswith("jax")]
         if not rows:
             results.missing([key], failure_reason(name, record, runner) if report is None else "no JAX row")
             continue
         results.set(key, rows[0]["torch_over_this"])
-        results.details[name] = {"config": report.get("config"), "torch_device": report.get("torch_device"),
-                                 "jax_median_s": rows[0]["median_s"]}
+        results.details[name] = {
+            "config": report.get("config"),
+            "torch_device": report.get("torch_device"),
+            "jax_median_s": rows[0]["median_s"],
+        }
 
 
 def window_rows(metrics_file: Path) -> list[dict[str, Any]]:
@@ -372,11 +472,25 @@ def real_data_overrides(archive: Path) -> list[str]:
 
 def start_resnet110(runner: Runner, archive: Path):
     steps = CHANCE_STEPS[1]
-    return runner.start("resnet110", ["-m", "experiments.cifar_hkt", "--config", "default", "--workdir",
-                                      str(runner.workdir / "resnet110"), "method=parent", "parent.depth=110",
-                                      f"train.steps={steps}", f"train.log_every_steps={LOG_EVERY}",
-                                      f"train.eval_every_steps={steps}", f"train.checkpoint_every_steps={steps}",
-                                      *real_data_overrides(archive)], 170)
+    return runner.start(
+        "resnet110",
+        [
+            "-m",
+            "experiments.cifar_hkt",
+            "--config",
+            "default",
+            "--workdir",
+            str(runner.workdir / "resnet110"),
+            "method=parent",
+            "parent.depth=110",
+            f"train.steps={steps}",
+            f"train.log_every_steps={LOG_EVERY}",
+            f"train.eval_every_steps={steps}",
+            f"train.checkpoint_every_steps={steps}",
+            *real_data_overrides(archive),
+        ],
+        170,
+    )
 
 
 def finish_resnet110(runner: Runner, job, results: Results) -> Path | None:
@@ -388,37 +502,59 @@ def finish_resnet110(runner: Runner, job, results: Results) -> Path | None:
         return None
     accuracy = accuracy_between(window_rows(metrics), *CHANCE_STEPS)
     if accuracy is None:
-        results.missing(["resnet110_leaves_chance"], f"no training accuracy logged over steps {CHANCE_STEPS}: "
-                        + failure_reason("resnet110", record, runner))
+        results.missing(
+            ["resnet110_leaves_chance"],
+            f"no training accuracy logged over steps {CHANCE_STEPS}: " + failure_reason("resnet110", record, runner),
+        )
     else:
         results.set("resnet110_leaves_chance", accuracy)
     export = runner.workdir / "resnet110" / "export" / "child"
     return export if record and record["rc"] == 0 and export.exists() else None
 
 
-def check_real_data_loop(runner: Runner, results: Results, archive: Path, parent_110: Path | None,
-                         bench_f32: dict | None) -> None:
+def check_real_data_loop(
+    runner: Runner, results: Results, archive: Path, parent_110: Path | None, bench_f32: dict | None
+) -> None:
     """HKT on the real CIFAR-10 archive for a fixed number of steps; loop img/s over bench_train's HKT step."""
     key = "loop_vs_step_throughput"
     parent_depth, parent = 110, parent_110
     if parent is None:  # no ResNet-110 export: the converted ResNet-56 (bench_train is rerun at that pair)
         parent_depth, parent = 56, runner.workdir / "resnet56"
         source = paths.shared_data_dir() / RESNET56_TORCH
-        record = runner.run("convert_resnet56", ["-m", "hkt_jax.convert", "resnet", "--src", str(source),
-                                                 "--depth", "56", "--out", str(parent)], 60)
+        record = runner.run(
+            "convert_resnet56",
+            ["-m", "hkt_jax.convert", "resnet", "--src", str(source), "--depth", "56", "--out", str(parent)],
+            60,
+        )
         if not record or record["rc"] != 0:
             results.missing([key], "no parent: " + failure_reason("convert_resnet56", record, runner))
             return
-    results.details["real_data_parent"] = (f"ResNet-{parent_depth} "
-                                           + ("trained 400 steps by resnet110_leaves_chance" if parent_depth == 110
-                                              else "converted from resnet-cifar10-torch (no ResNet-110 export)"))
+    results.details["real_data_parent"] = f"ResNet-{parent_depth} " + (
+        "trained 400 steps by resnet110_leaves_chance"
+        if parent_depth == 110
+        else "converted from resnet-cifar10-torch (no ResNet-110 export)"
+    )
     workdir = runner.workdir / "real_data_loop"
-    record = runner.run("real_data_loop", ["-m", "experiments.cifar_hkt", "--config", "default", "--workdir",
-                                           str(workdir), "method=hkt", f"parent.depth={parent_depth}",
-                                           f"parent_ckpt={parent}", f"train.steps={LOOP_STEPS}",
-                                           f"train.log_every_steps={LOG_EVERY}", f"train.eval_every_steps={LOOP_STEPS}",
-                                           f"train.checkpoint_every_steps={LOOP_STEPS}",
-                                           *real_data_overrides(archive)], 120)
+    record = runner.run(
+        "real_data_loop",
+        [
+            "-m",
+            "experiments.cifar_hkt",
+            "--config",
+            "default",
+            "--workdir",
+            str(workdir),
+            "method=hkt",
+            f"parent.depth={parent_depth}",
+            f"parent_ckpt={parent}",
+            f"train.steps={LOOP_STEPS}",
+            f"train.log_every_steps={LOG_EVERY}",
+            f"train.eval_every_steps={LOOP_STEPS}",
+            f"train.checkpoint_every_steps={LOOP_STEPS}",
+            *real_data_overrides(archive),
+        ],
+        120,
+    )
     metrics = workdir / "metrics.jsonl"
     rows = window_rows(metrics)[1:] if metrics.exists() else []  # the first window holds the compilation
     if not rows:
@@ -429,9 +565,21 @@ def check_real_data_loop(runner: Runner, results: Results, archive: Path, parent
     step = bench_f32 if bench_f32 and bench_f32["parent_depth"] == parent_depth else None
     if step is None:
         out = runner.workdir / f"bench_train_r{parent_depth}.json"
-        bench = runner.run(f"bench_train_r{parent_depth}", ["-m", "experiments.bench_train", "--parent_depth",
-                                                            str(parent_depth), "--no_torch", "--allreduce_devices", "1",
-                                                            "--json", str(out)], 90)
+        bench = runner.run(
+            f"bench_train_r{parent_depth}",
+            [
+                "-m",
+                "experiments.bench_train",
+                "--parent_depth",
+                str(parent_depth),
+                "--no_torch",
+                "--allreduce_devices",
+                "1",
+                "--json",
+                str(out),
+            ],
+            90,
+        )
         step = read_json(out) if bench and bench["rc"] == 0 else None
         if step is None:
             results.missing([key], failure_reason(f"bench_train_r{parent_depth}", bench, runner))
@@ -451,11 +599,20 @@ def compute_dtype_available() -> bool:
 
 def describe_device(runner: Runner) -> dict[str, Any]:
     """JAX's device, asked in a subprocess (this process never takes GPU memory)."""
-    code = ("import json, os, jax; d = jax.devices()[0]; print(json.dumps({'backend': jax.default_backend(), "
-            "'device_kind': d.device_kind, 'device_count': jax.device_count(), 'jax': jax.__version__, "
-            "'cpu_count': os.cpu_count()}))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=runner.env, capture_output=True,
-                          text=True, timeout=120, check=False)
+    code = (
+        "import json, os, jax; d = jax.devices()[0]; print(json.dumps({'backend': jax.default_backend(), "
+        "'device_kind': d.device_kind, 'device_count': jax.device_count(), 'jax': jax.__version__, "
+        "'cpu_count': os.cpu_count()}))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        env=runner.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     info = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"backend": "unknown"}
     for package in ("torch", "torchvision", "pytest"):
         try:
@@ -484,16 +641,28 @@ def judge(key: str, value: Any, backend: str) -> str:
 
 
 def table_rows(results: Results, backend: str) -> list[dict[str, Any]]:
-    return [{"check": key, "value": results.checks[key], "target": TARGETS[key].text,
-             "status": judge(key, results.checks[key], backend), "note": results.reasons.get(key, "")}
-            for key in TARGETS]
+    return [
+        {
+            "check": key,
+            "value": results.checks[key],
+            "target": TARGETS[key].text,
+            "status": judge(key, results.checks[key], backend),
+            "note": results.reasons.get(key, ""),
+        }
+        for key in TARGETS
+    ]
 
 
 def render(report: dict[str, Any]) -> str:
-    title = (f"device check on {report['device']}{' (--quick)' if report['quick'] else ''}: "
-             f"{report['wall_s']:.0f} s; targets are the H200 ones")
-    lines = [title, f"| {'check':28s} | {'value':>10s} | {'target':>8s} | {'status':9s} | note",
-             f"|{'-' * 30}|{'-' * 12}|{'-' * 10}|{'-' * 11}|------"]
+    title = (
+        f"device check on {report['device']}{' (--quick)' if report['quick'] else ''}: "
+        f"{report['wall_s']:.0f} s; targets are the H200 ones"
+    )
+    lines = [
+        title,
+        f"| {'check':28s} | {'value':>10s} | {'target':>8s} | {'status':9s} | note",
+        f"|{'-' * 30}|{'-' * 12}|{'-' * 10}|{'-' * 11}|------",
+    ]
     for row in report["table"]:
         value = row["value"]
         shown = "-" if value is None else str(value) if isinstance(value, (bool, int)) else f"{value:.3g}"
@@ -504,14 +673,22 @@ def render(report: dict[str, Any]) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m experiments.device_check", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.device_check",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="a few tests and quick benches (a 2-core CPU, ~2 min)")
     parser.add_argument("--json", type=Path, help="write the report here")
     parser.add_argument("--workdir", type=Path, help="sub-commands' logs and outputs (default: a temporary folder)")
-    parser.add_argument("--budget_s", type=float, help="stop starting checks after this long (default 300, --quick 180)")
-    parser.add_argument("--only", default="", help="comma-separated subset of: tests, smoke, bench_train, bench_ga, "
-                                                   "bench_raft, real_data")
+    parser.add_argument(
+        "--budget_s", type=float, help="stop starting checks after this long (default 300, --quick 180)"
+    )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated subset of: tests, smoke, bench_train, bench_ga, bench_raft, real_data",
+    )
     args = parser.parse_args(argv)
     groups = {"tests", "smoke", "bench_train", "bench_ga", "bench_raft", "real_data"}
     args.only = set(filter(None, args.only.split(","))) or groups
@@ -554,18 +731,34 @@ def main(argv=None) -> int:
     if real_data:
         check_real_data_loop(runner, results, archive, parent_110, bench_f32)
     else:
-        why = ("--quick: no real-data runs" if args.quick else f"the CIFAR-10 archive is not at {archive}"
-               if not archive.exists() else "not in --only")
+        why = (
+            "--quick: no real-data runs"
+            if args.quick
+            else f"the CIFAR-10 archive is not at {archive}"
+            if not archive.exists()
+            else "not in --only"
+        )
         results.missing(["loop_vs_step_throughput", "resnet110_leaves_chance"], why)
     results.missing(TARGETS, "not in --only")
 
     backend = info.get("backend", "unknown")
-    device = (f"{info.get('device_count', '?')} x {info.get('device_kind', '?')} ({backend}), JAX {info.get('jax')}, "
-              f"torch {info.get('torch')}" + (f", CPU: {info['cpu']}" if "cpu" in info else ""))
-    report = {"device": device, "device_info": info, "quick": args.quick, "budget_s": budget_s,
-              "wall_s": round(time.monotonic() - started, 1), "checks": results.checks, "reasons": results.reasons,
-              "table": table_rows(results, backend), "details": results.details, "runs": runner.records,
-              "workdir": str(runner.workdir)}
+    device = (
+        f"{info.get('device_count', '?')} x {info.get('device_kind', '?')} ({backend}), JAX {info.get('jax')}, "
+        f"torch {info.get('torch')}" + (f", CPU: {info['cpu']}" if "cpu" in info else "")
+    )
+    report = {
+        "device": device,
+        "device_info": info,
+        "quick": args.quick,
+        "budget_s": budget_s,
+        "wall_s": round(time.monotonic() - started, 1),
+        "checks": results.checks,
+        "reasons": results.reasons,
+        "table": table_rows(results, backend),
+        "details": results.details,
+        "runs": runner.records,
+        "workdir": str(runner.workdir),
+    }
     print(render(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -56,13 +56,14 @@ def estimate(model, variables, frame1: np.ndarray, frame2: np.ndarray, iters: in
     import jax
 
     if frame1.shape != frame2.shape:
-        raise ValueError(f"the frames differ in size: {frame1.shape[1]}x{frame1.shape[0]} and "
-                         f"{frame2.shape[1]}x{frame2.shape[0]}")
+        raise ValueError(
+            f"the frames differ in size: {frame1.shape[1]}x{frame1.shape[0]} and {frame2.shape[1]}x{frame2.shape[0]}"
+        )
     (image1, region), (image2, _) = pad_to_multiple_of_8(frame1), pad_to_multiple_of_8(frame2)
     run = jax.jit(lambda v, a, b: model.apply(v, a, b, iters=iters)[-1])
     flow = np.asarray(run(variables, image1[None], image2[None]))[0]
     top, left, height, width = region
-    return flow[top:top + height, left:left + width]
+    return flow[top : top + height, left : left + width]
 
 
 def run(args: argparse.Namespace) -> None:
@@ -72,13 +73,16 @@ def run(args: argparse.Namespace) -> None:
     frame1, frame2 = read_image(args.frame1), read_image(args.frame2)
     gt = read_flo(args.gt) if args.gt else None
     if gt is not None and gt.shape[:2] != frame1.shape[:2]:
-        raise ValueError(f"--gt {args.gt} is {gt.shape[1]}x{gt.shape[0]}, the frames {frame1.shape[1]}x"
-                         f"{frame1.shape[0]}")
+        raise ValueError(
+            f"--gt {args.gt} is {gt.shape[1]}x{gt.shape[0]}, the frames {frame1.shape[1]}x{frame1.shape[0]}"
+        )
     start = time.perf_counter()
     flow = estimate(model, variables, frame1, frame2, args.iters)
     seconds = time.perf_counter() - start
-    print(f"RAFT(small={model.small}) {args.iters} iterations on {frame1.shape[1]}x{frame1.shape[0]} frames: "
-          f"{seconds:.1f} s (including compilation); mean |flow| {np.linalg.norm(flow, axis=-1).mean():.2f} px")
+    print(
+        f"RAFT(small={model.small}) {args.iters} iterations on {frame1.shape[1]}x{frame1.shape[0]} frames: "
+        f"{seconds:.1f} s (including compilation); mean |flow| {np.linalg.norm(flow, axis=-1).mean():.2f} px"
+    )
     if args.out:
         print(f"  flow:    {write_flo(args.out, flow)}")
     if args.png:
@@ -86,8 +90,10 @@ def run(args: argparse.Namespace) -> None:
     if gt is not None:
         valid = np.all(np.isfinite(gt), axis=-1) & np.all(np.abs(gt) < 1e9, axis=-1)
         epe = np.linalg.norm(flow - gt, axis=-1)[valid]
-        print(f"  EPE vs {args.gt}: {epe.mean():.3f} px (1px {np.mean(epe < 1):.3f}, 3px {np.mean(epe < 3):.3f}, "
-              f"5px {np.mean(epe < 5):.3f})")
+        print(
+            f"  EPE vs {args.gt}: {epe.mean():.3f} px (1px {np.mean(epe < 1):.3f}, 3px {np.mean(epe < 3):.3f}, "
+            f"5px {np.mean(epe < 5):.3f})"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,8 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--png", help="write the colour-coded flow here (Middlebury colour wheel)")
     parser.add_argument("--iters", type=int, default=32, help="refinement iterations (default 32, as RAFT's eval)")
     parser.add_argument("--gt", help="ground-truth .flo: print the end-point error")
-    parser.add_argument("--corr", default="all_pairs", choices=("all_pairs", "on_the_fly"),
-                        help="correlation: the all-pairs volume, or on the fly (memory-lean for large frames)")
+    parser.add_argument(
+        "--corr",
+        default="all_pairs",
+        choices=("all_pairs", "on_the_fly"),
+        help="correlation: the all-pairs volume, or on the fly (memory-lean for large frames)",
+    )
     return parser
 
 

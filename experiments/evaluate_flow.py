@@ -47,9 +47,17 @@ class _First:
         return self.source[index]
 
 
-def evaluate_source(predict: Callable[[dict], np.ndarray], source, *, pad_mode: str = "sintel",
-                    per_image_epe: bool = False, max_samples: int | None = None, png_dir: Path | None = None,
-                    num_png: int = 0, tag: str = "") -> dict[str, float]:
+def evaluate_source(
+    predict: Callable[[dict], np.ndarray],
+    source,
+    *,
+    pad_mode: str = "sintel",
+    per_image_epe: bool = False,
+    max_samples: int | None = None,
+    png_dir: Path | None = None,
+    num_png: int = 0,
+    tag: str = "",
+) -> dict[str, float]:
     """Metrics of ``predict(batch) -> (1, H, W, 2)`` over ``source`` (one padded pair per batch; the padding
     has ``valid`` 0, so it never counts). Writes [ground truth | prediction] PNGs of the first ``num_png``."""
     from hkt_jax.data.flow_io import flow_to_color, write_image
@@ -66,8 +74,10 @@ def evaluate_source(predict: Callable[[dict], np.ndarray], source, *, pad_mode: 
             crop = (slice(top, top + height), slice(left, left + width))
             gt, known = batch["flow"][0][crop], batch["valid"][0][crop] >= 0.5
             radius = float(np.max(np.linalg.norm(gt, axis=-1)[known], initial=0.0)) or None
-            picture = np.concatenate([flow_to_color(np.where(known[..., None], gt, 0.0), radius),
-                                      flow_to_color(flow[0][crop], radius)], axis=1)
+            picture = np.concatenate(
+                [flow_to_color(np.where(known[..., None], gt, 0.0), radius), flow_to_color(flow[0][crop], radius)],
+                axis=1,
+            )
             write_image(Path(png_dir) / f"{tag}{index:04d}_gt_vs_pred.png", picture)
     sums = {key: np.concatenate(values) for key, values in totals.items()}
     metrics = finalize_flow_metrics(sums, per_image_epe=per_image_epe)
@@ -84,8 +94,10 @@ def load_predictor(model_dir: str, iters: int) -> Callable[[dict], np.ndarray]:
     from hkt_jax.models import build_model
 
     if not Path(model_dir).is_dir():
-        raise FileNotFoundError(f"model directory {model_dir} not found (a trained workdir's export/child or best/, "
-                                "or python -m hkt_jax.convert raft --out DIR)")
+        raise FileNotFoundError(
+            f"model directory {model_dir} not found (a trained workdir's export/child or best/, "
+            "or python -m hkt_jax.convert raft --out DIR)"
+        )
     variables, spec = load_model(model_dir)
     if spec.get("arch") != "raft":
         raise ValueError(f"{model_dir} holds a {spec.get('arch')!r} model, not RAFT")
@@ -100,27 +112,46 @@ def evaluate(args) -> dict:
     passes, options, iters, pad_mode, per_image = PROTOCOLS[args.dataset]
     iters = args.iters or iters
     predict = load_predictor(args.model, iters)
-    result = {"model": str(args.model), "dataset": args.dataset, "path": str(args.path), "iters": iters,
-              "pad_mode": pad_mode, "metrics": {}}
+    result = {
+        "model": str(args.model),
+        "dataset": args.dataset,
+        "path": str(args.path),
+        "iters": iters,
+        "pad_mode": pad_mode,
+        "metrics": {},
+    }
     for pass_name in passes:
-        source = open_flow_dataset(args.dataset, args.path, **options,
-                                   **({"pass_name": pass_name} if pass_name else {}))
+        source = open_flow_dataset(
+            args.dataset, args.path, **options, **({"pass_name": pass_name} if pass_name else {})
+        )
         start = time.perf_counter()
         name = pass_name or args.dataset
-        metrics = evaluate_source(predict, source, pad_mode=pad_mode, per_image_epe=per_image,
-                                  max_samples=args.max_samples, png_dir=args.png_dir, num_png=args.num_png,
-                                  tag=f"{name}_")
+        metrics = evaluate_source(
+            predict,
+            source,
+            pad_mode=pad_mode,
+            per_image_epe=per_image,
+            max_samples=args.max_samples,
+            png_dir=args.png_dir,
+            num_png=args.num_png,
+            tag=f"{name}_",
+        )
         metrics["seconds"] = time.perf_counter() - start
         result["metrics"][name] = metrics
-        print(f"{args.dataset} {name}: EPE {metrics['epe']:.3f}, 1px {metrics['1px']:.3f}, 3px {metrics['3px']:.3f}, "
-              f"5px {metrics['5px']:.3f}, F1-all {metrics['f1']:.2f}% over {metrics['pairs']} pairs "
-              f"({iters} iterations, {metrics['seconds']:.1f} s)")
+        print(
+            f"{args.dataset} {name}: EPE {metrics['epe']:.3f}, 1px {metrics['1px']:.3f}, 3px {metrics['3px']:.3f}, "
+            f"5px {metrics['5px']:.3f}, F1-all {metrics['f1']:.2f}% over {metrics['pairs']} pairs "
+            f"({iters} iterations, {metrics['seconds']:.1f} s)"
+        )
     return result
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments.evaluate_flow", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.evaluate_flow",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", required=True, help="RAFT model dir (export/child, best/, or converted)")
     parser.add_argument("--dataset", required=True, choices=tuple(PROTOCOLS))
     parser.add_argument("--path", required=True, help="dataset root (FlyingChairs_release, Sintel, KITTI) or folder")

@@ -18,8 +18,9 @@ import sys
 
 from hkt_jax.training import experiment_cli
 
-COMMAND = experiment_cli.Command("python -m experiments.flow_hkt", __doc__, config_prefix="flow_",
-                                 default_config="chairs")
+COMMAND = experiment_cli.Command(
+    "python -m experiments.flow_hkt", __doc__, config_prefix="flow_", default_config="chairs"
+)
 
 
 def main(argv=None) -> int:

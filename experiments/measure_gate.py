@@ -24,18 +24,28 @@ CHECKPOINTS = {20: "resnet20-12fca82f.th", 56: "resnet56-4bfd9763.th"}
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m experiments.measure_gate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"),
-                        help="the shared data folder (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.measure_gate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--shared",
+        default=str(Path(__file__).resolve().parents[2] / "shared" / "data"),
+        help="the shared data folder (default: %(default)s)",
+    )
     folder = Path(parser.parse_args(argv).shared) / "resnet-cifar10-torch"
     reference = np.load(folder / "reference_logits_cifar10_first20.npz")
     images = jnp.asarray((reference["images_uint8"] / 255.0 - reference["mean"]) / reference["std"], jnp.float32)
-    pooled = {depth: run_all_stages(CifarResNet(depth=depth), resnet_from_torch(folder / name, depth), images)[0]
-              for depth, name in CHECKPOINTS.items()}
+    pooled = {
+        depth: run_all_stages(CifarResNet(depth=depth), resnet_from_torch(folder / name, depth), images)[0]
+        for depth, name in CHECKPOINTS.items()
+    }
     gate = np.asarray(gate_values(pooled[20], pooled[56]))
-    print(f"pooled feature L2 norm: child {float(jnp.linalg.norm(pooled[20], axis=-1).mean()):.2f}, "
-          f"parent {float(jnp.linalg.norm(pooled[56], axis=-1).mean()):.2f}")
+    print(
+        f"pooled feature L2 norm: child {float(jnp.linalg.norm(pooled[20], axis=-1).mean()):.2f}, "
+        f"parent {float(jnp.linalg.norm(pooled[56], axis=-1).mean()):.2f}"
+    )
     print(f"gate a over 20 images: mean {gate.mean():.4f}, min {gate.min():.4f}, max {gate.max():.4f}")
 
 

@@ -74,8 +74,10 @@ def _metrics(workdir: Path) -> list[dict]:
     try:
         rows = read_metrics(workdir)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{workdir / METRICS_FILE}: a line is not JSON ({err.msg}); a run killed while writing "
-                         "leaves its last line cut: delete that line") from None
+        raise ValueError(
+            f"{workdir / METRICS_FILE}: a line is not JSON ({err.msg}); a run killed while writing "
+            "leaves its last line cut: delete that line"
+        ) from None
     if not rows:
         raise ValueError(f"{workdir}: no {METRICS_FILE} rows (is it a training run's workdir?)")
     return rows
@@ -128,8 +130,10 @@ def check_one_task(workdirs) -> str:
             tasks[str(workdir)] = config.get("task", DEFAULT_TASK)
     if len(set(tasks.values())) > 1:
         runs = "; ".join(f"{workdir}: {task}" for workdir, task in tasks.items())
-        raise ValueError(f"runs of different tasks cannot share one figure, whose panels have one scale each "
-                         f"({runs}): plot each task's runs with a command of their own")
+        raise ValueError(
+            f"runs of different tasks cannot share one figure, whose panels have one scale each "
+            f"({runs}): plot each task's runs with a command of their own"
+        )
     return next(iter(tasks.values()), DEFAULT_TASK)
 
 
@@ -168,7 +172,9 @@ def build_figure(workdirs):
         config = _run_config(workdir)
         colour = colours[index % len(colours)]
         linewidth = 1.5 + 1.5 * (len(workdirs) - 1 - index) / max(len(workdirs) - 1, 1)  # equal curves stay visible
-        label = f"{workdir.name or workdir} ({config['method']})" if "method" in config else (workdir.name or str(workdir))
+        label = (
+            f"{workdir.name or workdir} ({config['method']})" if "method" in config else (workdir.name or str(workdir))
+        )
         run_handles.append(Line2D([], [], color=colour, lw=2, label=label))
 
         task_key = "l2" if any(row.get("l2") is not None for row in rows) else "loss"
@@ -193,16 +199,21 @@ def build_figure(workdirs):
     ga_unit = " or ".join(GA_UNITS[kind] for kind in sorted(ga_kinds)) or "-"
     panels = (
         (ax_task, "task loss L2 (native child)", loss_label),
-        (ax_inherit, "inheritance terms L1 / L3 (own scale)",
-         f"loss ({'/'.join(sorted(inherit_kinds))})" if inherit_kinds else "loss"),
+        (
+            ax_inherit,
+            "inheritance terms L1 / L3 (own scale)",
+            f"loss ({'/'.join(sorted(inherit_kinds))})" if inherit_kinds else "loss",
+        ),
         (ax_total, "training objective", "weighted loss Σ αᵢ Lᵢ"),
         (ax_acc, metric_title, metric_label),
         (ax_ga, "Genetic Attention per boundary", ga_unit),
         (ax_lr, "learning rate", "learning rate"),
     )
-    empty_notes = {ax_inherit: "no L1/L3 logged (child or parent runs)", ax_ga: "no GA diagnostics (not an HKT run)",
-                   ax_acc: f"no {metric} logged" if metric else f"task {task!r} is not registered here: its "
-                   "metric is unknown"}
+    empty_notes = {
+        ax_inherit: "no L1/L3 logged (child or parent runs)",
+        ax_ga: "no GA diagnostics (not an HKT run)",
+        ax_acc: f"no {metric} logged" if metric else f"task {task!r} is not registered here: its metric is unknown",
+    }
     for ax, title, ylabel in panels:
         ax.set_title(title)
         ax.set_xlabel("training step")
@@ -212,11 +223,17 @@ def build_figure(workdirs):
             ax.text(0.5, 0.5, empty_notes.get(ax, "nothing logged"), ha="center", va="center", transform=ax.transAxes)
         elif len(styles_used[ax]) > 1 or ax in (ax_inherit, ax_ga):
             note = IDENTICAL_GATES_NOTE if ax is ax_ga and identical_boundaries else None
-            ax.legend(handles=[Line2D([], [], color="grey", linestyle=style, label=name)
-                               for name, style in styles_used[ax].items()], fontsize="small", title=note,
-                      title_fontsize="x-small")
-    fig.legend(handles=run_handles, loc="upper center", ncol=min(len(run_handles), 4), title="run (colour)",
-               fontsize="small")
+            ax.legend(
+                handles=[
+                    Line2D([], [], color="grey", linestyle=style, label=name) for name, style in styles_used[ax].items()
+                ],
+                fontsize="small",
+                title=note,
+                title_fontsize="x-small",
+            )
+    fig.legend(
+        handles=run_handles, loc="upper center", ncol=min(len(run_handles), 4), title="run (colour)", fontsize="small"
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.9))
     return fig
 
@@ -243,8 +260,11 @@ def check_out(out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.plot_metrics", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.plot_metrics",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("workdirs", nargs="+", help="run directories holding metrics.jsonl")
     parser.add_argument("--out", default="metrics.png", help="output PNG (default: %(default)s)")
     args = parser.parse_args(argv)

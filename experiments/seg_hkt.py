@@ -18,8 +18,7 @@ import sys
 
 from hkt_jax.training import experiment_cli
 
-COMMAND = experiment_cli.Command("python -m experiments.seg_hkt", __doc__, config_prefix="seg_",
-                                 default_config="lits")
+COMMAND = experiment_cli.Command("python -m experiments.seg_hkt", __doc__, config_prefix="seg_", default_config="lits")
 
 
 def main(argv=None) -> int:

@@ -26,19 +26,27 @@ DEFAULT_PNG_SLICES = 4
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m experiments.segment_volume", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.segment_volume",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", required=True, help="model checkpoint dir (a run's export/child or best)")
     parser.add_argument("volume", help="CT volume (NIfTI, Hounsfield units)")
     parser.add_argument("--out", required=True, help="where to write the predicted label volume (.nii or .nii.gz)")
     parser.add_argument("--gt", default=None, help="ground-truth label volume: print the Dice per region")
     parser.add_argument("--window", default=None, help="HU window LOW,HIGH (default: the run's, else -200,250)")
-    parser.add_argument("--size", type=int, default=None,
-                        help="square slice size the network takes (default: the run's)")
+    parser.add_argument(
+        "--size", type=int, default=None, help="square slice size the network takes (default: the run's)"
+    )
     parser.add_argument("--batch_size", type=int, default=16, help="slices per forward pass (default: %(default)s)")
     parser.add_argument("--png_dir", default=None, help="overlay PNGs go here (default: <out stem>_slices/)")
-    parser.add_argument("--png_slices", type=int, default=DEFAULT_PNG_SLICES,
-                        help="how many slices to draw, spread over those with labels (0: none; default: %(default)s)")
+    parser.add_argument(
+        "--png_slices",
+        type=int,
+        default=DEFAULT_PNG_SLICES,
+        help="how many slices to draw, spread over those with labels (0: none; default: %(default)s)",
+    )
     return parser.parse_args(argv)
 
 
@@ -52,8 +60,7 @@ def run_settings(model_dir: Path):
             seg = json.loads(path.read_text()).get("seg")
             if seg:
                 fields = {"window", "slice_size", "num_classes"}
-                return SegSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in seg.items()
-                                      if k in fields})
+                return SegSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in seg.items() if k in fields})
     return SegSettings()
 
 
@@ -69,20 +76,21 @@ def predict_slices(model, variables, slices: np.ndarray, batch_size: int) -> np.
 
     apply = jax.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False), -1).astype(jnp.uint8))
     depth = len(model.level_widths) if hasattr(model, "level_widths") else 0
-    padded = _pad_to(slices, 2 ** depth)
+    padded = _pad_to(slices, 2**depth)
     batch_size = max(1, min(batch_size, len(padded)))
     labels = []
     for start in range(0, len(padded), batch_size):
-        batch = padded[start:start + batch_size]
+        batch = padded[start : start + batch_size]
         real = len(batch)
         if real < batch_size:
             batch = np.concatenate([batch, np.zeros((batch_size - real, *batch.shape[1:]), batch.dtype)])
         labels.append(np.asarray(apply(variables, batch))[:real])
-    return np.concatenate(labels)[:, :slices.shape[1], :slices.shape[2]]
+    return np.concatenate(labels)[:, : slices.shape[1], : slices.shape[2]]
 
 
-def overlay_slices(images: np.ndarray, truth: np.ndarray | None, predicted: np.ndarray, count: int,
-                   out_dir: Path) -> list[Path]:
+def overlay_slices(
+    images: np.ndarray, truth: np.ndarray | None, predicted: np.ndarray, count: int, out_dir: Path
+) -> list[Path]:
     """PNGs of ``count`` slices spread over those with any label: image | truth | prediction."""
     from PIL import Image
 
@@ -98,8 +106,14 @@ def overlay_slices(images: np.ndarray, truth: np.ndarray | None, predicted: np.n
     written = []
     for k in chosen.tolist():
         blank = np.zeros_like(predicted[k])
-        row = np.concatenate([overlay(images[k], blank), overlay(images[k], blank if truth is None else truth[k]),
-                              overlay(images[k], predicted[k])], axis=1)
+        row = np.concatenate(
+            [
+                overlay(images[k], blank),
+                overlay(images[k], blank if truth is None else truth[k]),
+                overlay(images[k], predicted[k]),
+            ],
+            axis=1,
+        )
         scale = max(1, 256 // row.shape[0])  # small slices drawn larger, pixel for pixel
         row = np.repeat(np.repeat(row, scale, axis=0), scale, axis=1)
         path = out_dir / f"slice_{k:04d}.png"
@@ -158,8 +172,10 @@ def segment(args) -> int:
     header.set_slope_inter(1.0, 0.0)
     out.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(labels, affine, header), str(out))
-    print(f"wrote {out}: {labels.shape} labels, {int((labels > 0).sum())} voxels labelled "
-          f"(window {window}, slices {'x'.join(map(str, slices.shape[1:3]))})")
+    print(
+        f"wrote {out}: {labels.shape} labels, {int((labels > 0).sum())} voxels labelled "
+        f"(window {window}, slices {'x'.join(map(str, slices.shape[1:3]))})"
+    )
     if truth is not None:
         num_classes = spec["kwargs"].get("num_classes", 3)
         from hkt_jax.tasks.segmentation import SegSettings
@@ -171,8 +187,13 @@ def segment(args) -> int:
         print("Dice " + ", ".join(f"{name}: {dice[f'dice_global/{name}']:.4f}" for name, _ in regions))
     png_dir = Path(args.png_dir) if args.png_dir else out.parent / f"{_nifti_stem(out)}_slices"
     volume_slices = volumes.volume_to_slices(hu, window)  # native size: overlays on the voxels written
-    written = overlay_slices(volume_slices, None if truth is None else np.moveaxis(truth, -1, 0),
-                             np.moveaxis(labels, -1, 0), args.png_slices, png_dir)
+    written = overlay_slices(
+        volume_slices,
+        None if truth is None else np.moveaxis(truth, -1, 0),
+        np.moveaxis(labels, -1, 0),
+        args.png_slices,
+        png_dir,
+    )
     if written:
         print(f"overlays: {len(written)} PNGs in {png_dir}")
     return 0

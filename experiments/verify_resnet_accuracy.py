@@ -53,8 +53,9 @@ def load_test_split(tarball: Path) -> tuple[np.ndarray, np.ndarray]:
 def flax_predictions(variables, depth: int, images: np.ndarray, batch_size: int) -> np.ndarray:
     model = CifarResNet(depth=depth)
     predict = jax.jit(lambda v, x: model.apply(v, x, train=False).argmax(-1))
-    return np.concatenate([np.asarray(predict(variables, images[i:i + batch_size]))
-                           for i in range(0, len(images), batch_size)])
+    return np.concatenate(
+        [np.asarray(predict(variables, images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+    )
 
 
 def torch_predictions(checkpoint: Path, depth: int, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -62,21 +63,38 @@ def torch_predictions(checkpoint: Path, depth: int, images: np.ndarray, batch_si
     state_dict = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     model.load_state_dict({key.removeprefix("module."): value for key, value in state_dict.items()}, strict=True)
     with torch.no_grad():
-        batches = (torch.from_numpy(images[i:i + batch_size].transpose(0, 3, 1, 2).copy())
-                   for i in range(0, len(images), batch_size))
+        batches = (
+            torch.from_numpy(images[i : i + batch_size].transpose(0, 3, 1, 2).copy())
+            for i in range(0, len(images), batch_size)
+        )
         return np.concatenate([model(batch).argmax(-1).numpy() for batch in batches])
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.verify_resnet_accuracy",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.verify_resnet_accuracy", description=__doc__.split("\n\n")[0]
+    )
     default_data = Path(os.environ.get("HKT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-    parser.add_argument("--data", type=Path, default=default_data,
-                        help="shared data folder (default: $HKT_SHARED_DATA or <repo>/../shared/data)")
-    parser.add_argument("--depths", type=int, nargs="+", default=sorted(CHECKPOINTS), choices=sorted(CHECKPOINTS),
-                        help="which pretrained ResNets to check")
-    parser.add_argument("--batch_size", type=int, default=500,
-                        help="evaluation batch; one that divides 10,000 gives every batch one shape (one jit)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=default_data,
+        help="shared data folder (default: $HKT_SHARED_DATA or <repo>/../shared/data)",
+    )
+    parser.add_argument(
+        "--depths",
+        type=int,
+        nargs="+",
+        default=sorted(CHECKPOINTS),
+        choices=sorted(CHECKPOINTS),
+        help="which pretrained ResNets to check",
+    )
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=500,
+        help="evaluation batch; one that divides 10,000 gives every batch one shape (one jit)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -96,12 +114,18 @@ def main(argv: list[str] | None = None) -> int:
         ok = abs(flax_top1 - EXPECTED_TOP1[depth]) <= TOLERANCE_PT and flax_top1 == torch_top1
         all_ok &= ok
         results[f"resnet{depth}"] = {
-            "flax_top1": flax_top1, "torch_top1": torch_top1, "expected_top1": EXPECTED_TOP1[depth],
-            "prediction_disagreements": int(np.sum(flax_pred != torch_pred)), "images": len(labels),
-            "seconds": round(time.time() - start, 1), "ok": ok,
+            "flax_top1": flax_top1,
+            "torch_top1": torch_top1,
+            "expected_top1": EXPECTED_TOP1[depth],
+            "prediction_disagreements": int(np.sum(flax_pred != torch_pred)),
+            "images": len(labels),
+            "seconds": round(time.time() - start, 1),
+            "ok": ok,
         }
-        print(f"{'resnet' + str(depth):<10} {flax_top1:>9.2f}% {torch_top1:>10.2f}% "
-              f"{int(np.sum(flax_pred != torch_pred)):>8} {EXPECTED_TOP1[depth]:>7.2f}%  {'OK' if ok else 'MISMATCH'}")
+        print(
+            f"{'resnet' + str(depth):<10} {flax_top1:>9.2f}% {torch_top1:>10.2f}% "
+            f"{int(np.sum(flax_pred != torch_pred)):>8} {EXPECTED_TOP1[depth]:>7.2f}%  {'OK' if ok else 'MISMATCH'}"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0 if all_ok else 1

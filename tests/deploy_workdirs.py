@@ -36,11 +36,15 @@ FLOW_FRAME = 64
 
 # arch -> (model kwargs, the run's config.json, example input for init)
 WORKDIRS = {
-    "cifar_resnet": ({"depth": 8, "num_classes": 10, "conv_impl": "xla"},
-                     {"data": {"normalization": NORMALIZATION, "name": "cifar10"}}),
+    "cifar_resnet": (
+        {"depth": 8, "num_classes": 10, "conv_impl": "xla"},
+        {"data": {"normalization": NORMALIZATION, "name": "cifar10"}},
+    ),
     "raft": ({"small": True, "iters": 1}, {"data": {"crop_size": [FLOW_FRAME, FLOW_FRAME]}}),
-    "pocketnet": ({"width": 8, "depth": 2, "num_classes": 3, "in_channels": 1},
-                  {"seg": {"window": list(WINDOW), "slice_size": SLICE}, "data": {"source": "synthetic"}}),
+    "pocketnet": (
+        {"width": 8, "depth": 2, "num_classes": 3, "in_channels": 1},
+        {"seg": {"window": list(WINDOW), "slice_size": SLICE}, "data": {"source": "synthetic"}},
+    ),
 }
 
 
@@ -63,8 +67,11 @@ def make_workdir(root: Path, arch: str, *, frame: int = FLOW_FRAME, seed: int = 
     rng = np.random.default_rng(seed)  # running statistics away from (0, 1), so normalisation matters
     if "batch_stats" in variables:
         variables["batch_stats"] = jax.tree_util.tree_map_with_path(
-            lambda path, x: (rng.uniform(0.5, 2.0, x.shape) if "var" in str(path[-1]) else
-                             rng.normal(0, 0.2, x.shape)).astype(np.float32), variables["batch_stats"])
+            lambda path, x: (
+                rng.uniform(0.5, 2.0, x.shape) if "var" in str(path[-1]) else rng.normal(0, 0.2, x.shape)
+            ).astype(np.float32),
+            variables["batch_stats"],
+        )
     workdir = root / f"run-{arch}"
     save_model(workdir / "export" / "child", variables, {**spec, "metadata": {"data": {"task": arch}}})
     (workdir / "config.json").write_text(json.dumps(config))
@@ -79,7 +86,7 @@ def raw_inputs(arch: str, batch: int, *, frame: int = FLOW_FRAME, seed: int = 0)
         if len(pngs) >= batch:
             from PIL import Image
 
-            return [np.stack([np.asarray(Image.open(p).convert("RGB")) for p in pngs[seed:seed + batch]])]
+            return [np.stack([np.asarray(Image.open(p).convert("RGB")) for p in pngs[seed : seed + batch]])]
         return [rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)]
     if arch == "raft":
         frames = [shared_data_dir() / "flow" / "sintel-alley1" / f"frame_000{k}.png" for k in (1, 2)]
@@ -88,7 +95,7 @@ def raw_inputs(arch: str, batch: int, *, frame: int = FLOW_FRAME, seed: int = 0)
 
             full = [np.asarray(Image.open(f).convert("RGB")) for f in frames]
             corners = [(16 * k + 8 * seed, 24 * k) for k in range(batch)]  # a different crop per pair
-            return [np.stack([image[y:y + frame, x:x + frame] for y, x in corners]) for image in full]
+            return [np.stack([image[y : y + frame, x : x + frame] for y, x in corners]) for image in full]
         return [rng.integers(0, 256, (batch, frame, frame, 3), dtype=np.uint8) for _ in range(2)]
     hu = rng.normal(40, 150, (batch, SLICE, SLICE)).astype(np.float32)  # soft tissue around 40 HU
     return [hu]
@@ -120,15 +127,17 @@ def blocked_jax_dir(root: Path) -> Path:
     return blocker
 
 
-def run_fresh(script: str, cwd: Path, *, isolated: bool = True, pythonpath: Path | None = None,
-              timeout: int = 300) -> str:
+def run_fresh(
+    script: str, cwd: Path, *, isolated: bool = True, pythonpath: Path | None = None, timeout: int = 300
+) -> str:
     """``python -c script`` in a new process where ``hkt_jax`` is not importable (cwd outside the repo)."""
     assert REPO_ROOT not in [cwd, *cwd.parents], "the fresh process must not start inside the repository"
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
-    guard = ("import importlib.util, sys\n"
-             "assert importlib.util.find_spec('hkt_jax') is None, 'hkt_jax is importable here'\n")
+    guard = (
+        "import importlib.util, sys\nassert importlib.util.find_spec('hkt_jax') is None, 'hkt_jax is importable here'\n"
+    )
     command = [sys.executable, *(["-I"] if isolated else []), "-c", guard + script]
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"fresh process failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"

@@ -17,14 +17,24 @@ def main(argv):
         return 3
     seed, bonus = int(overrides["train.seed"]), float(overrides.get("bonus", 0))
     epe = 2.0 - bonus + 0.1 * seed  # a lower-is-better number for grids with metric="epe"
-    rows = [{"step": 10, "loss": 1.0, "img_per_s": 100.0 + seed, "gate/to_child_0": 0.99},
-            {"step": 10, "eval_accuracy": 0.5 + bonus, "eval_epe": epe, "split": "validation"}]
+    rows = [
+        {"step": 10, "loss": 1.0, "img_per_s": 100.0 + seed, "gate/to_child_0": 0.99},
+        {"step": 10, "eval_accuracy": 0.5 + bonus, "eval_epe": epe, "split": "validation"},
+    ]
     (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (workdir / "config.json").write_text(json.dumps({"overrides": overrides}))
     accuracy = 0.5 + bonus + 0.01 * seed
-    (workdir / "summary.json").write_text(json.dumps({
-        "final_test_accuracy": accuracy, "best_test_accuracy": accuracy + 0.001, "parameters": 1234,
-        "final_test_epe": epe, "best_test_epe": epe - 0.05}))
+    (workdir / "summary.json").write_text(
+        json.dumps(
+            {
+                "final_test_accuracy": accuracy,
+                "best_test_accuracy": accuracy + 0.001,
+                "parameters": 1234,
+                "final_test_epe": epe,
+                "best_test_epe": epe - 0.05,
+            }
+        )
+    )
     return 0
 
 

@@ -31,8 +31,9 @@ def main(argv):
     if not (workdir / "checkpoint").exists():
         time.sleep(float(overrides.get("sleep", 0)))
     seed = int(overrides["train.seed"])
-    (workdir / "summary.json").write_text(json.dumps({"final_test_accuracy": 0.5 + 0.01 * seed,
-                                                      "best_test_accuracy": 0.5 + 0.01 * seed}))
+    (workdir / "summary.json").write_text(
+        json.dumps({"final_test_accuracy": 0.5 + 0.01 * seed, "best_test_accuracy": 0.5 + 0.01 * seed})
+    )
     log("end")
     return 0
 

@@ -66,20 +66,36 @@ def build(mesh, *, parent_widths=PARENT_WIDTHS, method="hkt", shard_trainable=Fa
     parent_variables = parent.init(jax.random.key(1), sample)
     # Non-trivial running statistics, so inference-mode BatchNorm in the parent matters.
     parent_variables = jax.tree_util.tree_map_with_path(
-        lambda path, x: x + 0.1 * (1 + jnp.arange(x.size, dtype=x.dtype).reshape(x.shape) % 3)
-        if "batch_stats" in jax.tree_util.keystr(path) else x, parent_variables)
-    loss_fn, init_variables = factories.make_method(method, child, task, sample, jax.random.key(2), parent=parent,
-                                                    parent_variables=parent_variables, hkt=hkt_config)
+        lambda path, x: (
+            x + 0.1 * (1 + jnp.arange(x.size, dtype=x.dtype).reshape(x.shape) % 3)
+            if "batch_stats" in jax.tree_util.keystr(path)
+            else x
+        ),
+        parent_variables,
+    )
+    loss_fn, init_variables = factories.make_method(
+        method, child, task, sample, jax.random.key(2), parent=parent, parent_variables=parent_variables, hkt=hkt_config
+    )
     tx, schedule = factories.make_optimization(
-        OptimConfig(learning_rate=0.1, momentum=0.9, weight_decay=1e-4, schedule="constant"), 1, STEPS)
+        OptimConfig(learning_rate=0.1, momentum=0.9, weight_decay=1e-4, schedule="constant"), 1, STEPS
+    )
     state = initial_state(init_variables, tx)
     state_sh = sharding.state_shardings(state, mesh, shard_trainable=shard_trainable)
     kwargs = {} if parent_min_elements is None else {"min_elements": parent_min_elements}
     placed_state = sharding.put(state, state_sh)
     placed_parent = sharding.put(parent_variables, sharding.parent_shardings(parent_variables, mesh, **kwargs))
-    train_step, _ = compile_steps(task=task, model=child, loss_fn=loss_fn, tx=tx, schedule=schedule,
-                                        parent_variables=parent_variables, mesh=mesh, state=placed_state,
-                                        shard_trainable=shard_trainable, parent_min_elements=parent_min_elements)
+    train_step, _ = compile_steps(
+        task=task,
+        model=child,
+        loss_fn=loss_fn,
+        tx=tx,
+        schedule=schedule,
+        parent_variables=parent_variables,
+        mesh=mesh,
+        state=placed_state,
+        shard_trainable=shard_trainable,
+        parent_min_elements=parent_min_elements,
+    )
     return placed_state, placed_parent, train_step
 
 
@@ -89,7 +105,7 @@ def local_rows(batch):
 
     per = GLOBAL_BATCH // jax.process_count()
     start = jax.process_index() * per
-    return {k: v[start: start + per] for k, v in batch.items()}
+    return {k: v[start : start + per] for k, v in batch.items()}
 
 
 def host_value(x):
@@ -116,14 +132,27 @@ def hkt_steps(mesh, steps=STEPS, **build_kwargs):
         state, metrics = train_step(state, parent_variables, sharding.global_batch(local_rows(batch), mesh))
         losses.append(float(host_value(metrics["loss"])))
         metrics_rows.append({k: float(host_value(v)) for k, v in metrics.items()})
-    flat = {jax.tree_util.keystr(path): host_value(leaf).tolist()
-            for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)}
-    stats = {jax.tree_util.keystr(path): host_value(leaf).tolist()
-             for path, leaf in jax.tree_util.tree_leaves_with_path(state.batch_stats)}
-    return {"losses": losses, "params": flat, "batch_stats": stats, "metrics": metrics_rows,
-            "parent_specs": {jax.tree_util.keystr(p): str(x.sharding.spec)
-                             for p, x in jax.tree_util.tree_leaves_with_path(parent_variables)},
-            "state": state, "parent_variables": parent_variables, "train_step": train_step}
+    flat = {
+        jax.tree_util.keystr(path): host_value(leaf).tolist()
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)
+    }
+    stats = {
+        jax.tree_util.keystr(path): host_value(leaf).tolist()
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state.batch_stats)
+    }
+    return {
+        "losses": losses,
+        "params": flat,
+        "batch_stats": stats,
+        "metrics": metrics_rows,
+        "parent_specs": {
+            jax.tree_util.keystr(p): str(x.sharding.spec)
+            for p, x in jax.tree_util.tree_leaves_with_path(parent_variables)
+        },
+        "state": state,
+        "parent_variables": parent_variables,
+        "train_step": train_step,
+    }
 
 
 def _plain(result):
@@ -157,18 +186,23 @@ def _checkpoint_roundtrip(out, mesh, workdir):
     latest = checkpoint.restore_latest_readable(manager, abstract)
     restored, data_state = latest.state, latest.data
     manager.close()
-    same = all(np.array_equal(host_value(a), host_value(b))
-               for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)))
+    same = all(
+        np.array_equal(host_value(a), host_value(b)) for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored))
+    )
     same_sharding = all(a.sharding == b.sharding for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)))
     restored_step = int(host_value(restored.step))
     # One more step from the restored state must equal one more step from the live one (both donated).
     batch = sharding.global_batch(local_rows(global_batches(STEPS + 1)[-1]), mesh)
     _, m_restored = train_step(restored, parent_variables, batch)
     _, m_live = train_step(state, parent_variables, batch)
-    return {"equal": bool(same), "same_sharding": bool(same_sharding), "data_state": data_state,
-            "next_loss_restored": float(host_value(m_restored["loss"])),
-            "next_loss_live": float(host_value(m_live["loss"])),
-            "step": restored_step}
+    return {
+        "equal": bool(same),
+        "same_sharding": bool(same_sharding),
+        "data_state": data_state,
+        "next_loss_restored": float(host_value(m_restored["loss"])),
+        "next_loss_live": float(host_value(m_live["loss"])),
+        "step": restored_step,
+    }
 
 
 def task_allreduce(args):
@@ -178,8 +212,11 @@ def task_allreduce(args):
 
     mesh = sharding.make_mesh(-1, 1)
     result = {}
-    for name, kwargs in {"hkt": {}, "hkt_big_parent": {"parent_widths": (32, 64)},
-                         "child": {"method": "child"}}.items():
+    for name, kwargs in {
+        "hkt": {},
+        "hkt_big_parent": {"parent_widths": (32, 64)},
+        "child": {"method": "child"},
+    }.items():
         state, parent_variables, train_step = build(mesh, **kwargs)
         batch = sharding.global_batch(global_batches(1)[0], mesh)
         text = train_step.lower(state, parent_variables, batch).compile().as_text()
@@ -253,11 +290,16 @@ def main(argv=None) -> int:
     from hkt_jax.training import sharding
 
     if args.coordinator:
-        sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
-                                        initialization_timeout=60)
+        sharding.initialize_distributed(
+            args.coordinator, args.num_processes, args.process_id, initialization_timeout=60
+        )
     tasks = list(TASKS) if args.task == "all" else args.task.split(",")
-    result = {"process_index": jax.process_index(), "process_count": jax.process_count(),
-              "device_count": jax.device_count(), "local_device_count": jax.local_device_count()}
+    result = {
+        "process_index": jax.process_index(),
+        "process_count": jax.process_count(),
+        "device_count": jax.device_count(),
+        "local_device_count": jax.local_device_count(),
+    }
     try:
         for task in tasks:
             result[task] = TASKS[task](args)

@@ -16,8 +16,8 @@ def _records(path: Path):
     data = path.read_bytes()
     offset = 0
     while offset + 12 <= len(data):
-        (length,) = struct.unpack("<Q", data[offset:offset + 8])
-        yield data[offset + 12:offset + 12 + length]
+        (length,) = struct.unpack("<Q", data[offset : offset + 8])
+        yield data[offset + 12 : offset + 12 + length]
         offset += 12 + length + 4  # length, its CRC, the record, its CRC
 
 

@@ -85,8 +85,11 @@ def test_flatten_features_pools_large_maps():
 
 def brute_force(scores: np.ndarray, k: int) -> float:
     rows, cols = scores.shape
-    return max(sum(scores[i, j] for i, j in zip(ri, ci))
-               for ri in itertools.combinations(range(rows), k) for ci in itertools.combinations(range(cols), k))
+    return max(
+        sum(scores[i, j] for i, j in zip(ri, ci))
+        for ri in itertools.combinations(range(rows), k)
+        for ci in itertools.combinations(range(cols), k)
+    )
 
 
 def test_monotone_pairs_finds_planted_path_among_noise():
@@ -103,8 +106,7 @@ def test_monotone_pairs_finds_planted_path_among_noise():
 def test_monotone_pairs_beats_greedy():
     # Greedy (the largest entry first) takes (0, 1) = 1.0, after which no second pair fits (nothing lies
     # below row 0 and right of column 1); the optimum for two pairs is the diagonal, 0.8 + 0.8.
-    scores = np.array([[0.8, 1.0],
-                       [0.0, 0.8]])
+    scores = np.array([[0.8, 1.0], [0.0, 0.8]])
     match = align.monotone_pairs(scores, 2)
     assert match.pairs == ((0, 0), (1, 1)) and match.total == pytest.approx(1.6)
     assert align.monotone_pairs(scores, 1).pairs == ((0, 1),)
@@ -165,8 +167,18 @@ def toy_setup(tmp_path_factory):
 
 def test_command_on_one_network_twice_matches_each_module_with_itself(toy_setup, capsys):
     root = toy_setup
-    common = ["--parent_ckpt", str(root / "toy"), "--child_ckpt", str(root / "toy"), "--data", str(root / "images"),
-              "--images", "12", "--batch_size", "5"]  # 5 does not divide 12: a short last batch
+    common = [
+        "--parent_ckpt",
+        str(root / "toy"),
+        "--child_ckpt",
+        str(root / "toy"),
+        "--data",
+        str(root / "images"),
+        "--images",
+        "12",
+        "--batch_size",
+        "5",
+    ]  # 5 does not divide 12: a short last batch
     assert align_cli.main([*common, "--k", "3", "--json", str(root / "a.json"), "--png", str(root / "a.png")]) == 0
     out = capsys.readouterr().out
     record = json.loads((root / "a.json").read_text())
@@ -205,8 +217,22 @@ def test_command_on_converted_resnet20_vs_itself(tmp_path):
     from hkt_jax.convert import resnet_from_torch
 
     save_model(tmp_path / "r20", resnet_from_torch(checkpoint, 20), model_spec("cifar_resnet", depth=20))
-    args = ["--parent_ckpt", str(tmp_path / "r20"), "--child_ckpt", str(tmp_path / "r20"), "--data", str(archive),
-            "--images", "32", "--batch_size", "32", "--include", "^layer3", "--json", str(tmp_path / "r.json")]
+    args = [
+        "--parent_ckpt",
+        str(tmp_path / "r20"),
+        "--child_ckpt",
+        str(tmp_path / "r20"),
+        "--data",
+        str(archive),
+        "--images",
+        "32",
+        "--batch_size",
+        "32",
+        "--include",
+        "^layer3",
+        "--json",
+        str(tmp_path / "r.json"),
+    ]
     assert align_cli.main([*args, "--k", "3"]) == 0
     record = json.loads((tmp_path / "r.json").read_text())
     assert record["parent"]["paths"] == ["layer3_0", "layer3_1", "layer3_2"]

@@ -13,8 +13,12 @@ from experiments import compare
 from hkt_jax.grids import comparison
 from hkt_jax.grids.comparison import Grid
 
-GRID = Grid(experiment="tests.fake_experiment", config="unused", seeds=(0, 1, 2),
-            variants={"base": (), "better": ("bonus=0.1",), "broken": ("fail=1",)})
+GRID = Grid(
+    experiment="tests.fake_experiment",
+    config="unused",
+    seeds=(0, 1, 2),
+    variants={"base": (), "better": ("bonus=0.1",), "broken": ("fail=1",)},
+)
 
 
 @pytest.fixture
@@ -86,8 +90,16 @@ def test_run_commands_name_the_config_variant_and_seed(tmp_path):
 
 
 def test_a_grid_with_a_shared_parent_trains_it_first_and_reports_its_metric(tmp_path, monkeypatch, capsys):
-    grid = Grid(experiment="tests.fake_experiment", config="unused", seeds=(0, 1), parent=("bonus=0.5",),
-                variants={"child": (), "hkt": ("bonus=0.2",)}, metric="epe", metric_label="test EPE (px)", scale=1.0)
+    grid = Grid(
+        experiment="tests.fake_experiment",
+        config="unused",
+        seeds=(0, 1),
+        parent=("bonus=0.5",),
+        variants={"child": (), "hkt": ("bonus=0.2",)},
+        metric="epe",
+        metric_label="test EPE (px)",
+        scale=1.0,
+    )
     monkeypatch.setattr(comparison, "load_grid", lambda name: grid)
     root, out = tmp_path / "runs", tmp_path / "report"
     assert compare.main(["--grid", "flowish", "--root", str(root), "--out", str(out)]) == 0
@@ -124,8 +136,13 @@ def test_paired_differences_match_scipys_paired_t_interval():
 
 
 def test_table_pairs_every_variant_with_child_and_kd_and_names_its_facts(tmp_path):
-    grid = Grid(experiment="x", config="cfg", seeds=(0, 1), variants={"child": (), "kd": (), "hkt": ()},
-                variant_configs={"hkt": "other"})
+    grid = Grid(
+        experiment="x",
+        config="cfg",
+        seeds=(0, 1),
+        variants={"child": (), "kd": (), "hkt": ()},
+        variant_configs={"hkt": "other"},
+    )
     assert comparison.run_command(grid, tmp_path, "hkt", 0)[4] == "other"
     assert comparison.run_command(grid, tmp_path, "kd", 0)[4] == "cfg"
     with pytest.raises(ValueError, match="does not have: nope"):
@@ -135,8 +152,11 @@ def test_table_pairs_every_variant_with_child_and_kd_and_names_its_facts(tmp_pat
         for seed, value in enumerate(values):
             directory = comparison.run_dir(tmp_path, variant, seed)
             directory.mkdir(parents=True)
-            (directory / "summary.json").write_text(json.dumps(
-                {"final_test_accuracy": value, "best_test_accuracy": value, "device": "1 x H200", "jax": "0.11.2"}))
+            (directory / "summary.json").write_text(
+                json.dumps(
+                    {"final_test_accuracy": value, "best_test_accuracy": value, "device": "1 x H200", "jax": "0.11.2"}
+                )
+            )
             (directory / "config.json").write_text(json.dumps({"train": {"epochs": 200.0, "steps": None}}))
             comparison.record_attempt(directory, "abc123", 100.0, "stopped")
             comparison.record_attempt(directory, "def456", 50.0, "done")
@@ -148,16 +168,26 @@ def test_table_pairs_every_variant_with_child_and_kd_and_names_its_facts(tmp_pat
     assert "child" not in next(row for row in table if row["variant"] == "child")["best_test_accuracy"]["vs"]
     assert hkt["wall_s_by_seed"] == {0: 150.0, 1: 150.0}
     facts = comparison.grid_facts(records)
-    assert facts == {"device": "1 x H200", "jax": "0.11.2", "epochs": 200.0, "steps": None,
-                     "commits": ["abc123", "def456"]}
+    assert facts == {
+        "device": "1 x H200",
+        "jax": "0.11.2",
+        "epochs": 200.0,
+        "steps": None,
+        "commits": ["abc123", "def456"],
+    }
     markdown = comparison.markdown_table(table, grid)
     assert "best − child (paired, 95 % CI)" in markdown and "| hkt | 2 |" in markdown
     assert "+2.00 [" in markdown
 
 
 def test_parent_ckpt_swaps_in_another_parent_and_launches_are_recorded(tmp_path, monkeypatch, capsys):
-    grid = Grid(experiment="tests.fake_experiment", config="unused", seeds=(0,), parent=("bonus=0.5",),
-                variants={"hkt": ("bonus=0.2",)})
+    grid = Grid(
+        experiment="tests.fake_experiment",
+        config="unused",
+        seeds=(0,),
+        parent=("bonus=0.5",),
+        variants={"hkt": ("bonus=0.2",)},
+    )
     monkeypatch.setattr(comparison, "load_grid", lambda name: grid)
     assert compare.main(["--grid", "g", "--root", str(tmp_path), "--parent_ckpt", "converted/r56", "--dry_run"]) == 0
     (line,) = capsys.readouterr().out.splitlines()  # no parent run: only the variant's command
@@ -170,16 +200,30 @@ def test_parent_ckpt_swaps_in_another_parent_and_launches_are_recorded(tmp_path,
 
 
 def test_extra_metrics_and_the_papers_numbers_are_reported(tmp_path):
-    grid = Grid(experiment="x", config="c", seeds=(0, 1), variants={"child": (), "hkt": ()}, metric="dice",
-                extra_metrics=(("dice_global/liver", "liver Dice global %"),), paper={"hkt": "94.1"})
+    grid = Grid(
+        experiment="x",
+        config="c",
+        seeds=(0, 1),
+        variants={"child": (), "hkt": ()},
+        metric="dice",
+        extra_metrics=(("dice_global/liver", "liver Dice global %"),),
+        paper={"hkt": "94.1"},
+    )
     for variant, offset in (("child", 0.0), ("hkt", 0.01)):
         for seed in (0, 1):
             directory = comparison.run_dir(tmp_path, variant, seed)
             directory.mkdir(parents=True)
             test = {"dice": 0.9 + offset, "dice_global/liver": 0.92 + offset + seed / 100}
-            (directory / "summary.json").write_text(json.dumps(
-                {"final_test_dice": test["dice"], "best_test_dice": test["dice"], "final_test": test,
-                 **({"best_test": test} if seed else {})}))  # seed 0: written before best_test existed
+            (directory / "summary.json").write_text(
+                json.dumps(
+                    {
+                        "final_test_dice": test["dice"],
+                        "best_test_dice": test["dice"],
+                        "final_test": test,
+                        **({"best_test": test} if seed else {}),
+                    }
+                )
+            )  # seed 0: written before best_test existed
     records = [comparison.run_record(grid, tmp_path, v, s) for s in (0, 1) for v in grid.variants]
     table = comparison.aggregate(records, list(grid.variants), comparison.report_keys(grid))
     hkt = next(row for row in table if row["variant"] == "hkt")

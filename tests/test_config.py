@@ -18,8 +18,10 @@ from hkt_jax.engine.hkt import HKT
 def test_shipped_configs_build_their_models_and_engine(name):
     """Each shipped config builds its child, its parent and the HKT engine on them (not just parses)."""
     config = load_config(name)
-    models = [factories.make_model(c, {"num_classes": 10}, stage_split=config.hkt.stage_split, conv_impl="xla")[0]
-              for c in (config.child, config.parent)]
+    models = [
+        factories.make_model(c, {"num_classes": 10}, stage_split=config.hkt.stage_split, conv_impl="xla")[0]
+        for c in (config.child, config.parent)
+    ]
     engine = HKT(*models, config.hkt, task=Classification())
     assert len(engine.boundaries) == len(models[0].stage_names) - 1
     x = jnp.zeros((1, 32, 32, 3))
@@ -38,8 +40,13 @@ def test_every_grid_variant_is_a_valid_config(grid_name):
 
 
 def test_bad_hkt_settings_fail_when_the_config_is_made():
-    for bad, key in (("hkt.lam=2", "lam"), ("hkt.alphas=0.5,0.25,0.25", "alphas"), ("hkt.mode=sum", "hkt.mode"),
-                     ("task=detection", "task"), ("child.arch=vgg", "vgg")):
+    for bad, key in (
+        ("hkt.lam=2", "lam"),
+        ("hkt.alphas=0.5,0.25,0.25", "alphas"),
+        ("hkt.mode=sum", "hkt.mode"),
+        ("task=detection", "task"),
+        ("child.arch=vgg", "vgg"),
+    ):
         with pytest.raises(ValueError, match=key):
             apply_overrides(load_config("smoke"), [bad])
 
@@ -54,10 +61,19 @@ def test_reference_config_is_the_released_code():
 
 
 def test_overrides_parse_by_type():
-    config = apply_overrides(load_config("smoke"), [
-        "train.steps=7", "hkt.alphas=0.2,0.6,0.2", "hkt.chunk_size=128", "hkt.head=true,false",
-        "train.eval_every_steps=none", "data.source=image_folder", "data.path=/x.tar.gz", "--optim.nesterov=yes",
-    ])
+    config = apply_overrides(
+        load_config("smoke"),
+        [
+            "train.steps=7",
+            "hkt.alphas=0.2,0.6,0.2",
+            "hkt.chunk_size=128",
+            "hkt.head=true,false",
+            "train.eval_every_steps=none",
+            "data.source=image_folder",
+            "data.path=/x.tar.gz",
+            "--optim.nesterov=yes",
+        ],
+    )
     assert config.train.steps == 7
     assert config.hkt.alphas == (0.2, 0.6, 0.2)
     assert config.hkt.chunk_size == 128 and config.hkt.head == (True, False)
@@ -66,14 +82,17 @@ def test_overrides_parse_by_type():
     assert config.optim.nesterov is True
 
 
-@pytest.mark.parametrize("override, match", [
-    ("train.stepz=1", "unknown key 'train.stepz'"),
-    ("train.steps=many", "expected int"),
-    ("hkt.mode=fast", "expected one of"),
-    ("method=distill", "expected one of"),
-    ("train.steps", "key=value"),
-    ("optim.nesterov=maybe", "true/false"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("train.stepz=1", "unknown key 'train.stepz'"),
+        ("train.steps=many", "expected int"),
+        ("hkt.mode=fast", "expected one of"),
+        ("method=distill", "expected one of"),
+        ("train.steps", "key=value"),
+        ("optim.nesterov=maybe", "true/false"),
+    ],
+)
 def test_bad_overrides(override, match):
     with pytest.raises(ValueError, match=match):
         apply_overrides(load_config("smoke"), [override])

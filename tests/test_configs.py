@@ -26,9 +26,14 @@ from hkt_jax.training.run import build_run, compile_steps, initial_state
 from hkt_jax.models import parameter_count
 from hkt_jax.models.registry import build_model, model_spec
 
-CONFIGS = sorted(p.stem for p in (Path(__file__).parent.parent / "experiments" / "configs").glob("*.py")
-                 if not p.stem.startswith(("_", "grid_")))
-GRIDS = sorted(p.stem[len("grid_"):] for p in (Path(__file__).parent.parent / "experiments" / "configs").glob("grid_*.py"))
+CONFIGS = sorted(
+    p.stem
+    for p in (Path(__file__).parent.parent / "experiments" / "configs").glob("*.py")
+    if not p.stem.startswith(("_", "grid_"))
+)
+GRIDS = sorted(
+    p.stem[len("grid_") :] for p in (Path(__file__).parent.parent / "experiments" / "configs").glob("grid_*.py")
+)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -77,15 +82,19 @@ def _grid_runs(name: str) -> dict[str, ExperimentConfig]:
     configs = {}
     for variant, command in commands.items():
         name_at, workdir_at = command.index("--config") + 1, command.index("--workdir") + 1
-        configs[variant] = apply_overrides(load_config(config_name(command[name_at], prefix)), command[workdir_at + 1:])
+        configs[variant] = apply_overrides(
+            load_config(config_name(command[name_at], prefix)), command[workdir_at + 1 :]
+        )
     return configs
 
 
 def _planned(label: str, config: ExperimentConfig) -> dict[str, ExperimentConfig]:
     """The training runs ``experiments.*_hkt`` makes for ``config``: the parent's first when it trains one."""
     runs = planned_runs(config, Path("WORKDIR"))
-    return {f"{label}/{PARENT_SUBDIR}" if workdir.name == PARENT_SUBDIR and len(runs) > 1 else label: run
-            for run, workdir in runs}
+    return {
+        f"{label}/{PARENT_SUBDIR}" if workdir.name == PARENT_SUBDIR and len(runs) > 1 else label: run
+        for run, workdir in runs
+    }
 
 
 def _all_runs() -> dict[str, ExperimentConfig]:
@@ -106,8 +115,14 @@ def _without(record: dict, *keys: str) -> dict:
 def build_signature(config: ExperimentConfig) -> str:
     """Runs equal but for their seed and logging cadence build the same run."""
     record = config.record()
-    record["train"] = _without(record["train"], "seed", "log_every_steps", "eval_every_steps",
-                               "checkpoint_every_steps", "checkpoint_every_minutes")
+    record["train"] = _without(
+        record["train"],
+        "seed",
+        "log_every_steps",
+        "eval_every_steps",
+        "checkpoint_every_steps",
+        "checkpoint_every_minutes",
+    )
     return json.dumps(record, sort_keys=True, default=str)
 
 
@@ -119,12 +134,18 @@ def loss_signature(config: ExperimentConfig) -> str:
     and its settings, the trained (and frozen) networks' architectures, the train-mode switches. Float
     settings (weights, lambda) are constants of the program: only whether they are zero is kept."""
     record = config.record()
-    kept = {"task": record["task"], "method": record["method"], "mesh": record["mesh"], "seg": record.get("seg"),
-            "train": {key: record["train"][key] for key in ("freeze_batch_norm", "compute_dtype")}}
+    kept = {
+        "task": record["task"],
+        "method": record["method"],
+        "mesh": record["mesh"],
+        "seg": record.get("seg"),
+        "train": {key: record["train"][key] for key in ("freeze_batch_norm", "compute_dtype")},
+    }
     if config.method in ("hkt", "kd", "fitnet", "at"):
         kept[config.method] = record[config.method]
-    networks = ["parent"] if config.method == "parent" else ["child"] + (["parent"] if config.method in NEEDS_PARENT
-                                                                         else [])
+    networks = (
+        ["parent"] if config.method == "parent" else ["child"] + (["parent"] if config.method in NEEDS_PARENT else [])
+    )
     for network in networks:
         kept[network] = _without(record[network], *SIZE_FIELDS)
     if kept["seg"] is not None:  # the data, splits and windowing of the stand-in are all the same
@@ -142,8 +163,12 @@ def loss_signature(config: ExperimentConfig) -> str:
 
 def _size(config: ExperimentConfig) -> int:
     record = config.record()
-    return sum(sum(value) if isinstance(value, list | tuple) else value for network in ("child", "parent")
-               for key, value in record[network].items() if key in SIZE_FIELDS)
+    return sum(
+        sum(value) if isinstance(value, list | tuple) else value
+        for network in ("child", "parent")
+        for key, value in record[network].items()
+        if key in SIZE_FIELDS
+    )
 
 
 def _plan() -> tuple[dict[str, ExperimentConfig], frozenset[str]]:
@@ -167,17 +192,47 @@ def stand_in_data(config: ExperimentConfig, cache_dir: str) -> ExperimentConfig:
     iterations) instead of its dataset: no real data is read and the pipelines stay cheap."""
     data = config.data
     if isinstance(data, FlowDataConfig):
-        return dataclasses.replace(config, data=dataclasses.replace(
-            data, source="synthetic", path=None, frame_size=(64, 64), crop_size=(64, 64), augment=False,
-            sintel_mix="sintel", synthetic_train_size=8, validation_size=4, synthetic_test_size=4))
+        return dataclasses.replace(
+            config,
+            data=dataclasses.replace(
+                data,
+                source="synthetic",
+                path=None,
+                frame_size=(64, 64),
+                crop_size=(64, 64),
+                augment=False,
+                sintel_mix="sintel",
+                synthetic_train_size=8,
+                validation_size=4,
+                synthetic_test_size=4,
+            ),
+        )
     if isinstance(data, SegDataConfig):
-        seg = dataclasses.replace(config.task_settings, synthetic_cases=3, synthetic_shape=(32, 32, 4), validation_cases=1,
-                                  test_cases=1, slice_size=None)
-        return dataclasses.replace(config, task_settings=seg, data=dataclasses.replace(data, source="synthetic", path=None,
-                                                                            cache_dir=cache_dir))
-    return dataclasses.replace(config, data=dataclasses.replace(
-        data, source="synthetic", path=None, train_per_class=None, validation_size=8, synthetic_train_size=32,
-        synthetic_test_size=8))
+        seg = dataclasses.replace(
+            config.task_settings,
+            synthetic_cases=3,
+            synthetic_shape=(32, 32, 4),
+            validation_cases=1,
+            test_cases=1,
+            slice_size=None,
+        )
+        return dataclasses.replace(
+            config,
+            task_settings=seg,
+            data=dataclasses.replace(data, source="synthetic", path=None, cache_dir=cache_dir),
+        )
+    return dataclasses.replace(
+        config,
+        data=dataclasses.replace(
+            data,
+            source="synthetic",
+            path=None,
+            train_per_class=None,
+            validation_size=8,
+            synthetic_train_size=32,
+            synthetic_test_size=8,
+        ),
+    )
 
 
 def _stand_in_variables(tree):
@@ -217,12 +272,15 @@ def test_every_planned_run_builds_and_traces(label, data_cache, monkeypatch):
     datasets = task.make_datasets(config.data, global_batch_size=config.train.batch_size, seed=0)
     data_kwargs, example = task.model_kwargs(datasets), task.example_input(datasets)
     trained = config.parent if config.method == "parent" else config.child
-    checkpoints = {directory: _stand_in_checkpoint(model_config, data_kwargs, example)
-                   for directory, model_config in ((config.parent_ckpt, config.parent), (config.init_ckpt, trained))
-                   if directory}
+    checkpoints = {
+        directory: _stand_in_checkpoint(model_config, data_kwargs, example)
+        for directory, model_config in ((config.parent_ckpt, config.parent), (config.init_ckpt, trained))
+        if directory
+    }
     monkeypatch.setattr(checkpoint, "load_model", lambda directory: checkpoints[directory])
-    monkeypatch.setattr(factories, "jit_init",
-                        lambda init: lambda *args: _stand_in_variables(jax.eval_shape(init, *args)))
+    monkeypatch.setattr(
+        factories, "jit_init", lambda init: lambda *args: _stand_in_variables(jax.eval_shape(init, *args))
+    )
 
     run = build_run(config)
     assert run.total_steps >= 1 and run.steps_per_epoch >= 1
@@ -231,10 +289,18 @@ def test_every_planned_run_builds_and_traces(label, data_cache, monkeypatch):
         updates, opt_state = jax.eval_shape(lambda s: run.tx.update(s.params, s.opt_state, s.params), state)
         assert _abstract(updates) == _abstract(state.params) and _abstract(opt_state) == _abstract(state.opt_state)
         return
-    train_step, eval_step = compile_steps(task=run.task, model=run.model, loss_fn=run.loss_fn, tx=run.tx,
-                                  schedule=run.schedule, parent_variables=run.parent_variables, mesh=run.mesh,
-                                  state=state, shard_trainable=config.mesh.shard_trainable,
-                                  skip_nonfinite=config.train.skip_nonfinite_steps > 0)
+    train_step, eval_step = compile_steps(
+        task=run.task,
+        model=run.model,
+        loss_fn=run.loss_fn,
+        tx=run.tx,
+        schedule=run.schedule,
+        parent_variables=run.parent_variables,
+        mesh=run.mesh,
+        state=state,
+        shard_trainable=config.mesh.shard_trainable,
+        skip_nonfinite=config.train.skip_nonfinite_steps > 0,
+    )
     new_state, metrics = jax.eval_shape(train_step, state, run.parent_variables, _abstract(next(run.datasets.train)))
     assert _abstract(new_state) == _abstract(state)
     assert metrics["loss"].shape == () and metrics["loss"].dtype == jnp.float32

@@ -45,8 +45,7 @@ BIG = 1e9
 
 
 def _decide(library, key="forward x=a w=b s=1", flops=BIG):
-    return conv_tuning.use_kernel(key, flops, library,
-                                  lambda: cpu_conv.candidates("forward", X_SHAPE, W_SHAPE, 1))
+    return conv_tuning.use_kernel(key, flops, library, lambda: cpu_conv.candidates("forward", X_SHAPE, W_SHAPE, 1))
 
 
 def _slow_conv(x, w):
@@ -136,6 +135,7 @@ def test_corrupt_cache_file_retunes_and_is_rewritten(fresh_choices, monkeypatch,
 def test_failing_candidate_means_xla(fresh_choices, monkeypatch):
     def broken(candidates, args):
         raise RuntimeError("kernel crashed")
+
     monkeypatch.setattr(conv_tuning, "measure", broken)
     assert not _decide(fresh_choices)
 
@@ -175,8 +175,9 @@ def test_tuning_inside_jit_gives_right_values_and_fills_the_cache(fresh_choices,
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.normal(size=X_SHAPE), jnp.float32)
     w = jnp.asarray(rng.normal(size=W_SHAPE), jnp.float32)
-    tuned = jax.jit(jax.value_and_grad(lambda a, b: jnp.sum(jnp.sin(cpu_conv.conv3x3(a, b, 1, cpu_conv.TUNED))),
-                                       (0, 1)))
+    tuned = jax.jit(
+        jax.value_and_grad(lambda a, b: jnp.sum(jnp.sin(cpu_conv.conv3x3(a, b, 1, cpu_conv.TUNED))), (0, 1))
+    )
     reference = jax.value_and_grad(lambda a, b: jnp.sum(jnp.sin(cpu_conv._xla_conv(a, b, 1))), (0, 1))
     (v, (dx, dw)), (v_ref, (dx_ref, dw_ref)) = tuned(x, w), reference(x, w)
     np.testing.assert_allclose(v, v_ref, rtol=1e-4)
@@ -185,7 +186,8 @@ def test_tuning_inside_jit_gives_right_values_and_fills_the_cache(fresh_choices,
     (path,) = tmp_path.glob("conv_choices-*.json")
     choices = json.loads(path.read_text())["choices"]
     assert {k.split()[0] for k in choices} == {"forward", "input_grad", "weight_grad"}
-    assert all(c["choice"] == conv_tuning.choose({"ratio": c["kernel_over_xla"],
-                                                  "paired_ratio": c["paired_kernel_over_xla"]})
-               for c in choices.values())
+    assert all(
+        c["choice"] == conv_tuning.choose({"ratio": c["kernel_over_xla"], "paired_ratio": c["paired_kernel_over_xla"]})
+        for c in choices.values()
+    )
     assert "tuning CPU convolutions for" in capsys.readouterr().err

@@ -73,7 +73,8 @@ def assert_flows_match(ours: np.ndarray, theirs: np.ndarray, what: str):
     for iteration in (0, ITERS - 1):
         epe = np.linalg.norm(ours[iteration].astype(np.float64) - theirs[iteration], axis=-1)
         assert epe.mean() < MAX_MEAN_EPE_DIFF and epe.max() < MAX_EPE_DIFF, (
-            f"{what}, iteration {iteration + 1}: end-point difference mean {epe.mean():.2e}, max {epe.max():.2e}")
+            f"{what}, iteration {iteration + 1}: end-point difference mean {epe.mean():.2e}, max {epe.max():.2e}"
+        )
 
 
 def princeton_state_dict(size: str) -> dict:
@@ -105,8 +106,10 @@ def test_princeton_to_torchvision_round_trip(size):
 def test_duplicated_norm3_must_agree():
     state_dict = princeton_state_dict("large")
     variables = raft_from_torch(state_dict)
-    np.testing.assert_array_equal(variables["batch_stats"]["cnet"]["layer2_0"]["norm3"]["var"],
-                                  state_dict["module.cnet.layer2.0.norm3.running_var"].numpy())
+    np.testing.assert_array_equal(
+        variables["batch_stats"]["cnet"]["layer2_0"]["norm3"]["var"],
+        state_dict["module.cnet.layer2.0.norm3.running_var"].numpy(),
+    )
     state_dict["module.cnet.layer3.0.norm3.weight"] = state_dict["module.cnet.layer3.0.norm3.weight"] + 1
     with pytest.raises(ValueError, match=r"cnet\.layer3\.0\.norm3\.weight differs from cnet\.layer3\.0\.downsample"):
         raft_from_torch(state_dict)
@@ -129,7 +132,9 @@ def test_wrong_size_lists_the_problems():
         raft_from_torch(princeton_state_dict("large"), small=True)
     message = str(error.value)
     assert "the checkpoint is RAFT(small=False)" in message and "asked for RAFT(small=True)" in message
-    assert "shape mismatches" in message and "fnet.conv1.weight: checkpoint (64, 3, 7, 7), model (32, 3, 7, 7)" in message
+    assert (
+        "shape mismatches" in message and "fnet.conv1.weight: checkpoint (64, 3, 7, 7), model (32, 3, 7, 7)" in message
+    )
     assert "unexpected keys" in message and "cnet.norm1.running_mean" in message
 
 

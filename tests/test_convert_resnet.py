@@ -91,7 +91,8 @@ def random_flax_variables(shortcut: str) -> dict:
     # Running stats start at zero, so one train step (momentum 0.9) leaves exactly 0.1 x the batch statistics.
     calibration = random_images(seed=100)
     _, measured = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
-        traverse_util.unflatten_dict(flat), calibration)
+        traverse_util.unflatten_dict(flat), calibration
+    )
     for key, value in traverse_util.flatten_dict(jax.device_get(measured)).items():
         flat[key] = 10.0 * value
     for key in [key for key in flat if key[-1] == "var"]:
@@ -190,8 +191,10 @@ def test_round_trip_torch_flax_torch_vs_reference_is_bit_exact():
 @pytest.mark.parametrize("wrapper", ["state_dict", "model", "net"])
 def test_wrapped_prefixed_and_renamed_checkpoint_vs_reference(tmp_path, wrapper):
     """DataParallel prefixes, training wrappers and the distillation repos' fc/downsample names all load."""
-    renamed = {"module." + key.replace("linear.", "fc.").replace(".shortcut.", ".downsample."): value
-               for key, value in state_dict_of("B").items()}
+    renamed = {
+        "module." + key.replace("linear.", "fc.").replace(".shortcut.", ".downsample."): value
+        for key, value in state_dict_of("B").items()
+    }
     path = tmp_path / "teacher.pth"
     torch.save({wrapper: renamed, "epoch": 240, "best_acc": 71.5}, path)
     assert_trees_bit_identical(resnet_from_torch(path, 20), resnet_from_torch(state_dict_of("B"), 20))
@@ -234,9 +237,12 @@ def test_every_problem_is_reported_together():
     state_dict["linear.weight"] = torch.zeros(100, 64)
     state_dict["linear.bias"] = torch.zeros(100)
     message = conversion_error(state_dict, num_classes=10)
-    for expected in ("conv1.weight (16, 3, 3, 3)", "layer4.0.conv1.weight (128, 64, 3, 3)",
-                     "linear.weight: checkpoint (100, 64), model expects (10, 64)",
-                     "linear.bias: checkpoint (100,), model expects (10,)"):
+    for expected in (
+        "conv1.weight (16, 3, 3, 3)",
+        "layer4.0.conv1.weight (128, 64, 3, 3)",
+        "linear.weight: checkpoint (100, 64), model expects (10, 64)",
+        "linear.bias: checkpoint (100,), model expects (10,)",
+    ):
         assert expected in message
 
 
@@ -275,8 +281,11 @@ def test_to_torch_lists_variables_that_do_not_fit():
     flat[("params", "layer1_0", "conv1", "kernel")] = np.zeros((3, 3, 16, 8), np.float32)
     with pytest.raises(ValueError) as error:
         resnet_to_torch(traverse_util.unflatten_dict(flat))
-    for expected in ("batch_stats/layer3_2/bn2/var (64,)", "params/head2/kernel (64, 5)",
-                     "params/layer1_0/conv1/kernel: variables (3, 3, 16, 8), model expects (3, 3, 16, 16)"):
+    for expected in (
+        "batch_stats/layer3_2/bn2/var (64,)",
+        "params/head2/kernel (64, 5)",
+        "params/layer1_0/conv1/kernel: variables (3, 3, 16, 8), model expects (3, 3, 16, 16)",
+    ):
         assert expected in str(error.value)
 
 
@@ -291,7 +300,9 @@ def test_torch_is_optional():
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "read or write .pt/.th files: pip install -r requirements-torch.txt" in result.stdout
-    assert "torch_models defines PyTorch models and needs PyTorch: pip install -r requirements-torch.txt" in result.stdout
+    assert (
+        "torch_models defines PyTorch models and needs PyTorch: pip install -r requirements-torch.txt" in result.stdout
+    )
 
 
 # --- real pretrained checkpoints -----------------------------------------------------------------------------------
@@ -320,11 +331,13 @@ def test_real_checkpoint_vs_reference_logits(depth):
 def test_library_torch_resnet_reproduces_recorded_logits():
     """torch_models.CifarResNet is the network the akamaster checkpoints were trained and recorded with."""
     normalised, reference = real_reference_images()
-    checkpoint = torch.load(shared_data("resnet-cifar10-torch", REAL_CHECKPOINTS[20]), map_location="cpu",
-                            weights_only=True)
+    checkpoint = torch.load(
+        shared_data("resnet-cifar10-torch", REAL_CHECKPOINTS[20]), map_location="cpu", weights_only=True
+    )
     model = TorchCifarResNet(20).eval()
-    model.load_state_dict({key.removeprefix("module."): value for key, value in checkpoint["state_dict"].items()},
-                          strict=True)
+    model.load_state_dict(
+        {key.removeprefix("module."): value for key, value in checkpoint["state_dict"].items()}, strict=True
+    )
     assert_logits_match(torch_logits(model, normalised), reference["resnet20"])
 
 
@@ -383,7 +396,8 @@ def test_cli_errors_list_the_problem_without_traceback(tmp_path, capsys):
     assert main(["resnet", "--src", str(raft), "--depth", "20", "--out", str(tmp_path / "x")]) == 1
     assert capsys.readouterr().err.strip() == (
         f"python -m hkt_jax.convert resnet: error: {raft} looks like a RAFT-S checkpoint (princeton-vl layout), not a "
-        f"CIFAR ResNet: use `python -m hkt_jax.convert raft --src {raft} --out DIR`")
+        f"CIFAR ResNet: use `python -m hkt_jax.convert raft --src {raft} --out DIR`"
+    )
     torch.save({"encoder.weight": torch.zeros(3, 3)}, tmp_path / "other.pt")
     assert main(["resnet", "--src", str(tmp_path / "other.pt"), "--depth", "20", "--out", str(tmp_path / "x")]) == 1
     assert "not a CIFAR ResNet checkpoint: none of its 1 tensors has a place" in capsys.readouterr().err
@@ -393,8 +407,10 @@ def test_cli_errors_list_the_problem_without_traceback(tmp_path, capsys):
     unfinished = tmp_path / "run"
     (unfinished / "checkpoints").mkdir(parents=True)
     assert main(["export-torch", "--src", str(unfinished), "--out", str(tmp_path / "x.pt")]) == 1
-    assert f"{unfinished} is a training workdir without export/child yet: its run has not finished" in \
-        capsys.readouterr().err
+    assert (
+        f"{unfinished} is a training workdir without export/child yet: its run has not finished"
+        in capsys.readouterr().err
+    )
     save_model(unfinished / "best", random_flax_variables("A"), model_spec("cifar_resnet", depth=20))
     assert main(["export-torch", "--src", str(unfinished), "--out", str(tmp_path / "x.pt")]) == 1
     assert capsys.readouterr().err.strip().endswith(f"or export the best network so far: --src {unfinished / 'best'}")

@@ -39,7 +39,7 @@ def _taps(x64: np.ndarray, stride: int, out_hw: tuple[int, int]):
     ho, wo = out_hw
     for kh in range(3):
         for kw in range(3):
-            yield kh, kw, xp[:, kh:kh + stride * (ho - 1) + 1:stride, kw:kw + stride * (wo - 1) + 1:stride, :]
+            yield kh, kw, xp[:, kh : kh + stride * (ho - 1) + 1 : stride, kw : kw + stride * (wo - 1) + 1 : stride, :]
 
 
 def numpy_conv(x, w, stride):
@@ -63,8 +63,9 @@ def numpy_input_grad(x_shape, w, dy, stride):
     ho, wo = dy.shape[1:3]
     for kh in range(3):
         for kw in range(3):
-            dxp[:, kh:kh + stride * (ho - 1) + 1:stride, kw:kw + stride * (wo - 1) + 1:stride, :] += np.einsum(
-                "bhwo,io->bhwi", dy64, w64[kh, kw])
+            dxp[:, kh : kh + stride * (ho - 1) + 1 : stride, kw : kw + stride * (wo - 1) + 1 : stride, :] += np.einsum(
+                "bhwo,io->bhwi", dy64, w64[kh, kw]
+            )
     return dxp[:, 1:-1, 1:-1, :]
 
 
@@ -73,8 +74,15 @@ def _rel(a, b):
 
 
 CASES = [  # (batch, H, W, Ci, Co, stride): CIFAR widths, the RGB stem, odd / non-square sizes, wide outputs
-    (4, 32, 32, 3, 16, 1), (4, 16, 16, 16, 16, 1), (3, 8, 8, 32, 32, 1), (2, 8, 8, 64, 64, 1),
-    (3, 16, 16, 16, 32, 2), (2, 8, 8, 32, 64, 2), (2, 7, 5, 16, 48, 1), (2, 7, 9, 24, 32, 2), (1, 3, 3, 5, 16, 1),
+    (4, 32, 32, 3, 16, 1),
+    (4, 16, 16, 16, 16, 1),
+    (3, 8, 8, 32, 32, 1),
+    (2, 8, 8, 64, 64, 1),
+    (3, 16, 16, 16, 32, 2),
+    (2, 8, 8, 32, 64, 2),
+    (2, 7, 5, 16, 48, 1),
+    (2, 7, 9, 24, 32, 2),
+    (1, 3, 3, 5, 16, 1),
 ]
 
 
@@ -106,8 +114,9 @@ def test_every_variant_runs_its_own_tiles():
 
 
 @pytest.mark.parametrize("march", MARCHES)
-@pytest.mark.parametrize("residual,relu,stride", [(False, True, 1), (True, True, 1), (False, False, 2),
-                                                  (True, False, 1)])
+@pytest.mark.parametrize(
+    "residual,relu,stride", [(False, True, 1), (True, True, 1), (False, False, 2), (True, False, 1)]
+)
 def test_fused_bias_residual_relu_vs_numpy(residual, relu, stride, march):
     rng = np.random.default_rng(7)
     x = rng.normal(size=(3, 10, 10, 16)).astype(np.float32)
@@ -131,14 +140,17 @@ def test_fused_bias_residual_relu_vs_numpy(residual, relu, stride, march):
         np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(window_strides=(1, 1), padding=((2, 2), (2, 2)), kernel=5),            # 5x5
-    dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), co=8),                 # Co % 16 != 0
-    dict(window_strides=(1, 1), padding="SAME"),                                 # string padding
-    dict(window_strides=(3, 3), padding=((1, 1), (1, 1))),                       # stride 3
-    dict(window_strides=(1, 1), padding=((2, 2), (2, 2)), rhs_dilation=(2, 2)),  # dilated
-    dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), dtype=jnp.bfloat16),   # not float32
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(window_strides=(1, 1), padding=((2, 2), (2, 2)), kernel=5),  # 5x5
+        dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), co=8),  # Co % 16 != 0
+        dict(window_strides=(1, 1), padding="SAME"),  # string padding
+        dict(window_strides=(3, 3), padding=((1, 1), (1, 1))),  # stride 3
+        dict(window_strides=(1, 1), padding=((2, 2), (2, 2)), rhs_dilation=(2, 2)),  # dilated
+        dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), dtype=jnp.bfloat16),  # not float32
+    ],
+)
 def test_drop_in_falls_back_to_xla_where_kernels_do_not_apply(kwargs):
     kwargs = dict(kwargs)
     kernel, co, dtype = kwargs.pop("kernel", 3), kwargs.pop("co", 16), kwargs.pop("dtype", jnp.float32)

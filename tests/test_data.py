@@ -120,11 +120,16 @@ def test_low_data_subset_is_per_class_fixed_and_outside_validation():
     seen = {ids[image.tobytes()] for b in take(data.train, 10) for image in as_uint8(b["image"])}
     assert len(seen) == data.num_train  # the stream only ever shows the subset
     assert np.bincount(source.labels[sorted(seen)]).tolist() == [3] * len(np.unique(source.labels))
-    other_seed = {ids[image.tobytes()] for b in take(build(config, batch=6, seed=7).train, 10)
-                  for image in as_uint8(b["image"])}
+    other_seed = {
+        ids[image.tobytes()] for b in take(build(config, batch=6, seed=7).train, 10) for image in as_uint8(b["image"])
+    }
     assert other_seed == seen  # the same images for every run seed
-    validation = {ids[image.tobytes()] for b in data.eval_batches("validation")
-                  for image, m in zip(as_uint8(b["image"]), b["mask"]) if m}
+    validation = {
+        ids[image.tobytes()]
+        for b in data.eval_batches("validation")
+        for image, m in zip(as_uint8(b["image"]), b["mask"])
+        if m
+    }
     assert seen.isdisjoint(validation) and len(validation) == 40
     with pytest.raises(ValueError, match="train_per_class"):
         synthetic(train_per_class=0)

@@ -38,13 +38,33 @@ def test_convolutions_are_counted_in_xla_cudnn_and_cpu_kernel_form():
 
 
 def test_ga_auto_row_is_found_by_the_auto_choice_or_its_own_row():
-    rows = [{"case": "n16384", "mode": "gate", "impl": "-", "chunk_size": None, "chunk_rows": None, "fwd_bwd_ms": 0.1},
-            {"case": "n16384", "mode": "softmax", "impl": "plain", "chunk_size": None, "chunk_rows": None,
-             "fwd_bwd_ms": 9.0},
-            {"case": "n16384", "mode": "softmax", "impl": "chunked", "chunk_size": 512, "chunk_rows": 512,
-             "fwd_bwd_ms": 7.0},
-            {"case": "n16384", "mode": "softmax", "impl": "chunked", "chunk_size": None, "chunk_rows": 1024,
-             "fwd_bwd_ms": 4.0}]
+    rows = [
+        {"case": "n16384", "mode": "gate", "impl": "-", "chunk_size": None, "chunk_rows": None, "fwd_bwd_ms": 0.1},
+        {
+            "case": "n16384",
+            "mode": "softmax",
+            "impl": "plain",
+            "chunk_size": None,
+            "chunk_rows": None,
+            "fwd_bwd_ms": 9.0,
+        },
+        {
+            "case": "n16384",
+            "mode": "softmax",
+            "impl": "chunked",
+            "chunk_size": 512,
+            "chunk_rows": 512,
+            "fwd_bwd_ms": 7.0,
+        },
+        {
+            "case": "n16384",
+            "mode": "softmax",
+            "impl": "chunked",
+            "chunk_size": None,
+            "chunk_rows": 1024,
+            "fwd_bwd_ms": 4.0,
+        },
+    ]
     report = {"rows": rows, "auto_choice": {"n16384": {"impl": "chunked", "chunk_rows": 1024}}}
     assert device_check.ga_auto_fb_ms(report, "n16384") == 4.0
     report["rows"] = rows + [{"case": "n16384", "mode": "softmax", "impl": "auto", "fwd_bwd_ms": 3.0}]
@@ -54,8 +74,10 @@ def test_ga_auto_row_is_found_by_the_auto_choice_or_its_own_row():
 
 def test_training_windows_give_accuracy_over_a_step_range(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
-    rows = [{"step": s, "loss": 2.0, "accuracy": a, "img_per_s": 1000.0 + s}
-            for s, a in ((50, 0.1), (300, 0.15), (350, 0.3), (400, 0.4))]
+    rows = [
+        {"step": s, "loss": 2.0, "accuracy": a, "img_per_s": 1000.0 + s}
+        for s, a in ((50, 0.1), (300, 0.15), (350, 0.3), (400, 0.4))
+    ]
     rows.insert(2, {"step": 300, "eval_accuracy": 0.9})  # eval rows are not training windows
     metrics.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     windows = device_check.window_rows(metrics)
@@ -75,9 +97,23 @@ def test_speed_targets_are_judged_on_gpus_only_and_functional_ones_everywhere():
 
 def test_quick_run_reports_every_check_with_a_value_or_a_reason(tmp_path):
     out = tmp_path / "device_check.json"
-    proc = subprocess.run([sys.executable, "-m", "experiments.device_check", "--quick", "--json", str(out),
-                           "--workdir", str(tmp_path / "work")], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=600, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.device_check",
+            "--quick",
+            "--json",
+            str(out),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["quick"] is True and report["device"]
@@ -100,8 +136,11 @@ def test_tf32_is_set_alike_in_jax_and_pytorch():
 
     from experiments.bench_train import match_tf32
 
-    before = (jax.config.jax_default_matmul_precision, torch.backends.cuda.matmul.allow_tf32,
-              torch.backends.cudnn.allow_tf32)
+    before = (
+        jax.config.jax_default_matmul_precision,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    )
     try:
         highest = match_tf32(torch, "highest")
         assert highest["jax_default_matmul_precision"] == "highest" and not highest["jax_tf32"]

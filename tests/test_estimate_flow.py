@@ -22,8 +22,10 @@ def raft_small_dir(tmp_path_factory):
     from hkt_jax.convert.__main__ import main as convert
 
     out = tmp_path_factory.mktemp("models") / "raft_small"
-    assert convert(["raft", "--src", str(require_shared("raft-reference", "raft-small-seed0.pth")),
-                    "--out", str(out)]) == 0
+    assert (
+        convert(["raft", "--src", str(require_shared("raft-reference", "raft-small-seed0.pth")), "--out", str(out)])
+        == 0
+    )
     return out
 
 
@@ -33,8 +35,25 @@ def sintel(name: str):
 
 def test_sintel_pair_flow_matches_reference(raft_small_dir, tmp_path, capsys):
     out, png = tmp_path / "flow.flo", tmp_path / "flow.png"
-    assert main(["--model", str(raft_small_dir), str(sintel("frame_0001.png")), str(sintel("frame_0002.png")),
-                 "--out", str(out), "--png", str(png), "--iters", "12", "--gt", str(sintel("frame_0001.flo"))]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(raft_small_dir),
+                str(sintel("frame_0001.png")),
+                str(sintel("frame_0002.png")),
+                "--out",
+                str(out),
+                "--png",
+                str(png),
+                "--iters",
+                "12",
+                "--gt",
+                str(sintel("frame_0001.flo")),
+            ]
+        )
+        == 0
+    )
     flow = read_flo(out)
     assert flow.shape == (436, 1024, 2) and flow.dtype == np.float32
     reference = np.load(require_shared("raft-reference", "reference_flows_seed0.npz"))
@@ -47,10 +66,13 @@ def test_sintel_pair_flow_matches_reference(raft_small_dir, tmp_path, capsys):
     assert f"EPE vs {sintel('frame_0001.flo')}: {gt_epe:.3f} px" in printed
 
 
-@pytest.mark.parametrize("argv_tail, message", [
-    ([], "no --model given"),
-    (["--model", "/nonexistent/raft"], "model directory /nonexistent/raft not found"),
-])
+@pytest.mark.parametrize(
+    "argv_tail, message",
+    [
+        ([], "no --model given"),
+        (["--model", "/nonexistent/raft"], "model directory /nonexistent/raft not found"),
+    ],
+)
 def test_missing_weights_say_where_they_come_from(argv_tail, message, capsys):
     frames = [str(sintel("frame_0001.png")), str(sintel("frame_0002.png"))]
     assert main(frames + argv_tail) == 2
@@ -102,10 +124,16 @@ def test_colour_wheel_is_middlebury():
     wheel = make_colorwheel()
     assert wheel.shape == (55, 3)
     # Baker et al.: red -> yellow (15), yellow -> green (6), green -> cyan (4), cyan -> blue (11), ...
-    np.testing.assert_array_equal(wheel[[0, 15, 21, 25, 36, 49]], [[255, 0, 0], [255, 255, 0], [0, 255, 0],
-                                                                   [0, 255, 255], [0, 0, 255], [255, 0, 255]])
+    np.testing.assert_array_equal(
+        wheel[[0, 15, 21, 25, 36, 49]],
+        [[255, 0, 0], [255, 255, 0], [0, 255, 0], [0, 255, 255], [0, 0, 255], [255, 0, 255]],
+    )
     flow = np.array([[[0.0, 0.0], [-2.0, 0.0], [0.0, -2.0], [1.0, 0.0]]], np.float32)
     colors = flow_to_color(flow)
     assert colors[0, 0].tolist() == [255, 255, 255]  # no motion: white
     assert colors[0, 1].tolist() == [0, 209, 255]  # left, full saturation: wheel[27] (cyan-blue)
-    assert colors[0, 3].tolist() == [255, 127, 127]  # right (wheel[0], red) at half the largest magnitude: half saturated
+    assert colors[0, 3].tolist() == [
+        255,
+        127,
+        127,
+    ]  # right (wheel[0], red) at half the largest magnitude: half saturated

@@ -59,9 +59,13 @@ def test_transfer_resize_matches_torch_bilinear(src, dst):
     z = _normal((2, *src, 3), 5)
     like = jnp.zeros((2, *dst, 3))
     out = Transfer().apply({}, z, like)
-    reference = torch.nn.functional.interpolate(
-        torch.from_numpy(np.array(z)).permute(0, 3, 1, 2).double(), size=dst, mode="bilinear", align_corners=False
-    ).permute(0, 2, 3, 1).numpy()
+    reference = (
+        torch.nn.functional.interpolate(
+            torch.from_numpy(np.array(z)).permute(0, 3, 1, 2).double(), size=dst, mode="bilinear", align_corners=False
+        )
+        .permute(0, 2, 3, 1)
+        .numpy()
+    )
     np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)
 
 
@@ -76,4 +80,3 @@ def test_transfer_resize_and_project_commute_so_order_is_free():
 def test_transfer_rejects_rank_mismatch():
     with pytest.raises(ValueError, match=r"\(2, 4, 4, 8\).*\(2, 8\)"):
         Transfer().init(jax.random.key(0), jnp.zeros((2, 4, 4, 8)), jnp.zeros((2, 8)))
-

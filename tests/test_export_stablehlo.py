@@ -79,6 +79,8 @@ def test_clear_errors(tmp_path, capsys):
     (workdir / "config.json").write_text("{}")
     assert main(["export-stablehlo", "--src", str(workdir), "--out", str(tmp_path / "x.jaxexport")]) == 1
     assert "--slice_size" in capsys.readouterr().err
-    assert main(["export-stablehlo", "--src", str(workdir), "--out", str(tmp_path / "x.jaxexport"),
-                 "--slice_size", "30"]) == 1
+    assert (
+        main(["export-stablehlo", "--src", str(workdir), "--out", str(tmp_path / "x.jaxexport"), "--slice_size", "30"])
+        == 1
+    )
     assert "multiples of 4" in capsys.readouterr().err

@@ -55,7 +55,7 @@ def run(command: list[str], cwd, timeout: int = 240) -> str:
 def documented_snippet() -> str:
     page = SNIPPET_PAGE.read_text()
     assert SNIPPET_MARKER in page, f"{SNIPPET_PAGE.name} lost the tested export-torch snippet"
-    match = re.search(r"```python\n(.*?)```", page[page.index(SNIPPET_MARKER):], re.DOTALL)
+    match = re.search(r"```python\n(.*?)```", page[page.index(SNIPPET_MARKER) :], re.DOTALL)
     return match.group(1)
 
 
@@ -75,10 +75,33 @@ def test_exported_smoke_child_classifies_real_images_in_pytorch_like_flax(tmp_pa
     assert len(pngs) == 20
     workdir, user_dir = tmp_path / "run", tmp_path / "user"
     user_dir.mkdir()
-    run([sys.executable, "-m", "experiments.cifar_hkt", "--config", "smoke", "--workdir", str(workdir),
-         "method=child", "train.steps=10"], cwd=REPO_ROOT)
-    exported = run([sys.executable, "-m", "hkt_jax.convert", "export-torch", "--src", str(workdir),
-                    "--out", str(user_dir / "child.pt")], cwd=REPO_ROOT)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.cifar_hkt",
+            "--config",
+            "smoke",
+            "--workdir",
+            str(workdir),
+            "method=child",
+            "train.steps=10",
+        ],
+        cwd=REPO_ROOT,
+    )
+    exported = run(
+        [
+            sys.executable,
+            "-m",
+            "hkt_jax.convert",
+            "export-torch",
+            "--src",
+            str(workdir),
+            "--out",
+            str(user_dir / "child.pt"),
+        ],
+        cwd=REPO_ROOT,
+    )
     assert "load_exported" in exported
 
     # What was recorded is what training used.

@@ -41,10 +41,12 @@ assert not leaked, leaked
 
 def test_model_file_imports_only_torch_and_numpy():
     tree = ast.parse(STANDALONE_MODEL_SOURCE.read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom) and node.module}
+    imported = {
+        alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
+    imported |= {
+        node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    }
     assert imported <= {"__future__", "dataclasses", "os", "typing", "numpy", "torch"}, imported
 
 

@@ -100,10 +100,14 @@ def _abstract_state(overrides=("method=child",)):
 # -- signals ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("signum, step", [(signal.SIGTERM, 3), (signal.SIGINT, 10)], ids=["sigterm_before_first_ckpt",
-                                                                                         "sigint_after_first_ckpt"])
-def test_signal_saves_the_current_step_and_rerun_is_bit_identical(uninterrupted, tmp_path, monkeypatch, capsys,
-                                                                   signum, step):
+@pytest.mark.parametrize(
+    "signum, step",
+    [(signal.SIGTERM, 3), (signal.SIGINT, 10)],
+    ids=["sigterm_before_first_ckpt", "sigint_after_first_ckpt"],
+)
+def test_signal_saves_the_current_step_and_rerun_is_bit_identical(
+    uninterrupted, tmp_path, monkeypatch, capsys, signum, step
+):
     workdir = tmp_path / "run"
     sent = {}
 
@@ -135,9 +139,12 @@ def _run_toy_process(workdir, *overrides, stdout=None, stderr=subprocess.PIPE, s
     """The entry point in its own process; ``slow_saves`` makes every checkpoint save wait a minute first."""
     entry = ["-m", "experiments.cifar_hkt"]
     if slow_saves:
-        entry = ["-c", "import sys, time; import hkt_jax.training.checkpoint as c; save = c.save_training; "
-                       "c.save_training = lambda *a, **k: (time.sleep(60), save(*a, **k))[1]; "
-                       "from experiments.cifar_hkt import main; sys.exit(main())"]
+        entry = [
+            "-c",
+            "import sys, time; import hkt_jax.training.checkpoint as c; save = c.save_training; "
+            "c.save_training = lambda *a, **k: (time.sleep(60), save(*a, **k))[1]; "
+            "from experiments.cifar_hkt import main; sys.exit(main())",
+        ]
     cmd = [sys.executable, *entry, *TOY, "--workdir", str(workdir), *overrides]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=stdout, stderr=stderr, text=True)
@@ -176,11 +183,17 @@ def test_real_process_sigterm_then_double_ctrl_c(tmp_path):
 
     with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err_file:
         process = _run_toy_process(workdir, *long, stdout=out, stderr=err_file, slow_saves=True)
-        _wait_for(lambda: _logged_steps(workdir) and _logged_steps(workdir)[-1] > stopped_at, process,
-                  "a step after the resume")
+        _wait_for(
+            lambda: _logged_steps(workdir) and _logged_steps(workdir)[-1] > stopped_at,
+            process,
+            "a step after the resume",
+        )
         process.send_signal(signal.SIGINT)
-        _wait_for(lambda: "SIGINT: stopping after the current step" in (tmp_path / "err.txt").read_text(),
-                  process, "the first Ctrl-C's message")
+        _wait_for(
+            lambda: "SIGINT: stopping after the current step" in (tmp_path / "err.txt").read_text(),
+            process,
+            "the first Ctrl-C's message",
+        )
         process.send_signal(signal.SIGINT)
         sent = time.perf_counter()
         process.wait(timeout=30)
@@ -223,8 +236,12 @@ def test_nonfinite_step_found_at_a_later_fetch_is_named_and_never_saved(tmp_path
     """The flags are read only at the next fetch (step 6, a checkpoint): the error still names the first bad
     step (4), and the checkpoint due at step 6 is not written."""
     workdir = tmp_path / "run"
-    schedule = ["optim.schedule=cosine", "optim.warmup_epochs=1", "train.checkpoint_every_steps=3",
-                "train.log_every_steps=8"]
+    schedule = [
+        "optim.schedule=cosine",
+        "optim.warmup_epochs=1",
+        "train.checkpoint_every_steps=3",
+        "train.log_every_steps=8",
+    ]
     assert _main(workdir, "optim.learning_rate=1e5", *schedule) == faults.EXIT_NONFINITE
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: step 4 of 16: non-finite gradient norm: training stopped")
@@ -236,8 +253,10 @@ def test_skip_nonfinite_steps_keeps_the_old_state_and_counts(tmp_path, capsys):
     """With a budget of skipped steps the blown-up run never saves non-finite parameters; it stops when the
     budget is used up in a row."""
     workdir = tmp_path / "run"
-    assert _main(workdir, "optim.learning_rate=1e6", "train.skip_nonfinite_steps=2",
-                 "train.log_every_steps=1") == faults.EXIT_NONFINITE
+    assert (
+        _main(workdir, "optim.learning_rate=1e6", "train.skip_nonfinite_steps=2", "train.log_every_steps=1")
+        == faults.EXIT_NONFINITE
+    )
     err = capsys.readouterr().err
     assert "step 3: non-finite" in err and "update skipped (1 in a row" in err and "(2 in a row" in err
     assert "error: step 5 of 16: non-finite" in err and "after 3 in a row" in err
@@ -255,8 +274,11 @@ def test_train_step_names_the_nonfinite_term_and_keeps_the_old_state_when_skippi
     def loss_fn(params, batch_stats, parent_variables, batch):  # L3 goes NaN when the batch says so
         l2 = jnp.sum((params["w"] - batch["x"]) ** 2)
         l3 = jnp.where(batch["poison"], jnp.nan, 0.0) * params["w"].sum()
-        return l2 + l3, {"metrics": {"loss": l2 + l3, "l1": 0.0 * l2, "l2": l2, "l3": l3},
-                         "batch_stats": batch_stats, "outputs": None}
+        return l2 + l3, {
+            "metrics": {"loss": l2 + l3, "l1": 0.0 * l2, "l2": l2, "l3": l3},
+            "batch_stats": batch_stats,
+            "outputs": None,
+        }
 
     tx = optax.sgd(0.1, momentum=0.9)
     params = {"w": jnp.ones(3)}
@@ -267,8 +289,9 @@ def test_train_step_names_the_nonfinite_term_and_keeps_the_old_state_when_skippi
     assert int(metrics["nonfinite"]) == 0 and int(metrics["skipped_steps"]) == 0
     before = jax.tree.map(np.asarray, (state.params, state.opt_state))
     state, metrics = step(state, {}, {**good, "poison": True})
-    assert describe_bits(int(metrics["nonfinite"])) == ("total loss, L3 (head inheritance loss), gradient norm, "
-                                                         "parameters after the update")
+    assert describe_bits(int(metrics["nonfinite"])) == (
+        "total loss, L3 (head inheritance loss), gradient norm, parameters after the update"
+    )
     assert int(metrics["skipped_steps"]) == 1 and int(state.step) == 2
     jax.tree.map(np.testing.assert_array_equal, (state.params, state.opt_state), before)
     state, metrics = step(state, {}, good)
@@ -283,8 +306,9 @@ def test_every_file_of_the_newest_checkpoint_deleted_or_truncated(uninterrupted,
     abstract = _abstract_state()
     good = checkpoint.restore_latest_readable(checkpoint.training_manager(uninterrupted), abstract)
     assert good.step == 16
-    files = sorted(p.relative_to(uninterrupted) for p in (uninterrupted / "checkpoints" / "16").rglob("*")
-                   if p.is_file())
+    files = sorted(
+        p.relative_to(uninterrupted) for p in (uninterrupted / "checkpoints" / "16").rglob("*") if p.is_file()
+    )
     assert len(files) >= 10
     fell_back = 0
     for damage in ("delete", "truncate"):
@@ -324,8 +348,10 @@ def test_truncated_newest_checkpoint_falls_back_and_ends_bit_identical(uninterru
     monkeypatch.undo()
     capsys.readouterr()
     assert _steps(workdir) == [8, 12]
-    biggest = max((p for p in (workdir / "checkpoints" / "12" / "state").rglob("*") if p.is_file()),
-                  key=lambda p: p.stat().st_size)
+    biggest = max(
+        (p for p in (workdir / "checkpoints" / "12" / "state").rglob("*") if p.is_file()),
+        key=lambda p: p.stat().st_size,
+    )
     biggest.write_bytes(biggest.read_bytes()[:10])
     # As a user reruns it, in its own process: the recovery says one warning, not pages of orbax tracebacks.
     with open(tmp_path / "out.txt", "w") as out:

@@ -22,8 +22,16 @@ from hkt_jax.data.sources import checked_image_set
 from tests.conftest import REPO_ROOT
 
 TOY = ["--config", "toy_segmentation"]  # method=hkt without parent_ckpt: would train a parent first
-SMOKE_TINY = ["--config", "smoke", "child.depth=8", "parent.depth=8", "method=child", "train.batch_size=16",
-              "train.steps=2", "data.validation_size=4"]
+SMOKE_TINY = [
+    "--config",
+    "smoke",
+    "child.depth=8",
+    "parent.depth=8",
+    "method=child",
+    "train.batch_size=16",
+    "train.steps=2",
+    "data.validation_size=4",
+]
 
 
 def _image_folder(root: Path, classes=("apple", "mango"), per_class=2, splits=("train", "test")) -> Path:
@@ -33,7 +41,8 @@ def _image_folder(root: Path, classes=("apple", "mango"), per_class=2, splits=("
             (root / split / name).mkdir(parents=True)
             for i in range(per_class):
                 Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-                    root / split / name / f"{i}.jpg", quality=90)
+                    root / split / name / f"{i}.jpg", quality=90
+                )
     return root
 
 
@@ -56,21 +65,26 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "train.batch_size": ([*TOY, *workdir, "train.batch_size=0"], "train.batch_size=0"),
         "train.steps type": ([*TOY, *workdir, "train.steps=ten"], "train.steps='ten'"),
         "optim.learning_rate": ([*TOY, *workdir, "optim.learning_rate=-1"], "optim.learning_rate=-1.0"),
-        "checkpoint minutes": ([*TOY, *workdir, "train.checkpoint_every_minutes=-5"],
-                               "train.checkpoint_every_minutes"),
+        "checkpoint minutes": ([*TOY, *workdir, "train.checkpoint_every_minutes=-5"], "train.checkpoint_every_minutes"),
         "unknown key": ([*TOY, *workdir, "train.stepz=3"], "unknown key 'train.stepz'"),
         "unknown config": (["--config", "nope", *workdir], "unknown config 'nope'"),
         "parent_ckpt missing": ([*TOY, *workdir, "--parent_ckpt", str(tmp / "nowhere")], "nowhere"),
-        "parent_ckpt not a model": ([*TOY, *workdir, "--parent_ckpt", str(tmp / "empty_dir")],
-                                    "empty_dir': not a model checkpoint"),
+        "parent_ckpt not a model": (
+            [*TOY, *workdir, "--parent_ckpt", str(tmp / "empty_dir")],
+            "empty_dir': not a model checkpoint",
+        ),
         "parent_ckpt a file": ([*TOY, *workdir, "--parent_ckpt", str(tmp / "a_file")], "a_file': is a file"),
         "workdir a file": ([*TOY, "--workdir", str(tmp / "a_file")], "a_file: is a file"),
         "workdir under a file": ([*TOY, "--workdir", str(tmp / "a_file" / "run")], "a_file is a file"),
         "data.path missing": ([*TOY, *workdir, f"data.path={tmp / 'no_data'}"], "no_data"),
-        "truncated jpeg": ([*SMOKE_TINY, *workdir, "data.source=image_folder", f"data.path={tmp / 'folder'}"],
-                           f"{truncated}: unreadable image"),
-        "class missing from test": ([*SMOKE_TINY, *workdir, "data.source=image_folder",
-                                     f"data.path={tmp / 'no_mango_in_test'}"], "no class folders for ['mango']"),
+        "truncated jpeg": (
+            [*SMOKE_TINY, *workdir, "data.source=image_folder", f"data.path={tmp / 'folder'}"],
+            f"{truncated}: unreadable image",
+        ),
+        "class missing from test": (
+            [*SMOKE_TINY, *workdir, "data.source=image_folder", f"data.path={tmp / 'no_mango_in_test'}"],
+            "no class folders for ['mango']",
+        ),
     }
 
 
@@ -80,11 +94,27 @@ def bad_inputs(tmp_path_factory):
     return tmp, _bad_inputs(tmp)
 
 
-@pytest.mark.parametrize("name", [
-    "hkt.lam of the run after its parent", "hkt.alphas", "train.batch_size", "train.steps type",
-    "optim.learning_rate", "checkpoint minutes", "unknown key", "unknown config", "parent_ckpt missing",
-    "parent_ckpt not a model", "parent_ckpt a file", "workdir a file", "workdir under a file", "data.path missing",
-    "truncated jpeg", "class missing from test"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "hkt.lam of the run after its parent",
+        "hkt.alphas",
+        "train.batch_size",
+        "train.steps type",
+        "optim.learning_rate",
+        "checkpoint minutes",
+        "unknown key",
+        "unknown config",
+        "parent_ckpt missing",
+        "parent_ckpt not a model",
+        "parent_ckpt a file",
+        "workdir a file",
+        "workdir under a file",
+        "data.path missing",
+        "truncated jpeg",
+        "class missing from test",
+    ],
+)
 def test_bad_input_is_one_line_exit_2_nothing_written(bad_inputs, capsys, name):
     tmp, cases = bad_inputs
     argv, named = cases[name]
@@ -118,9 +148,14 @@ def test_interrupt_outside_the_training_steps_is_one_line(capsys):
 
 def test_hkt_lam_fails_in_seconds_as_a_process_before_any_parent_is_trained(tmp_path):
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "experiments.cifar_hkt", *TOY, "--workdir", str(tmp_path / "w"),
-                             "hkt.lam=2"], cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.cifar_hkt", *TOY, "--workdir", str(tmp_path / "w"), "hkt.lam=2"],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "hkt.lam=2" in result.stderr
     assert not (tmp_path / "w").exists()
@@ -224,11 +259,16 @@ def test_pickled_callable_and_garbage_are_refused(tmp_path, capsys):
 
 
 def test_a_parent_of_another_task_is_named_by_its_architecture_and_task(tmp_path):
-    spec = {"arch": "unet", "kwargs": {"num_classes": 3, "widths": [8, 16]},
-            "metadata": {"data": {"task": "segmentation", "source": "synthetic", "name": "synthetic_ct"}}}
+    spec = {
+        "arch": "unet",
+        "kwargs": {"num_classes": 3, "widths": [8, 16]},
+        "metadata": {"data": {"task": "segmentation", "source": "synthetic", "name": "synthetic_ct"}},
+    }
     checkpoint.save_model(tmp_path / "unet", {"params": {"w": np.zeros(2, np.float32)}}, spec)
     with pytest.raises(ValueError) as error:
         factories.load_parent(tmp_path / "unet", expected_kwargs={"num_classes": 10}, task="classification")
-    assert str(error.value).endswith("is a unet (num_classes=3, widths=[8, 16]) trained for segmentation on synthetic "
-                                     "synthetic_ct data, but this classification run needs a classification parent "
-                                     "with num_classes=10"), error.value
+    assert str(error.value).endswith(
+        "is a unet (num_classes=3, widths=[8, 16]) trained for segmentation on synthetic "
+        "synthetic_ct data, but this classification run needs a classification parent "
+        "with num_classes=10"
+    ), error.value

@@ -41,12 +41,15 @@ def test_attention_and_hint_losses_match_numpy():
         expected = ((_np_attention(student, p) - _np_attention(teacher, p)) ** 2).mean()
         got = attention_transfer_loss(jnp.asarray(student, jnp.float32), jnp.asarray(teacher, jnp.float32), p)
         np.testing.assert_allclose(float(got), expected, rtol=1e-5)
-    np.testing.assert_allclose(np.linalg.norm(np.asarray(attention_map(jnp.asarray(student, jnp.float32))), axis=-1),
-                               1.0, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.linalg.norm(np.asarray(attention_map(jnp.asarray(student, jnp.float32))), axis=-1), 1.0, rtol=1e-6
+    )
     assert float(attention_transfer_loss(jnp.ones((2, 3, 3, 4)), 5 * jnp.ones((2, 3, 3, 8)))) == 0.0  # scale-free
-    np.testing.assert_allclose(float(hint_loss(jnp.asarray(student, jnp.float32), jnp.asarray(student[..., ::-1] + 1,
-                                                                                            jnp.float32))),
-                               ((student - student[..., ::-1] - 1) ** 2).mean(), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(hint_loss(jnp.asarray(student, jnp.float32), jnp.asarray(student[..., ::-1] + 1, jnp.float32))),
+        ((student - student[..., ::-1] - 1) ** 2).mean(),
+        rtol=1e-5,
+    )
     with pytest.raises(ValueError, match="equal batch and spatial sizes"):
         attention_transfer_loss(jnp.ones((2, 4, 4, 3)), jnp.ones((2, 2, 2, 3)))
 
@@ -54,8 +57,10 @@ def test_attention_and_hint_losses_match_numpy():
 @pytest.fixture(scope="module")
 def pair():
     rng = np.random.default_rng(1)
-    batch = {"image": jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32),
-             "label": jnp.asarray(rng.integers(0, 10, 2), jnp.int32)}
+    batch = {
+        "image": jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, 10, 2), jnp.int32),
+    }
     return batch, jax.jit(PARENT.init)(jax.random.key(7), batch["image"])
 
 
@@ -74,9 +79,16 @@ def _stage_outputs(model, variables, x, train):
 def test_method_loss_matches_numpy_on_the_group_ends(pair, method):
     batch, parent_variables = pair
     loss_fn, init = factories.make_method(
-        method, CHILD, Classification(), batch["image"], jax.random.key(0), parent=PARENT,
-        parent_variables=parent_variables, fitnet=FitNetSettings(weight=100.0, stage="group2"),
-        at=ATSettings(beta=1000.0, p=2.0))
+        method,
+        CHILD,
+        Classification(),
+        batch["image"],
+        jax.random.key(0),
+        parent=PARENT,
+        parent_variables=parent_variables,
+        fitnet=FitNetSettings(weight=100.0, stage="group2"),
+        at=ATSettings(beta=1000.0, p=2.0),
+    )
     loss, aux = jax.jit(loss_fn)(init["params"], init["batch_stats"], parent_variables, batch)
 
     child_vars = {"params": init["params"]["child"], "batch_stats": init["batch_stats"]["child"]}
@@ -104,10 +116,12 @@ def test_method_loss_matches_numpy_on_the_group_ends(pair, method):
 
     # The parent gets exactly zero gradient; the feature term alone reaches the child.
     parent_grad = jax.jit(jax.grad(lambda pv: loss_fn(init["params"], init["batch_stats"], pv, batch)[0]))(
-        parent_variables)
+        parent_variables
+    )
     assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(parent_grad))
-    term_grad = jax.jit(jax.grad(
-        lambda q: loss_fn(q, init["batch_stats"], parent_variables, batch)[1]["metrics"]["l3"]))(init["params"])
+    term_grad = jax.jit(
+        jax.grad(lambda q: loss_fn(q, init["batch_stats"], parent_variables, batch)[1]["metrics"]["l3"])
+    )(init["params"])
     assert any(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(term_grad["child"]))
 
 
@@ -117,23 +131,59 @@ def test_clear_errors(pair):
     paper_child = CifarResNet(depth=8, conv_impl="xla")  # the paper split: a pooled 64-d vector, no maps
     paper_parent = CifarResNet(depth=8, conv_impl="xla")
     with pytest.raises(ValueError, match="needs \\(B, H, W, C\\) feature maps .* stage_split='groups'"):
-        factories.make_method("at", paper_child, Classification(), batch["image"], jax.random.key(0),
-                              parent=paper_parent, parent_variables=parent_variables)
+        factories.make_method(
+            "at",
+            paper_child,
+            Classification(),
+            batch["image"],
+            jax.random.key(0),
+            parent=paper_parent,
+            parent_variables=parent_variables,
+        )
     with pytest.raises(ValueError, match="feature_distillation only .task=classification"):
-        factories.make_method("fitnet", CHILD, Segmentation(), batch["image"], jax.random.key(0), parent=PARENT,
-                              parent_variables=parent_variables)
+        factories.make_method(
+            "fitnet",
+            CHILD,
+            Segmentation(),
+            batch["image"],
+            jax.random.key(0),
+            parent=PARENT,
+            parent_variables=parent_variables,
+        )
     with pytest.raises(ValueError, match="fitnet.stage='head'.*group1"):
-        factories.make_method("fitnet", CHILD, Classification(), batch["image"], jax.random.key(0), parent=PARENT,
-                              parent_variables=parent_variables, fitnet=FitNetSettings(stage="head"))
+        factories.make_method(
+            "fitnet",
+            CHILD,
+            Classification(),
+            batch["image"],
+            jax.random.key(0),
+            parent=PARENT,
+            parent_variables=parent_variables,
+            fitnet=FitNetSettings(stage="head"),
+        )
     toy = ToyStagedNet(widths=(4, 8), num_classes=10)
     with pytest.raises(ValueError, match="share stage names"):
-        factories.make_method("at", toy, Classification(), batch["image"], jax.random.key(0), parent=PARENT,
-                              parent_variables=parent_variables)
+        factories.make_method(
+            "at",
+            toy,
+            Classification(),
+            batch["image"],
+            jax.random.key(0),
+            parent=PARENT,
+            parent_variables=parent_variables,
+        )
     strided = ToyStagedNet(widths=(4, 8), strides=(2, 1), num_classes=10)
     toy_parent_vars = toy.init(jax.random.key(1), batch["image"])
     with pytest.raises(ValueError, match="at stage 'stem' the child's maps are \\(4, 4\\)"):
-        factories.make_method("at", strided, Classification(), batch["image"], jax.random.key(0), parent=toy,
-                              parent_variables=toy_parent_vars)
+        factories.make_method(
+            "at",
+            strided,
+            Classification(),
+            batch["image"],
+            jax.random.key(0),
+            parent=toy,
+            parent_variables=toy_parent_vars,
+        )
     with pytest.raises(ValueError, match="needs a parent"):
         factories.make_method("fitnet", CHILD, Classification(), batch["image"], jax.random.key(0))
     with pytest.raises(ValueError, match="at.beta"):
@@ -152,10 +202,20 @@ def parent_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["fitnet", "at"])
 def test_smoke_run(tmp_path, parent_dir, method, capsys):
-    overrides = [f"method={method}", f"parent_ckpt={parent_dir}", "child.conv_impl=xla", "parent.conv_impl=xla",
-                 "train.steps=4", "train.log_every_steps=2", "train.eval_every_steps=4",
-                 "train.checkpoint_every_steps=4", "data.synthetic_train_size=64", "data.validation_size=16",
-                 "data.synthetic_test_size=16", "train.batch_size=16"]
+    overrides = [
+        f"method={method}",
+        f"parent_ckpt={parent_dir}",
+        "child.conv_impl=xla",
+        "parent.conv_impl=xla",
+        "train.steps=4",
+        "train.log_every_steps=2",
+        "train.eval_every_steps=4",
+        "train.checkpoint_every_steps=4",
+        "data.synthetic_train_size=64",
+        "data.validation_size=16",
+        "data.synthetic_test_size=16",
+        "train.batch_size=16",
+    ]
     summary = train_and_evaluate(apply_overrides(smoke.get_config(), overrides), tmp_path)
     assert summary["method"] == method and summary["steps"] == 4
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

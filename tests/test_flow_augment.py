@@ -154,8 +154,12 @@ def test_sparse_augmentation_moves_points_with_their_flow():
     height, width, scale = 40, 56, 1.37
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     valid = (np.random.default_rng(0).random((height, width)) < 0.3).astype(np.float32)
-    sample = {"image1": np.zeros((height, width, 3), np.float32), "image2": np.zeros((height, width, 3), np.float32),
-              "flow": np.stack([xs, ys], -1), "valid": valid}
+    sample = {
+        "image1": np.zeros((height, width, 3), np.float32),
+        "image2": np.zeros((height, width, 3), np.float32),
+        "flow": np.stack([xs, ys], -1),
+        "valid": valid,
+    }
     config = raft_augment_config("kitti", (32, 40))
     out = apply_spatial(sample, SpatialParams(scale, scale, resize=True, crop_y=6, crop_x=9), config)
     new_y, new_x = np.nonzero(out["valid"])

@@ -230,8 +230,9 @@ def test_kitti_and_hd1k_sparse_layouts(tmp_path):
     for sequence in range(2):
         for i in range(3):
             frame(hd1k_root / "hd1k_input" / "image_2" / f"{sequence:06d}_{i:04d}.png", i)
-            write_kitti_flow(hd1k_root / "hd1k_flow_gt" / "flow_occ" / f"{sequence:06d}_{i:04d}.png",
-                             constant_flow(i), valid)
+            write_kitti_flow(
+                hd1k_root / "hd1k_flow_gt" / "flow_occ" / f"{sequence:06d}_{i:04d}.png", constant_flow(i), valid
+            )
     hd1k = flow_datasets.hd1k(hd1k_root)
     assert hd1k.sparse and len(hd1k) == 4 and hd1k[3]["flow"][3, 4, 1] == 1
     with pytest.raises(ValueError, match=r"nowhere/training/image_2.*Expected layout: KITTI"):
@@ -252,6 +253,7 @@ def test_shared_folders_and_unknown_names(tmp_path):
     with pytest.raises(ValueError, match="unknown flow dataset"):
         flow_datasets.open_flow_dataset("middlebury", tmp_path)
 
+
 # ----------------------------------------------------------------------------- grain pipelines
 
 
@@ -265,7 +267,11 @@ def test_flow_train_iterator_resumes_exactly_and_splits_by_process():
     whole = build()
     first = [next(whole) for _ in range(3)]
     assert {k: v.shape for k, v in first[0].items()} == {
-        "image1": (4, 24, 24, 3), "image2": (4, 24, 24, 3), "flow": (4, 24, 24, 2), "valid": (4, 24, 24)}
+        "image1": (4, 24, 24, 3),
+        "image2": (4, 24, 24, 3),
+        "flow": (4, 24, 24, 2),
+        "valid": (4, 24, 24),
+    }
     state = whole.get_state()
     expected = next(whole)
     resumed = build()

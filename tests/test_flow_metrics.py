@@ -113,8 +113,9 @@ def evaluate(dataset, predict) -> dict[str, float]:
 @pytest.mark.parametrize("relative", ["flyingchairs", "sintel-alley1"])
 def test_known_flows_on_shared_samples(relative):
     dataset = flow_folder(require_shared("flow", relative))
-    magnitudes = np.concatenate([np.linalg.norm(dataset[i]["flow"].astype(np.float64), axis=-1).ravel()
-                                 for i in range(len(dataset))])
+    magnitudes = np.concatenate(
+        [np.linalg.norm(dataset[i]["flow"].astype(np.float64), axis=-1).ravel() for i in range(len(dataset))]
+    )
 
     zero = evaluate(dataset, lambda batch: np.zeros_like(batch["flow"]))
     np.testing.assert_allclose(zero["epe"], magnitudes.mean(), rtol=1e-5)

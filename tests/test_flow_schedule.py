@@ -38,8 +38,13 @@ RAFT_STANDARD = {
 def test_each_stage_copies_raft_and_starts_from_the_previous_one(name):
     batch, lr, decay, steps, crop, gamma, previous = RAFT_STANDARD[name]
     config = load_config(name)
-    assert (config.train.batch_size, config.optim.learning_rate, config.optim.weight_decay, config.train.steps,
-            tuple(config.data.crop_size)) == (batch, lr, decay, steps, crop)
+    assert (
+        config.train.batch_size,
+        config.optim.learning_rate,
+        config.optim.weight_decay,
+        config.train.steps,
+        tuple(config.data.crop_size),
+    ) == (batch, lr, decay, steps, crop)
     assert (config.optim.optimizer, config.optim.schedule, config.optim.clip_norm) == ("adamw", "one_cycle", 1.0)
     task = make_task(config.task, config)
     assert task.gamma == gamma
@@ -57,10 +62,12 @@ def test_gamma_reaches_the_sequence_loss_and_is_validated():
     outputs = jnp.asarray(rng.normal(size=(3, 1, 8, 8, 2)), jnp.float32)
     batch = {"flow": jnp.zeros((1, 8, 8, 2)), "valid": jnp.ones((1, 8, 8))}
     errors = np.abs(np.asarray(outputs)).mean(axis=(1, 2, 3, 4))
-    assert float(task.task_loss(outputs, batch)) == pytest.approx(0.25 * errors[0] + 0.5 * errors[1] + errors[2],
-                                                                  rel=1e-5)
     assert float(task.task_loss(outputs, batch)) == pytest.approx(
-        float(sequence_loss(outputs, batch["flow"], batch["valid"], gamma=0.5)), rel=1e-6)
+        0.25 * errors[0] + 0.5 * errors[1] + errors[2], rel=1e-5
+    )
+    assert float(task.task_loss(outputs, batch)) == pytest.approx(
+        float(sequence_loss(outputs, batch["flow"], batch["valid"], gamma=0.5)), rel=1e-6
+    )
     with pytest.raises(ValueError, match="data.loss_gamma"):
         apply_overrides(load_config("flow_smoke"), ["data.loss_gamma=1.5"])
 
@@ -88,12 +95,24 @@ def write_raft_datasets(root, rng):
     _frames(rng, *(things / "frames_cleanpass" / "TRAIN" / "A" / "0000" / "left" / f"{n:04d}.png" for n in (6, 7, 8)))
     for n in (6, 7, 8):
         for direction, word in (("into_future", "Future"), ("into_past", "Past")):
-            write_pfm(things / "optical_flow" / "TRAIN" / "A" / "0000" / direction / "left" /
-                      f"OpticalFlowInto{word}_{n:04d}_L.pfm", np.concatenate([_flow(rng), np.zeros(FRAME + (1,))], -1))
+            write_pfm(
+                things
+                / "optical_flow"
+                / "TRAIN"
+                / "A"
+                / "0000"
+                / direction
+                / "left"
+                / f"OpticalFlowInto{word}_{n:04d}_L.pfm",
+                np.concatenate([_flow(rng), np.zeros(FRAME + (1,))], -1),
+            )
     valid = rng.uniform(size=FRAME) > 0.5
     for i in range(2):
-        _frames(rng, root / "KITTI" / "training" / "image_2" / f"{i:06d}_10.png",
-                root / "KITTI" / "training" / "image_2" / f"{i:06d}_11.png")
+        _frames(
+            rng,
+            root / "KITTI" / "training" / "image_2" / f"{i:06d}_10.png",
+            root / "KITTI" / "training" / "image_2" / f"{i:06d}_11.png",
+        )
         write_kitti_flow(root / "KITTI" / "training" / "flow_occ" / f"{i:06d}_10.png", _flow(rng), valid)
         for j in range(3):
             _frames(rng, root / "HD1K" / "hd1k_input" / "image_2" / f"{i:06d}_{j:04d}.png")
@@ -117,14 +136,27 @@ class Counting:
 
 def test_sintel_stage_mixtures_have_rafts_proportions_and_augmentation(tmp_path):
     write_raft_datasets(tmp_path, np.random.default_rng(0))
-    config = FlowDataConfig(source="sintel", path=str(tmp_path / "Sintel"), crop_size=(64, 64), validation_size=1,
-                            sintel_mix="C+T+S+K+H", things_path=str(tmp_path / "FlyingThings3D"),
-                            kitti_path=str(tmp_path / "KITTI"), hd1k_path=str(tmp_path / "HD1K"), iters=1)
+    config = FlowDataConfig(
+        source="sintel",
+        path=str(tmp_path / "Sintel"),
+        crop_size=(64, 64),
+        validation_size=1,
+        sintel_mix="C+T+S+K+H",
+        things_path=str(tmp_path / "FlyingThings3D"),
+        kitti_path=str(tmp_path / "KITTI"),
+        hd1k_path=str(tmp_path / "HD1K"),
+        iters=1,
+    )
     datasets = FlowDatasets(config, global_batch_size=8, seed=0)
     mixture = datasets._splits["train"]
     # One Sintel pair per pass is left after holding one out; Things has 2 pairs x 2 directions.
     assert [(p.name, p.times, len(p.source)) for p in mixture.parts] == [
-        ("sintel_clean", 100, 1), ("sintel_final", 100, 1), ("kitti", 200, 2), ("hd1k", 5, 4), ("things_clean", 1, 4)]
+        ("sintel_clean", 100, 1),
+        ("sintel_final", 100, 1),
+        ("kitti", 200, 2),
+        ("hd1k", 5, 4),
+        ("things_clean", 1, 4),
+    ]
     augment = {p.name: p.augment for p in mixture.parts}
     assert (augment["kitti"].min_scale, augment["kitti"].max_scale, augment["kitti"].do_flip) == (-0.3, 0.5, True)
     assert augment["kitti"].sparse and augment["hd1k"].sparse and not augment["things_clean"].sparse
@@ -136,8 +168,9 @@ def test_sintel_stage_mixtures_have_rafts_proportions_and_augmentation(tmp_path)
 
     # One epoch of the stream reads every part exactly as often as RAFT's multiplied lists hold it.
     counts = Counter()
-    counted = FlowMixture(tuple(MixturePart(p.name, Counting(p.source, counts, p.name), p.times, p.augment)
-                                for p in mixture.parts))
+    counted = FlowMixture(
+        tuple(MixturePart(p.name, Counting(p.source, counts, p.name), p.times, p.augment) for p in mixture.parts)
+    )
     # No read-ahead: grain would otherwise read the first samples of the next epoch already.
     stream = make_flow_train_iterator(counted, None, global_batch_size=8, seed=3, num_threads=0, prefetch_batches=0)
     for _ in range(len(counted) // 8):
@@ -151,7 +184,10 @@ def test_sintel_stage_mixtures_have_rafts_proportions_and_augmentation(tmp_path)
         FlowDataConfig(source="things", path="x", sintel_mix="C+T+K/S", things_path="t")
     small = dataclasses.replace(config, sintel_mix="C+T+K/S")
     assert [p.name for p in FlowDatasets(small, global_batch_size=8, seed=0)._splits["train"].parts] == [
-        "sintel_clean", "sintel_final", "things_clean"]
+        "sintel_clean",
+        "sintel_final",
+        "things_clean",
+    ]
 
 
 def test_hkt_with_the_papers_mae_for_l1_l3_trains(tmp_path):
@@ -159,15 +195,29 @@ def test_hkt_with_the_papers_mae_for_l1_l3_trains(tmp_path):
     a few Adam steps lower the objective and every term stays finite."""
     task = Flow(max_flow=400.0)
     write_raft_datasets(tmp_path, np.random.default_rng(1))
-    config = FlowDataConfig(source="sintel", path=str(tmp_path / "Sintel"), crop_size=(64, 64), validation_size=1,
-                            sintel_mix="C+T+K/S", things_path=str(tmp_path / "FlyingThings3D"), iters=1)
+    config = FlowDataConfig(
+        source="sintel",
+        path=str(tmp_path / "Sintel"),
+        crop_size=(64, 64),
+        validation_size=1,
+        sintel_mix="C+T+K/S",
+        things_path=str(tmp_path / "FlyingThings3D"),
+        iters=1,
+    )
     batch = {k: jnp.asarray(v) for k, v in next(FlowDatasets(config, global_batch_size=2, seed=0).train).items()}
     child, parent = RAFT(small=True, iters=1), RAFT(small=True, iters=1)
     example = task.model_input(batch)
     parent_vars = parent.init(jax.random.key(1), example, train=False)
     loss_fn, variables = factories.make_method(
-        "hkt", child, task, example, jax.random.key(0), parent=parent, parent_variables=parent_vars,
-        hkt=HKTSettings(inherit_loss="mae", stages=3))
+        "hkt",
+        child,
+        task,
+        example,
+        jax.random.key(0),
+        parent=parent,
+        parent_variables=parent_vars,
+        hkt=HKTSettings(inherit_loss="mae", stages=3),
+    )
     tx = optax.adam(5e-4)
     params, stats = variables["params"], variables.get("batch_stats", {})
     opt_state = tx.init(params)

@@ -29,10 +29,12 @@ SIZE = 64  # RAFT's smallest frame (its correlation pyramid halves H/8 three tim
 
 def _batch(seed=0, batch=1):
     rng = np.random.default_rng(seed)
-    return {"image1": jnp.asarray(rng.uniform(0, 255, (batch, SIZE, SIZE, 3)), jnp.float32),
-            "image2": jnp.asarray(rng.uniform(0, 255, (batch, SIZE, SIZE, 3)), jnp.float32),
-            "flow": jnp.asarray(rng.normal(0, 3, (batch, SIZE, SIZE, 2)), jnp.float32),
-            "valid": jnp.asarray(rng.uniform(size=(batch, SIZE, SIZE)) > 0.2, jnp.float32)}
+    return {
+        "image1": jnp.asarray(rng.uniform(0, 255, (batch, SIZE, SIZE, 3)), jnp.float32),
+        "image2": jnp.asarray(rng.uniform(0, 255, (batch, SIZE, SIZE, 3)), jnp.float32),
+        "flow": jnp.asarray(rng.normal(0, 3, (batch, SIZE, SIZE, 2)), jnp.float32),
+        "valid": jnp.asarray(rng.uniform(size=(batch, SIZE, SIZE)) > 0.2, jnp.float32),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +49,16 @@ def pair():
 
 def _hkt(pair, **settings):
     task, child, parent, parent_vars, example = pair
-    return factories.make_method("hkt", child, task, example, jax.random.key(0), parent=parent,
-                                 parent_variables=parent_vars, hkt=HKTSettings(inherit_loss="seq", **settings))
+    return factories.make_method(
+        "hkt",
+        child,
+        task,
+        example,
+        jax.random.key(0),
+        parent=parent,
+        parent_variables=parent_vars,
+        hkt=HKTSettings(inherit_loss="seq", **settings),
+    )
 
 
 def _adapter_shapes(variables):
@@ -60,16 +70,26 @@ def test_transfer_adapters_bridge_the_raft_widths(pair):
     2HKT: all four after the encoders, nothing after `features`."""
     _, three = _hkt(pair, stages=3)
     assert _adapter_shapes(three) == {
-        "to_child_0_fmap1": (256, 128), "to_child_0_fmap2": (256, 128),
-        "to_parent_0_fmap1": (128, 256), "to_parent_0_fmap2": (128, 256),
-        "to_child_1_net": (128, 96), "to_child_1_inp": (128, 64),
-        "to_parent_1_net": (96, 128), "to_parent_1_inp": (64, 128)}
+        "to_child_0_fmap1": (256, 128),
+        "to_child_0_fmap2": (256, 128),
+        "to_parent_0_fmap1": (128, 256),
+        "to_parent_0_fmap2": (128, 256),
+        "to_child_1_net": (128, 96),
+        "to_child_1_inp": (128, 64),
+        "to_parent_1_net": (96, 128),
+        "to_parent_1_inp": (64, 128),
+    }
     _, two = _hkt(pair, stages=2)
     assert _adapter_shapes(two) == {
-        "to_child_1_fmap1": (256, 128), "to_child_1_fmap2": (256, 128),
-        "to_child_1_net": (128, 96), "to_child_1_inp": (128, 64),
-        "to_parent_1_fmap1": (128, 256), "to_parent_1_fmap2": (128, 256),
-        "to_parent_1_net": (96, 128), "to_parent_1_inp": (64, 128)}
+        "to_child_1_fmap1": (256, 128),
+        "to_child_1_fmap2": (256, 128),
+        "to_child_1_net": (128, 96),
+        "to_child_1_inp": (128, 64),
+        "to_parent_1_fmap1": (128, 256),
+        "to_parent_1_fmap2": (128, 256),
+        "to_parent_1_net": (96, 128),
+        "to_parent_1_inp": (64, 128),
+    }
     with pytest.raises(ValueError, match="hkt.stages=4"):
         _hkt(pair, stages=4)
 
@@ -103,9 +123,12 @@ def _translated_pair(shift=(3, 2), seed=0):
     """Frame 2 is frame 1 moved by ``shift`` = (x, y) pixels: one constant flow, learnable in a few steps."""
     dx, dy = shift
     frames = np.random.default_rng(seed).uniform(0, 255, (1, SIZE + dy, SIZE + dx, 3)).astype(np.float32)
-    return {"image1": jnp.asarray(frames[:, :SIZE, :SIZE]), "image2": jnp.asarray(frames[:, dy:, dx:]),
-            "flow": jnp.broadcast_to(jnp.asarray(shift, jnp.float32), (1, SIZE, SIZE, 2)),
-            "valid": jnp.ones((1, SIZE, SIZE), jnp.float32)}
+    return {
+        "image1": jnp.asarray(frames[:, :SIZE, :SIZE]),
+        "image2": jnp.asarray(frames[:, dy:, dx:]),
+        "flow": jnp.broadcast_to(jnp.asarray(shift, jnp.float32), (1, SIZE, SIZE, 2)),
+        "valid": jnp.ones((1, SIZE, SIZE), jnp.float32),
+    }
 
 
 def test_hkt_steps_lower_the_loss_and_epe_on_a_fixed_pair(pair, hkt3):
@@ -144,7 +167,8 @@ def plain_step(pair):
     batch = _batch(3)
     plain = plain_loss(child, task)
     value, grads = jax.jit(jax.value_and_grad(lambda p: plain(p, variables["batch_stats"], {}, batch)[0]))(
-        {"child": variables["params"]["child"]})
+        {"child": variables["params"]["child"]}
+    )
     return batch, value, grads
 
 
@@ -153,8 +177,9 @@ def test_lambda_zero_native_only_is_a_plain_child_step(pair, plain_step, stages)
     task, child, parent, parent_vars, example = pair
     loss_fn, variables = _hkt(pair, stages=stages, lam=0.0, alphas=(0.0, 1.0, 0.0))
     batch, plain_value, plain_grads = plain_step
-    hkt_value, hkt_grads = jax.jit(jax.value_and_grad(
-        lambda p: loss_fn(p, variables["batch_stats"], parent_vars, batch)[0]))(variables["params"])
+    hkt_value, hkt_grads = jax.jit(
+        jax.value_and_grad(lambda p: loss_fn(p, variables["batch_stats"], parent_vars, batch)[0])
+    )(variables["params"])
     np.testing.assert_allclose(float(hkt_value), float(plain_value), rtol=1e-6)
     chex.assert_trees_all_close(hkt_grads["child"], plain_grads["child"], rtol=1e-4, atol=1e-6)
 
@@ -162,14 +187,14 @@ def test_lambda_zero_native_only_is_a_plain_child_step(pair, plain_step, stages)
 def test_one_cycle_adamw_and_clipping_follow_pytorch():
     """RAFT's recipe: torch OneCycleLR(pct_start=0.05, linear, over steps + 100) and AdamW + clip_grad_norm_."""
     torch = pytest.importorskip("torch")
-    optim = OptimConfig(optimizer="adamw", learning_rate=4e-4, weight_decay=1e-4, schedule="one_cycle",
-                        clip_norm=1.0)
+    optim = OptimConfig(optimizer="adamw", learning_rate=4e-4, weight_decay=1e-4, schedule="one_cycle", clip_norm=1.0)
     steps = 300
     schedule = make_schedule(optim, 10, steps)
     weight = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
     reference_opt = torch.optim.AdamW([weight], lr=4e-4, weight_decay=1e-4, eps=1e-8)
-    reference = torch.optim.lr_scheduler.OneCycleLR(reference_opt, 4e-4, steps + 100, pct_start=0.05,
-                                                    cycle_momentum=False, anneal_strategy="linear")
+    reference = torch.optim.lr_scheduler.OneCycleLR(
+        reference_opt, 4e-4, steps + 100, pct_start=0.05, cycle_momentum=False, anneal_strategy="linear"
+    )
     expected = []
     for _ in range(steps):
         expected.append(reference.get_last_lr()[0])
@@ -182,8 +207,9 @@ def test_one_cycle_adamw_and_clipping_follow_pytorch():
     state = tx.init(params)
     torch_w = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
     torch_opt = torch.optim.AdamW([torch_w], lr=4e-4, weight_decay=1e-4, eps=1e-8)
-    torch_sched = torch.optim.lr_scheduler.OneCycleLR(torch_opt, 4e-4, steps + 100, pct_start=0.05,
-                                                      cycle_momentum=False, anneal_strategy="linear")
+    torch_sched = torch.optim.lr_scheduler.OneCycleLR(
+        torch_opt, 4e-4, steps + 100, pct_start=0.05, cycle_momentum=False, anneal_strategy="linear"
+    )
     for k in range(5):
         grad = np.array([3.0, -4.0, 12.0]) * (k + 1)  # norm 13(k+1) > 1: clipped
         updates, state = tx.update({"w": jnp.asarray(grad, jnp.float32)}, state, params)
@@ -199,8 +225,10 @@ def test_one_cycle_adamw_and_clipping_follow_pytorch():
 
 
 def _smoke(*overrides):
-    return apply_overrides(load_config("flow_smoke"), ["train.steps=2", "train.eval_every_steps=2",
-                                                       "train.checkpoint_every_steps=2", *overrides])
+    return apply_overrides(
+        load_config("flow_smoke"),
+        ["train.steps=2", "train.eval_every_steps=2", "train.checkpoint_every_steps=2", *overrides],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -230,8 +258,10 @@ def test_smoke_resume_continues_exactly(tmp_path):
     run(_smoke("method=child"), tmp_path / "resumed")
     resumed = run(_smoke("method=child", "train.steps=3"), tmp_path / "resumed")
     assert straight["final_test_epe"] == resumed["final_test_epe"]
-    for a, b in zip(exported_leaves(tmp_path / "straight" / "export" / "child"),
-                    exported_leaves(tmp_path / "resumed" / "export" / "child")):
+    for a, b in zip(
+        exported_leaves(tmp_path / "straight" / "export" / "child"),
+        exported_leaves(tmp_path / "resumed" / "export" / "child"),
+    ):
         np.testing.assert_array_equal(a, b)
 
 
@@ -261,8 +291,9 @@ def test_evaluating_zero_and_exact_flows_gives_the_expected_numbers(folder):
     np.testing.assert_allclose(zero["1px"], np.mean(magnitudes < 1), rtol=1e-6)
     np.testing.assert_allclose(zero["f1"], 100 * np.mean(magnitudes > 3), rtol=1e-6)  # > 3 px and > 5 % of |gt|
     per_image = np.mean([np.linalg.norm(f, axis=-1).mean() for f in flows])
-    np.testing.assert_allclose(evaluate_source(lambda b: np.zeros_like(b["flow"]), source,
-                                               per_image_epe=True)["epe"], per_image, rtol=1e-5)
+    np.testing.assert_allclose(
+        evaluate_source(lambda b: np.zeros_like(b["flow"]), source, per_image_epe=True)["epe"], per_image, rtol=1e-5
+    )
 
     exact = evaluate_source(lambda b: b["flow"], source, pad_mode="kitti")
     assert exact["epe"] == 0.0 and exact["1px"] == 1.0 and exact["f1"] == 0.0
@@ -273,8 +304,10 @@ def test_kd_mixes_ground_truth_and_parent_flow_losses():
     rng = np.random.default_rng(5)
     student = rng.normal(0, 2, (3, 2, 8, 8, 2)).astype(np.float32)
     teacher = rng.normal(0, 2, (2, 2, 8, 8, 2)).astype(np.float32)
-    batch = {"flow": rng.normal(0, 2, (2, 8, 8, 2)).astype(np.float32),
-             "valid": (rng.uniform(size=(2, 8, 8)) > 0.3).astype(np.float32)}
+    batch = {
+        "flow": rng.normal(0, 2, (2, 8, 8, 2)).astype(np.float32),
+        "valid": (rng.uniform(size=(2, 8, 8)) > 0.3).astype(np.float32),
+    }
 
     def reference(target, valid):
         weights = 0.8 ** np.arange(2, -1, -1)
@@ -283,5 +316,6 @@ def test_kd_mixes_ground_truth_and_parent_flow_losses():
 
     loss, terms = Flow().distill_loss(jnp.asarray(student), jnp.asarray(teacher), batch, temperature=4.0, weight=0.3)
     gt, kd = reference(batch["flow"], batch["valid"]), reference(teacher[-1], np.ones((2, 8, 8)))
-    np.testing.assert_allclose([float(terms["l2"]), float(terms["l3"]), float(loss)], [gt, kd, 0.7 * gt + 0.3 * kd],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        [float(terms["l2"]), float(terms["l3"]), float(loss)], [gt, kd, 0.7 * gt + 0.3 * kd], rtol=1e-5
+    )

@@ -48,8 +48,10 @@ def test_hkt_loss_and_gradients_with_a_folded_parent():
     parent = CifarResNet(depth=14)
     parent_vars = _trained_like(parent, seed=3)
     folded, folded_vars = fold.fold_parent(parent, parent_vars)
-    batch = {"image": jnp.asarray(np.random.default_rng(2).normal(size=(8, 32, 32, 3)), jnp.float32),
-             "label": jnp.arange(8) % 10}
+    batch = {
+        "image": jnp.asarray(np.random.default_rng(2).normal(size=(8, 32, 32, 3)), jnp.float32),
+        "label": jnp.arange(8) % 10,
+    }
     losses, grads = [], []
     for p, pv in ((parent, parent_vars), (folded, folded_vars)):
         engine = HKT(child, p, HKTConfig(mode="gate", inherit_loss="ce"), task=Classification())

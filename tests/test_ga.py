@@ -312,9 +312,13 @@ def test_explicit_dot_product_attention_names_what_cudnn_refuses():
         ga.resolve_impl("dot_product_attention", (2, 5, 7, 16), jnp.bfloat16, backend="gpu", compute_capability=HOPPER)
     # float32 on a GPU, and every CPU input, take XLA's dot_product_attention: any length.
     assert ga.resolve_impl("dot_product_attention", (2, 5, 7, 16), jnp.float32, backend="gpu") == (
-        "dot_product_attention", None)
+        "dot_product_attention",
+        None,
+    )
     assert ga.resolve_impl("dot_product_attention", (2, 5, 7, 16), jnp.bfloat16, backend="cpu") == (
-        "dot_product_attention", None)
+        "dot_product_attention",
+        None,
+    )
 
 
 @pytest.mark.gpu

@@ -19,10 +19,21 @@ from hkt_jax.grids.comparison import Grid
 from hkt_jax.training.config import apply_overrides, load_config
 from tests.signal_compare_experiment import ENV as SIGNAL_AT_ENV
 
-SLOW = Grid(experiment="tests.fake_slow_experiment", config="unused", seeds=(0, 1),
-            variants={"quick": ("sleep=0",), "slow": ("sleep=60",)})
-TOY = Grid(experiment="tests.signal_compare_experiment", config="toy_segmentation", seeds=(0,), parent=(),
-           variants={"hkt": ("method=hkt",)}, metric="dice", metric_label="dice %")
+SLOW = Grid(
+    experiment="tests.fake_slow_experiment",
+    config="unused",
+    seeds=(0, 1),
+    variants={"quick": ("sleep=0",), "slow": ("sleep=60",)},
+)
+TOY = Grid(
+    experiment="tests.signal_compare_experiment",
+    config="toy_segmentation",
+    seeds=(0,),
+    parent=(),
+    variants={"hkt": ("method=hkt",)},
+    metric="dice",
+    metric_label="dice %",
+)
 
 
 def _use(monkeypatch, grid):
@@ -64,7 +75,7 @@ def test_the_time_budget_stops_running_runs_cleanly_and_a_rerun_finishes_them(tm
     out = capsys.readouterr().out
     assert "[1/4] quick seed 0: done, reused" in out and "[2/4] slow seed 0: resuming" in out
     assert all(comparison.run_status(comparison.run_dir(root, v, s)) == "done" for v in SLOW.variants for s in (0, 1))
-    assert [e[2] for e in _events(root)[len(events):] if e[1] == "start"] == ["slow/seed0", "slow/seed1"]
+    assert [e[2] for e in _events(root)[len(events) :] if e[1] == "start"] == ["slow/seed0", "slow/seed1"]
 
 
 def test_no_run_starts_once_the_budget_is_nearly_spent(tmp_path):
@@ -117,12 +128,26 @@ def fake_root(tmp_path):
 def test_pack_keeps_what_continuing_needs_and_no_more(fake_root, tmp_path):
     manifest = grid_pack.pack("g", GRID, fake_root, tmp_path / "pack", GRID.variants, GRID.seeds, commit="abc")
     assert sorted(p.name for p in (tmp_path / "pack").iterdir()) == [
-        "finished.tar.gz", "manifest.json", "parent.tar.gz", "unfinished.tar.gz"]
+        "finished.tar.gz",
+        "manifest.json",
+        "parent.tar.gz",
+        "unfinished.tar.gz",
+    ]
     assert manifest["commit"] == "abc" and manifest["parent_export"] == str(fake_root / "parent" / "export" / "child")
     runs = manifest["runs"]
-    assert runs["b/seed0"] == {"status": "partial", "checkpoint_step": 16, "file": "unfinished.tar.gz",
-                               "members": ["b/seed0/config.json", "b/seed0/metrics.jsonl", "b/seed0/run.log",
-                                           "b/seed0/checkpoints/16", "b/seed0/best", "b/seed0/tensorboard"]}
+    assert runs["b/seed0"] == {
+        "status": "partial",
+        "checkpoint_step": 16,
+        "file": "unfinished.tar.gz",
+        "members": [
+            "b/seed0/config.json",
+            "b/seed0/metrics.jsonl",
+            "b/seed0/run.log",
+            "b/seed0/checkpoints/16",
+            "b/seed0/best",
+            "b/seed0/tensorboard",
+        ],
+    }
     assert runs["b/seed1"] == {"status": "pending", "checkpoint_step": None, "members": []}
     assert runs["a/seed1"]["file"] == "unfinished.tar.gz" and runs["a/seed1"]["checkpoint_step"] is None
 
@@ -130,8 +155,12 @@ def test_pack_keeps_what_continuing_needs_and_no_more(fake_root, tmp_path):
         with tarfile.open(tmp_path / "pack" / file_name) as tar:
             return {m.name for m in tar.getmembers() if m.isfile()}
 
-    assert names("finished.tar.gz") == {"a/seed0/config.json", "a/seed0/metrics.jsonl", "a/seed0/run.log",
-                                        "a/seed0/summary.json"}  # records only: no weights, no checkpoints
+    assert names("finished.tar.gz") == {
+        "a/seed0/config.json",
+        "a/seed0/metrics.jsonl",
+        "a/seed0/run.log",
+        "a/seed0/summary.json",
+    }  # records only: no weights, no checkpoints
     assert "b/seed0/checkpoints/16/state/data" in names("unfinished.tar.gz")
     assert not any("checkpoints/8" in n for n in names("unfinished.tar.gz"))  # only the newest step
     assert names("parent.tar.gz") >= {"parent/export/child/blob", "parent/summary.json"}
@@ -164,7 +193,8 @@ def test_unpack_restores_the_runs_for_the_new_root_and_refuses_what_it_would_ove
     # The runs now load the new root's parent export: the command compare builds for this root resumes them.
     for run in ("a/seed0", "b/seed0", "a/seed1"):
         assert json.loads((new / run / "config.json").read_text())["parent_ckpt"] == str(
-            new / "parent" / "export" / "child")
+            new / "parent" / "export" / "child"
+        )
     with pytest.raises(grid_pack.PackError, match="already holds parent, a/seed0"):
         grid_pack.unpack(tmp_path / "pack", new, "g")
     with pytest.raises(grid_pack.PackError, match="no manifest.json"):
@@ -205,8 +235,11 @@ def test_a_grid_stopped_packed_and_continued_elsewhere_ends_as_if_never_stopped(
     a, b = (json.loads((d / "summary.json").read_text()) for d in (resumed, reference))
     for key in ("final_test_dice", "best_test_dice", "final_validation_dice", "best_step"):
         assert a[key] == b[key], key
-    jax.tree.map(np.testing.assert_array_equal, checkpoint.load_model(resumed / "export" / "child")[0],
-                 checkpoint.load_model(reference / "export" / "child")[0])
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        checkpoint.load_model(resumed / "export" / "child")[0],
+        checkpoint.load_model(reference / "export" / "child")[0],
+    )
 
 
 def test_smoke_grid_names_valid_overrides(capsys):

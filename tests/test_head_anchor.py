@@ -26,15 +26,18 @@ LAM = 0.6
 @pytest.fixture(scope="module")
 def setup():
     rng = np.random.default_rng(0)
-    batch = {"image": jnp.asarray(rng.normal(size=(8, 32, 32, 3)), jnp.float32),
-             "label": jnp.asarray(rng.integers(0, 10, 8), jnp.int32)}
+    batch = {
+        "image": jnp.asarray(rng.normal(size=(8, 32, 32, 3)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, 10, 8), jnp.int32),
+    }
     parent_variables = jax.jit(PARENT.init)(jax.random.key(1), batch["image"])
     return batch, parent_variables
 
 
 def _engine(anchor):
-    return HKT(CHILD, PARENT, HKTConfig(lam=LAM, mode="gate", head_anchor=anchor, inherit_loss="ce"),
-               task=Classification())
+    return HKT(
+        CHILD, PARENT, HKTConfig(lam=LAM, mode="gate", head_anchor=anchor, inherit_loss="ce"), task=Classification()
+    )
 
 
 def _head_numpy(variables, parent_variables, x, anchor):
@@ -57,11 +60,13 @@ def test_head_stream_follows_its_anchor(setup, anchor):
     variables = jax.jit(engine.init)(jax.random.key(0), batch["image"], parent_variables)
     outputs, _, metrics = engine.forward(variables, parent_variables, batch["image"], train=False)
     expected, parents_own, childs_through_parent_head, gate = _head_numpy(
-        variables, parent_variables, batch["image"], anchor)
+        variables, parent_variables, batch["image"], anchor
+    )
     assert gate.mean() > 0.9 and float(metrics["gate/to_parent_0"]) == pytest.approx(gate.mean(), rel=1e-5)
     np.testing.assert_allclose(outputs["head"], expected, rtol=1e-4, atol=1e-4)
-    near, far = (parents_own, childs_through_parent_head) if anchor == "parent" else \
-        (childs_through_parent_head, parents_own)
+    near, far = (
+        (parents_own, childs_through_parent_head) if anchor == "parent" else (childs_through_parent_head, parents_own)
+    )
     # phi lies within lam (1 - a) of its anchor: the head's logits are those of the anchor's features.
     assert np.abs(outputs["head"] - near).max() < 0.05 * np.abs(outputs["head"] - far).max()
     if anchor == "child":  # same widths, gate form: the released code feeds both heads the same mixed vector
@@ -69,8 +74,9 @@ def test_head_stream_follows_its_anchor(setup, anchor):
         c = apply_stage(CHILD, child_vars, 0, batch["image"], train=False)[0]
         p = apply_stage(PARENT, parent_variables, 0, batch["image"], train=False)[0]
         phi_child = c + LAM * (1 - jnp.asarray(gate, jnp.float32)) * (p - c)
-        np.testing.assert_allclose(outputs["backbone"], apply_stage(CHILD, child_vars, 1, phi_child, train=False)[0],
-                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            outputs["backbone"], apply_stage(CHILD, child_vars, 1, phi_child, train=False)[0], rtol=1e-4, atol=1e-4
+        )
 
 
 def test_l3_gradient_to_the_child_depends_on_the_anchor(setup):

@@ -46,7 +46,9 @@ def parent_variables():
 
 def _state(variables, tx):
     return TrainState(
-        step=jnp.zeros((), jnp.int32), params=variables["params"], batch_stats=variables["batch_stats"],
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
         opt_state=tx.init(variables["params"]),
     )
 
@@ -182,10 +184,14 @@ def test_classification_losses_match_numpy():
     batch = {"label": jnp.asarray(labels)}
     probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     onehot = np.eye(4)[labels]
-    np.testing.assert_allclose(classification_mae(jnp.asarray(logits, jnp.float32), batch),
-                               np.abs(probs - onehot).mean(), rtol=1e-5)
-    np.testing.assert_allclose(classification_ce(jnp.asarray(logits, jnp.float32), batch),
-                               -np.log(probs[np.arange(5), labels]).mean(), rtol=1e-5)
+    np.testing.assert_allclose(
+        classification_mae(jnp.asarray(logits, jnp.float32), batch), np.abs(probs - onehot).mean(), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        classification_ce(jnp.asarray(logits, jnp.float32), batch),
+        -np.log(probs[np.arange(5), labels]).mean(),
+        rtol=1e-5,
+    )
 
 
 @pytest.mark.parametrize(
@@ -235,5 +241,7 @@ def test_boundary_inputs_of_the_wrong_rank_name_the_boundary():
     x = _data()["image"]
     parent_vars = Squash().init(jax.random.key(1), x)
     engine = HKT(Squash(), Squash(), HKTConfig(inherit_loss="ce"), task=Classification())
-    with pytest.raises(AssertionError, match=r"HKT boundary 0 \(after stage 'squash'\), to_child.*\(B, \[\*spatial,\] C\)"):
+    with pytest.raises(
+        AssertionError, match=r"HKT boundary 0 \(after stage 'squash'\), to_child.*\(B, \[\*spatial,\] C\)"
+    ):
         engine.init(jax.random.key(0), x, parent_vars)

@@ -37,7 +37,8 @@ def _imports(path: Path) -> list[tuple[str, bool, int]]:
                 for alias in child.names:
                     candidate = f"{child.module}.{alias.name}"
                     as_module = (ROOT / candidate.replace(".", "/")).with_suffix(".py").exists() or (
-                        ROOT / candidate.replace(".", "/") / "__init__.py").exists()
+                        ROOT / candidate.replace(".", "/") / "__init__.py"
+                    ).exists()
                     found.append((candidate if as_module else child.module, in_function, child.lineno))
             visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
 
@@ -84,16 +85,21 @@ def test_imports_point_down_the_layers():
 
 
 def test_no_function_local_imports_of_project_modules():
-    local = [f"{module}:{line} imports {name} inside a function"
-             for module, imports in GRAPH.items() for name, in_function, line in imports
-             if in_function and name.startswith("hkt_jax") and not _optional_dependency_module(name)]
+    local = [
+        f"{module}:{line} imports {name} inside a function"
+        for module, imports in GRAPH.items()
+        for name, in_function, line in imports
+        if in_function and name.startswith("hkt_jax") and not _optional_dependency_module(name)
+    ]
     assert not local, "\n".join(local)
 
 
 def test_no_import_cycles():
     edges = {m: sorted({n for n, _, _ in imports if n in GRAPH and n != m}) for m, imports in GRAPH.items()}
     # A package's __init__ re-exporting its submodules is not a cycle with them.
-    edges = {m: [n for n in targets if not (m == n.rpartition(".")[0] or n == "hkt_jax")] for m, targets in edges.items()}
+    edges = {
+        m: [n for n in targets if not (m == n.rpartition(".")[0] or n == "hkt_jax")] for m, targets in edges.items()
+    }
     state: dict[str, int] = {}
     stack: list[str] = []
 
@@ -102,7 +108,7 @@ def test_no_import_cycles():
         stack.append(module)
         for target in edges[module]:
             if state.get(target) == 1:
-                return stack[stack.index(target):] + [target]
+                return stack[stack.index(target) :] + [target]
             if target not in state and (cycle := visit(target)):
                 return cycle
         stack.pop()

@@ -60,8 +60,11 @@ def test_recorded_flags_are_judged_in_step_order_and_name_the_first_bad_step(cap
 
     guard = stopping.NonFiniteGuard(0, 16, "ckpts")
     _record(guard, [0, 0, 0b10000, 0, 0b10000])  # step 3 and 5: gradient norm
-    with pytest.raises(NonFiniteError, match=r"^error: step 3 of 16: non-finite gradient norm: training stopped; "
-                                             r"the latest checkpoint \(step 2, in ckpts\)"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"^error: step 3 of 16: non-finite gradient norm: training stopped; "
+        r"the latest checkpoint \(step 2, in ckpts\)",
+    ):
         guard.check_recorded(latest)
     assert latest_asked == [True] and guard.recorded == []
 
@@ -94,8 +97,11 @@ def test_restore_stays_quiet_about_closed_loop_callbacks_of_the_step_that_fails(
     def restore(step, args):
         if step == 2:  # what a truncated file's read leaves behind, reported before the error is caught
             for error in (RuntimeError("Event loop is closed"), ValueError("a real problem")):
-                sys.unraisablehook(types.SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=None,
-                                                         err_msg=None, object=None))
+                sys.unraisablehook(
+                    types.SimpleNamespace(
+                        exc_type=type(error), exc_value=error, exc_traceback=None, err_msg=None, object=None
+                    )
+                )
             raise OSError("truncated")
         return read(step, args=args)
 

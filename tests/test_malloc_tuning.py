@@ -33,8 +33,14 @@ print(json.dumps({"tuned": tuned, "faults": faults}))
 def _probe(tune: bool, env_extra=None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "JAX_PLATFORMS": "cpu", **(env_extra or {})}
     env.pop("XLA_FLAGS", None)
-    out = subprocess.run([sys.executable, "-c", PROBE, "1" if tune else "0"], env=env, capture_output=True,
-                         text=True, timeout=300, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, "1" if tune else "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -43,7 +49,7 @@ def test_tuning_stops_per_call_page_faults():
     plain, tuned = _probe(False), _probe(True)
     assert not plain["tuned"] and tuned["tuned"]
     pages = 64 * 1024 * 1024 // 4096
-    assert min(plain["faults"]) > pages // 2, plain   # every call maps its output afresh
+    assert min(plain["faults"]) > pages // 2, plain  # every call maps its output afresh
     # The freed block is reused, which never happens untuned. How often varies with when the previous output
     # is freed relative to the next allocation: idle, every call after warm-up; on a loaded machine about half
     # of them (CI once saw the heap still growing for 11 calls), so the test asks for reuse, not a rate.

@@ -20,8 +20,10 @@ pytestmark = pytest.mark.usefixtures("highest_matmul_precision")  # compared wit
 def test_kd_loss_matches_numpy_formula():
     student, teacher = ToyStagedNet(widths=(4, 4), num_classes=5), ToyStagedNet(widths=(6, 6), num_classes=5)
     rng = np.random.default_rng(0)
-    batch = {"image": jnp.asarray(rng.normal(size=(6, 8, 8, 3)), jnp.float32),
-             "label": jnp.asarray(rng.integers(0, 5, size=6), jnp.int32)}
+    batch = {
+        "image": jnp.asarray(rng.normal(size=(6, 8, 8, 3)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, 5, size=6), jnp.int32),
+    }
     s_vars, t_vars = student.init(jax.random.key(0), batch["image"]), teacher.init(jax.random.key(1), batch["image"])
     params, stats = {"child": s_vars["params"]}, {"child": s_vars["batch_stats"]}
     loss, aux = kd_loss(student, teacher, Classification(), temperature=3.0, weight=0.7)(params, stats, t_vars, batch)
@@ -61,7 +63,9 @@ def test_optimizer_matches_torch_sgd():
 
 
 def test_multistep_and_cosine_schedules():
-    multistep = make_schedule(OptimConfig(learning_rate=0.1, milestones=(100, 150)), steps_per_epoch=10, total_steps=2000)
+    multistep = make_schedule(
+        OptimConfig(learning_rate=0.1, milestones=(100, 150)), steps_per_epoch=10, total_steps=2000
+    )
     assert [float(multistep(s)) for s in (0, 999, 1000, 1499, 1500)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001])
     cosine = make_schedule(OptimConfig(learning_rate=0.2, schedule="cosine", warmup_epochs=1), 10, 110)
     assert float(cosine(0)) == 0.0 and float(cosine(10)) == pytest.approx(0.2)

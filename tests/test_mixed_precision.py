@@ -44,18 +44,39 @@ def _images(shape, scale=1.0):
 
 # (name, child config, parent config, task, example batch): the three tasks' model pairs, tiny.
 CASES = {
-    "classification": (ModelConfig(depth=8), ModelConfig(depth=8, shortcut="B"), Classification,
-                       lambda: {"image": _images((2, 32, 32, 3)), "label": np.array([1, 2])}),
-    "segmentation": (ModelConfig(arch="pocketnet", width=4, depth=2), ModelConfig(arch="unet", widths=(8, 8)),
-                     _seg_task, lambda: {"image": _images((2, 16, 16, 1)),
-                                         "mask": (_images((2, 16, 16)) > 0.7).astype(np.int32),
-                                         "valid": np.ones((2,), np.float32)}),
-    "flow": (ModelConfig(arch="raft", small=True), ModelConfig(arch="raft", small=True), _flow_task,
-             lambda: {"image1": _images((1, 64, 64, 3), 255), "image2": _images((1, 64, 64, 3), 255)[:, ::-1],
-                      "flow": np.ones((1, 64, 64, 2), np.float32), "valid": np.ones((1, 64, 64), np.float32)}),
+    "classification": (
+        ModelConfig(depth=8),
+        ModelConfig(depth=8, shortcut="B"),
+        Classification,
+        lambda: {"image": _images((2, 32, 32, 3)), "label": np.array([1, 2])},
+    ),
+    "segmentation": (
+        ModelConfig(arch="pocketnet", width=4, depth=2),
+        ModelConfig(arch="unet", widths=(8, 8)),
+        _seg_task,
+        lambda: {
+            "image": _images((2, 16, 16, 1)),
+            "mask": (_images((2, 16, 16)) > 0.7).astype(np.int32),
+            "valid": np.ones((2,), np.float32),
+        },
+    ),
+    "flow": (
+        ModelConfig(arch="raft", small=True),
+        ModelConfig(arch="raft", small=True),
+        _flow_task,
+        lambda: {
+            "image1": _images((1, 64, 64, 3), 255),
+            "image2": _images((1, 64, 64, 3), 255)[:, ::-1],
+            "flow": np.ones((1, 64, 64, 2), np.float32),
+            "valid": np.ones((1, 64, 64), np.float32),
+        },
+    ),
 }
-DATA_KWARGS = {"classification": {"num_classes": 10}, "segmentation": {"num_classes": 3, "in_channels": 1},
-               "flow": {"iters": 1}}
+DATA_KWARGS = {
+    "classification": {"num_classes": 10},
+    "segmentation": {"num_classes": 3, "in_channels": 1},
+    "flow": {"iters": 1},
+}
 
 
 def _pair(name: str, compute_dtype: str):
@@ -90,13 +111,18 @@ def test_bfloat16_activations_float32_parameters_statistics_and_outputs(name):
     x = task.model_input(batch)
     variables = jax.eval_shape(lambda: child.init(jax.random.key(0), x, train=False))
     assert _dtypes(variables) == {F32}
-    out, state = jax.eval_shape(lambda v: child.apply(v, x, train=True, capture_intermediates=True,
-                                                      mutable=["intermediates", "batch_stats"]), variables)
+    out, state = jax.eval_shape(
+        lambda v: child.apply(v, x, train=True, capture_intermediates=True, mutable=["intermediates", "batch_stats"]),
+        variables,
+    )
     assert _dtypes(out) == {F32}
     assert _dtypes(state.get("batch_stats", {})) <= {F32}
     captured = jax.tree_util.tree_leaves_with_path(state["intermediates"])
-    inner = {jax.tree_util.keystr(path): jnp.dtype(a.dtype) for path, a in captured
-             if jax.tree_util.keystr(path) != "['__call__'][0]"}
+    inner = {
+        jax.tree_util.keystr(path): jnp.dtype(a.dtype)
+        for path, a in captured
+        if jax.tree_util.keystr(path) != "['__call__'][0]"
+    }
     assert len(inner) > 5 and set(inner.values()) == {BF16}, {k: v for k, v in inner.items() if v != BF16}
     for index in range(len(child.stage_names) - 1):  # the activations HKT mixes
         x, _ = jax.eval_shape(lambda v, z: apply_stage(child, v, index, z, train=False), variables, x)
@@ -129,8 +155,11 @@ def test_hkt_mixes_bfloat16_and_differentiates_into_float32(name, monkeypatch):
     state = jax.eval_shape(lambda v: initial_state(v, tx), variables)
     new_state, metrics = jax.eval_shape(step, state, parent_variables, batch)
     assert seen and set(seen) == {(BF16, BF16)}
-    floats = {d for d in _dtypes((new_state.params, new_state.opt_state, new_state.batch_stats))
-              if jnp.issubdtype(d, jnp.floating)}  # (adam's step count is an integer)
+    floats = {
+        d
+        for d in _dtypes((new_state.params, new_state.opt_state, new_state.batch_stats))
+        if jnp.issubdtype(d, jnp.floating)
+    }  # (adam's step count is an integer)
     assert floats == {F32}
     assert all(metrics[k].dtype == F32 for k in ("loss", "l1", "l2", "l3", "grad_norm"))
 
@@ -158,10 +187,22 @@ def test_a_bfloat16_train_step_is_finite(name):
 def test_bfloat16_run_exports_float32_and_records_the_dtype(tmp_path):
     """A bfloat16 run (CPU conv kernels requested: bfloat16 takes XLA's convolutions) exports a float32
     network whose spec has no dtype; it loads as a float32 parent."""
-    config = apply_overrides(load_config("smoke"), [
-        "method=parent", "parent.depth=8", "parent.conv_impl=cpu_kernel", "train.compute_dtype=bfloat16",
-        "train.steps=4", "train.eval_every_steps=4", "train.checkpoint_every_steps=4", "train.batch_size=16",
-        "data.synthetic_train_size=64", "data.synthetic_test_size=32", "data.validation_size=32"])
+    config = apply_overrides(
+        load_config("smoke"),
+        [
+            "method=parent",
+            "parent.depth=8",
+            "parent.conv_impl=cpu_kernel",
+            "train.compute_dtype=bfloat16",
+            "train.steps=4",
+            "train.eval_every_steps=4",
+            "train.checkpoint_every_steps=4",
+            "train.batch_size=16",
+            "data.synthetic_train_size=64",
+            "data.synthetic_test_size=32",
+            "data.validation_size=32",
+        ],
+    )
     summary = train_and_evaluate(config, tmp_path)
     assert np.isfinite(summary["final_test_accuracy"])
     variables, spec = checkpoint.load_model(tmp_path / "export" / "child")

@@ -13,8 +13,9 @@ from hkt_jax.models import CifarResNet, build_model, model_spec, run_all_stages
 @pytest.mark.parametrize("depth, shortcut, expected", [(20, "A", 269_722), (110, "A", 1_727_962), (20, "B", 272_474)])
 def test_parameter_counts(depth, shortcut, expected):
     """ResNet-20/110 option A: the counts of the reference PyTorch models (He et al., Table 6: 0.27M / 1.7M)."""
-    shapes = jax.eval_shape(lambda: CifarResNet(depth=depth, shortcut=shortcut).init(
-        jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    shapes = jax.eval_shape(
+        lambda: CifarResNet(depth=depth, shortcut=shortcut).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    )
     assert sum(np.prod(x.shape) for x in jax.tree.leaves(shapes["params"])) == expected
 
 

@@ -13,9 +13,17 @@ from hkt_jax.training import checkpoint, run, train
 from hkt_jax.training.config import apply_overrides, load_config
 from hkt_jax.models import build_model, model_spec
 
-TINY = ["child.depth=8", "data.source=synthetic", "data.synthetic_train_size=128", "data.synthetic_test_size=32",
-        "data.validation_size=32", "train.batch_size=16", "train.log_every_steps=2", "train.eval_every_steps=3",
-        "train.checkpoint_every_steps=2"]
+TINY = [
+    "child.depth=8",
+    "data.source=synthetic",
+    "data.synthetic_train_size=128",
+    "data.synthetic_test_size=32",
+    "data.validation_size=32",
+    "train.batch_size=16",
+    "train.log_every_steps=2",
+    "train.eval_every_steps=3",
+    "train.checkpoint_every_steps=2",
+]
 
 
 @pytest.fixture

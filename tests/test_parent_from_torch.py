@@ -27,17 +27,36 @@ def test_converted_resnet56_parents_an_hkt_run(tmp_path, capsys):
     source = require_shared("resnet-cifar10-torch", "resnet56-4bfd9763.th")
     parent_dir = tmp_path / "resnet56"
     result = subprocess.run(
-        [sys.executable, "-m", "hkt_jax.convert", "resnet", "--src", str(source), "--depth", "56",
-         "--out", str(parent_dir)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "hkt_jax.convert",
+            "resnet",
+            "--src",
+            str(source),
+            "--depth",
+            "56",
+            "--out",
+            str(parent_dir),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     before = _digest(parent_dir)
 
     overrides = [
-        f"parent_ckpt={parent_dir}", "train.steps=4", "train.log_every_steps=2", "train.eval_every_steps=4",
-        "train.checkpoint_every_steps=4", "data.synthetic_train_size=128", "data.validation_size=32",
-        "data.synthetic_test_size=32", "train.batch_size=16",
+        f"parent_ckpt={parent_dir}",
+        "train.steps=4",
+        "train.log_every_steps=2",
+        "train.eval_every_steps=4",
+        "train.checkpoint_every_steps=4",
+        "data.synthetic_train_size=128",
+        "data.validation_size=32",
+        "data.synthetic_test_size=32",
+        "train.batch_size=16",
     ]
     with pytest.warns(UserWarning, match="parent was trained on real .* cifar10 data but this run uses synthetic"):
         summary = train_and_evaluate(apply_overrides(smoke.get_config(), overrides), tmp_path / "run")
@@ -47,8 +66,14 @@ def test_converted_resnet56_parents_an_hkt_run(tmp_path, capsys):
     # must differ from the run above where it sees the child's.
     with pytest.warns(UserWarning):
         train_and_evaluate(apply_overrides(smoke.get_config(), [*overrides, "hkt.head=false"]), tmp_path / "no_head")
-    l3 = {name: [json.loads(line)["l3"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
-                 if '"l3"' in line] for name in ("run", "no_head")}
+    l3 = {
+        name: [
+            json.loads(line)["l3"]
+            for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+            if '"l3"' in line
+        ]
+        for name in ("run", "no_head")
+    }
     assert len(l3["run"]) == len(l3["no_head"]) == 2
     assert abs(l3["run"][0] - l3["no_head"][0]) > 1e-4, l3
     assert _digest(parent_dir) == before

@@ -21,9 +21,19 @@ def hkt_rows(gate_to_parent_offset=0.0):
     rows = []
     for step in (10, 20, 30):
         gate = 0.99 + step * 1e-4
-        rows.append({"step": step, "loss": 1.1 - step / 100, "l1": 0.17 - step / 1000, "l2": 2.1 - step / 50,
-                     "l3": 0.03 + step / 10000, "accuracy": step / 100, "lr": 0.05 * step / 30,
-                     "gate/to_child_0": gate, "gate/to_parent_0": gate + gate_to_parent_offset})
+        rows.append(
+            {
+                "step": step,
+                "loss": 1.1 - step / 100,
+                "l1": 0.17 - step / 1000,
+                "l2": 2.1 - step / 50,
+                "l3": 0.03 + step / 10000,
+                "accuracy": step / 100,
+                "lr": 0.05 * step / 30,
+                "gate/to_child_0": gate,
+                "gate/to_parent_0": gate + gate_to_parent_offset,
+            }
+        )
         if step % 20 == 0:
             row = {"step": step, "eval_accuracy": 0.4, "eval_loss": 1.5, "split": "validation"}
             rows += [row, row, {**row, "eval_accuracy": 0.9, "split": "test"}]
@@ -33,7 +43,9 @@ def hkt_rows(gate_to_parent_offset=0.0):
 @pytest.fixture
 def runs(tmp_path):
     hkt = write_run(tmp_path / "hkt", hkt_rows(), {"method": "hkt", "hkt": {"inherit_loss": "mae"}})
-    child_rows = [{"step": s, "loss": 2.3, "l1": 0.0, "l2": 2.3, "l3": 0.0, "accuracy": 0.2, "lr": 0.01} for s in (10, 20)]
+    child_rows = [
+        {"step": s, "loss": 2.3, "l1": 0.0, "l2": 2.3, "l3": 0.0, "accuracy": 0.2, "lr": 0.01} for s in (10, 20)
+    ]
     child = write_run(tmp_path / "child", child_rows, {"method": "child", "hkt": {"inherit_loss": "mae"}})
     return hkt, child
 
@@ -110,28 +122,53 @@ def test_main_writes_png_and_reports_runs_without_metrics(runs, tmp_path, capsys
 
 
 def test_runs_of_different_tasks_are_refused(runs, tmp_path, capsys):
-    flow = write_run(tmp_path / "flow", [{"step": 10, "loss": 3.0, "epe": 4.0, "lr": 0.1}],
-                     {"method": "hkt", "task": "flow"})
+    flow = write_run(
+        tmp_path / "flow", [{"step": 10, "loss": 3.0, "epe": 4.0, "lr": 0.1}], {"method": "hkt", "task": "flow"}
+    )
     assert main([str(runs[0]), str(flow), "--out", str(tmp_path / "mixed.png")]) == 2
     error = capsys.readouterr().err
     assert "runs of different tasks cannot share one figure" in error
     assert f"{runs[0]}: classification; {flow}: flow" in error and not (tmp_path / "mixed.png").exists()
 
 
-@pytest.mark.parametrize("task, metric, rows, loss_label, metric_label, drawn", [
-    ("flow", "end-point error",
-     [{"step": 10, "loss": 3.0, "l2": 3.0, "epe": 4.0, "lr": 0.1},
-      {"step": 10, "eval_epe": 5.0, "eval_loss": 3.5, "split": "validation"}],
-     "sequence loss (px)", "EPE of the final flow (px)", [((10,), (4.0,)), ((10,), (5.0,))]),
-    ("segmentation", "Dice",
-     [{"step": 10, "loss": 0.9, "l2": 0.9, "dice": 0.25, "pixel_accuracy": 0.8, "lr": 0.1},
-      {"step": 10, "eval_dice": 0.5, "eval_pixel_accuracy": 0.9, "split": "validation"}],
-     "cross-entropy + soft Dice", "Dice (%)", [((10,), (25.0,)), ((10,), (50.0,))]),
-    ("toy_segmentation", "Dice",  # its training rows log pixel accuracy only: validation Dice alone
-     [{"step": 10, "loss": 0.7, "l2": 0.7, "pixel_accuracy": 0.6, "lr": 0.1},
-      {"step": 10, "eval_dice": 0.75, "eval_pixel_accuracy": 0.9, "split": "validation"}],
-     "pixel cross-entropy (nats)", "Dice (%)", [((10,), (75.0,))]),
-])
+@pytest.mark.parametrize(
+    "task, metric, rows, loss_label, metric_label, drawn",
+    [
+        (
+            "flow",
+            "end-point error",
+            [
+                {"step": 10, "loss": 3.0, "l2": 3.0, "epe": 4.0, "lr": 0.1},
+                {"step": 10, "eval_epe": 5.0, "eval_loss": 3.5, "split": "validation"},
+            ],
+            "sequence loss (px)",
+            "EPE of the final flow (px)",
+            [((10,), (4.0,)), ((10,), (5.0,))],
+        ),
+        (
+            "segmentation",
+            "Dice",
+            [
+                {"step": 10, "loss": 0.9, "l2": 0.9, "dice": 0.25, "pixel_accuracy": 0.8, "lr": 0.1},
+                {"step": 10, "eval_dice": 0.5, "eval_pixel_accuracy": 0.9, "split": "validation"},
+            ],
+            "cross-entropy + soft Dice",
+            "Dice (%)",
+            [((10,), (25.0,)), ((10,), (50.0,))],
+        ),
+        (
+            "toy_segmentation",
+            "Dice",  # its training rows log pixel accuracy only: validation Dice alone
+            [
+                {"step": 10, "loss": 0.7, "l2": 0.7, "pixel_accuracy": 0.6, "lr": 0.1},
+                {"step": 10, "eval_dice": 0.75, "eval_pixel_accuracy": 0.9, "split": "validation"},
+            ],
+            "pixel cross-entropy (nats)",
+            "Dice (%)",
+            [((10,), (75.0,))],
+        ),
+    ],
+)
 def test_axes_follow_the_task_of_the_runs(tmp_path, task, metric, rows, loss_label, metric_label, drawn):
     fig = build_figure([write_run(tmp_path / task, rows, {"method": "child", "task": task})])
     assert axis(fig, "task loss").get_ylabel() == loss_label
@@ -141,8 +178,11 @@ def test_axes_follow_the_task_of_the_runs(tmp_path, task, metric, rows, loss_lab
 
 
 def test_unregistered_task_says_its_metric_is_unknown(tmp_path):
-    run = write_run(tmp_path / "mine", [{"step": 1, "loss": 1.0, "l2": 1.0, "iou": 0.3, "lr": 0.1}],
-                    {"method": "child", "task": "my_task"})
+    run = write_run(
+        tmp_path / "mine",
+        [{"step": 1, "loss": 1.0, "l2": 1.0, "iou": 0.3, "lr": 0.1}],
+        {"method": "child", "task": "my_task"},
+    )
     fig = build_figure([run])
     assert axis(fig, "task loss").get_ylabel() == "task loss"
     panel = axis(fig, "selection metric")

@@ -67,7 +67,8 @@ def end_point_differences(flow: np.ndarray, reference: np.ndarray) -> np.ndarray
 def assert_flows_match(flow: np.ndarray, reference: np.ndarray, what: str):
     epe = end_point_differences(flow, reference)
     assert epe.mean() < MAX_MEAN_EPE_DIFF and epe.max() < MAX_EPE_DIFF, (
-        f"{what}: end-point difference mean {epe.mean():.2e}, max {epe.max():.2e} px")
+        f"{what}: end-point difference mean {epe.mean():.2e}, max {epe.max():.2e} px"
+    )
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -75,9 +76,11 @@ def test_encoders_match_reference(size, variables, reference):
     frames = chairs_batch()
     model = RAFT(small=size == "small")
     features = jax.jit(lambda v, x: model.apply(v, 0, x, method="stage"))(
-        variables[size], {"image1": frames[0][:1], "image2": frames[1][:1]})
+        variables[size], {"image1": frames[0][:1], "image2": frames[1][:1]}
+    )
     context_raw = jax.jit(lambda v, im: model.apply(v, im, method=lambda m, x: m.cnet(x, train=False)))(
-        variables[size], features["image1"])
+        variables[size], features["image1"]
+    )
     for name, ours in (("fmap1", features["fmap1"][0]), ("cnet", context_raw[0])):
         expected = reference[f"{size}/chairs0/{name}"]
         rel = np.abs(np.asarray(ours) - expected).max() / np.abs(expected).max()
@@ -147,23 +150,34 @@ def test_stages_chain_to_the_full_model(variables):
     image1, image2 = rng.uniform(0, 255, size=(2, 2, 64, 96, 3)).astype(np.float32)
     assert model.stage_names == ("features", "context", "flow")
     features, context, flows = jax.jit(lambda v, x: run_all_stages(model, v, x))(
-        variables["small"], {"image1": image1, "image2": image2})
+        variables["small"], {"image1": image1, "image2": image2}
+    )
     assert {k: v.shape for k, v in features.items()} == {
-        "fmap1": (2, 8, 12, 128), "fmap2": (2, 8, 12, 128), "image1": (2, 64, 96, 3)}
+        "fmap1": (2, 8, 12, 128),
+        "fmap2": (2, 8, 12, 128),
+        "image1": (2, 64, 96, 3),
+    }
     assert {k: v.shape for k, v in context.items()} == {
-        "fmap1": (2, 8, 12, 128), "fmap2": (2, 8, 12, 128), "net": (2, 8, 12, 96), "inp": (2, 8, 12, 64)}
+        "fmap1": (2, 8, 12, 128),
+        "fmap2": (2, 8, 12, 128),
+        "net": (2, 8, 12, 96),
+        "inp": (2, 8, 12, 64),
+    }
     assert float(jnp.abs(context["net"]).max()) <= 1 and float(context["inp"].min()) >= 0
     assert flows.shape == (2, 2, 64, 96, 2)
     direct = jax.jit(lambda v, a, b: model.apply(v, a, b, iters=2))(variables["small"], image1, image2)
     np.testing.assert_allclose(flows, direct, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape1, shape2, message", [
-    ((1, 64, 100, 3), (1, 64, 100, 3), "multiples of 8"),
-    ((1, 64, 64, 3), (1, 64, 72, 3), "same shape"),
-    ((1, 32, 64, 3), (1, 32, 64, 3), "at least 64x64"),
-    ((1, 64, 64, 1), (1, 64, 64, 1), r"\(B, H, W, 3\)"),
-])
+@pytest.mark.parametrize(
+    "shape1, shape2, message",
+    [
+        ((1, 64, 100, 3), (1, 64, 100, 3), "multiples of 8"),
+        ((1, 64, 64, 3), (1, 64, 72, 3), "same shape"),
+        ((1, 32, 64, 3), (1, 32, 64, 3), "at least 64x64"),
+        ((1, 64, 64, 1), (1, 64, 64, 1), r"\(B, H, W, 3\)"),
+    ],
+)
 def test_bad_frames_are_value_errors(variables, shape1, shape2, message):
     with pytest.raises(ValueError, match=message) as error:
         RAFT(small=True).apply(variables["small"], np.zeros(shape1, np.float32), np.zeros(shape2, np.float32))
@@ -185,10 +199,12 @@ def test_unrolled_iterations_equal_the_rolled_scan():
 
     def loss(model, params):
         flows = model.apply({"params": params}, *frames)
-        return jnp.mean(flows ** 2), flows
+        return jnp.mean(flows**2), flows
 
-    results = [jax.jit(jax.value_and_grad(functools.partial(loss, m), has_aux=True))(variables["params"])
-               for m in (rolled, unrolled)]
+    results = [
+        jax.jit(jax.value_and_grad(functools.partial(loss, m), has_aux=True))(variables["params"])
+        for m in (rolled, unrolled)
+    ]
     (_, flows_rolled), grads_rolled = results[0]
     (_, flows_unrolled), grads_unrolled = results[1]
     np.testing.assert_allclose(flows_unrolled, flows_rolled, rtol=1e-5, atol=1e-4)

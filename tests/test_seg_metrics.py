@@ -38,20 +38,31 @@ def test_cross_entropy_and_soft_dice_match_numpy():
     ce = -np.mean(np.log(np.take_along_axis(probs, mask[..., None], -1)))
     onehot = np.eye(3)[mask]
     smooth = 1e-5
-    dice = [(2 * (probs[..., c] * onehot[..., c]).sum() + smooth) / (probs[..., c].sum() + onehot[..., c].sum() + smooth)
-            for c in range(3)]
-    np.testing.assert_allclose(jax.jit(seg_metrics.cross_entropy)(jnp.asarray(logits, jnp.float32), batch), ce, rtol=1e-5)
-    np.testing.assert_allclose(jax.jit(seg_metrics.soft_dice_loss)(jnp.asarray(logits, jnp.float32), batch),
-                               1 - np.mean(dice[1:]), rtol=1e-5)
+    dice = [
+        (2 * (probs[..., c] * onehot[..., c]).sum() + smooth) / (probs[..., c].sum() + onehot[..., c].sum() + smooth)
+        for c in range(3)
+    ]
+    np.testing.assert_allclose(
+        jax.jit(seg_metrics.cross_entropy)(jnp.asarray(logits, jnp.float32), batch), ce, rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        jax.jit(seg_metrics.soft_dice_loss)(jnp.asarray(logits, jnp.float32), batch), 1 - np.mean(dice[1:]), rtol=1e-5
+    )
     np.testing.assert_allclose(
         jax.jit(functools.partial(seg_metrics.soft_dice_loss, include_background=True))(
-            jnp.asarray(logits, jnp.float32), batch),
-        1 - np.mean(dice), rtol=1e-5)
+            jnp.asarray(logits, jnp.float32), batch
+        ),
+        1 - np.mean(dice),
+        rtol=1e-5,
+    )
     loss = seg_metrics.make_segmentation_loss(ce_weight=0.3, dice_weight=2.0)
-    np.testing.assert_allclose(jax.jit(loss)(jnp.asarray(logits, jnp.float32), batch), 0.3 * ce + 2.0 * (1 - np.mean(dice[1:])),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        jax.jit(loss)(jnp.asarray(logits, jnp.float32), batch), 0.3 * ce + 2.0 * (1 - np.mean(dice[1:])), rtol=1e-5
+    )
     mae = np.mean(np.abs(probs - onehot))
-    np.testing.assert_allclose(jax.jit(seg_metrics.segmentation_mae)(jnp.asarray(logits, jnp.float32), batch), mae, rtol=1e-5)
+    np.testing.assert_allclose(
+        jax.jit(seg_metrics.segmentation_mae)(jnp.asarray(logits, jnp.float32), batch), mae, rtol=1e-5
+    )
     with pytest.raises(ValueError, match="weights"):
         seg_metrics.make_segmentation_loss(ce_weight=0.0, dice_weight=0.0)
 
@@ -119,9 +130,12 @@ def test_lits_dice_per_case_and_global_match_numpy_with_empty_conventions():
     slices = [(case_id, p, t) for case_id, (pv, tv) in cases.items() for p, t in zip(pv, tv)]
     order = np.random.default_rng(0).permutation(len(slices))
     for start in range(0, len(order), 3):
-        chosen = [slices[i] for i in order[start:start + 3]]
-        sums = jax.device_get(jax.jit(dice_sums, static_argnums=2)(
-            jnp.stack([c[1] for c in chosen]), jnp.stack([c[2] for c in chosen]), LITS_REGIONS))
+        chosen = [slices[i] for i in order[start : start + 3]]
+        sums = jax.device_get(
+            jax.jit(dice_sums, static_argnums=2)(
+                jnp.stack([c[1] for c in chosen]), jnp.stack([c[2] for c in chosen]), LITS_REGIONS
+            )
+        )
         batched.add(sums, [c[0] for c in chosen])
     for accumulator in (whole, batched):
         result = accumulator.result()
@@ -138,8 +152,10 @@ def test_lits_dice_per_case_and_global_match_numpy_with_empty_conventions():
 def test_class_regions_and_padding_in_dice_sums():
     pred = np.array([[[0, 1], [2, 2]], [[1, 1], [1, 1]]])
     true = np.array([[[0, 1], [1, 2]], [[0, 0], [0, 0]]])
-    for sums in (dice_sums(pred, true, class_regions(3), valid=np.array([1, 0])),  # NumPy path
-                 dice_sums(jnp.asarray(pred), jnp.asarray(true), class_regions(3), valid=jnp.array([1, 0]))):
+    for sums in (
+        dice_sums(pred, true, class_regions(3), valid=np.array([1, 0])),  # NumPy path
+        dice_sums(jnp.asarray(pred), jnp.asarray(true), class_regions(3), valid=jnp.array([1, 0])),
+    ):
         assert np.asarray(sums["intersection"]).tolist() == [[1, 1, 1], [0, 0, 0]]
         assert np.asarray(sums["predicted"]).tolist() == [[1, 1, 2], [0, 0, 0]]
         assert np.asarray(sums["target"]).tolist() == [[1, 2, 1], [0, 0, 0]]

@@ -45,8 +45,9 @@ def test_smoke_trains_parent_then_hkt_child(smoke_run):
     assert parent["task"] == "segmentation" and parent["method"] == "parent"
     assert parent["final_test_dice"] > 0.3  # liver Dice per case: the parent has learnt the organ
     train_rows = [r for r in _rows(workdir) if "loss" in r]
-    assert {"l1", "l2", "l3", "pixel_accuracy", "dice", "ga_ratio/to_child_0_x", "ga_ratio/to_parent_1_x"} \
-        <= set(train_rows[-1])
+    assert {"l1", "l2", "l3", "pixel_accuracy", "dice", "ga_ratio/to_child_0_x", "ga_ratio/to_parent_1_x"} <= set(
+        train_rows[-1]
+    )
     assert train_rows[-1]["l2"] < train_rows[0]["l2"]  # the child learns
     eval_rows = [r for r in _rows(workdir) if "eval_dice" in r]
     assert [r["step"] for r in eval_rows] == [40, 80]
@@ -87,8 +88,9 @@ def test_segment_volume_writes_input_geometry_and_prints_dice(tmp_path, smoke_ru
     gt = tmp_path / "case" / "segmentation-0.nii.gz"
     out = tmp_path / "pred" / "pred.nii.gz"
     model = smoke_run[0] / "parent" / "export" / "child"
-    code = segment_volume.main(["--model", str(model), str(volume), "--out", str(out), "--gt", str(gt),
-                                "--batch_size", "3"])
+    code = segment_volume.main(
+        ["--model", str(model), str(volume), "--out", str(out), "--gt", str(gt), "--batch_size", "3"]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     source, written = nib.load(str(volume)), nib.load(str(out))

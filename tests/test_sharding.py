@@ -52,8 +52,14 @@ def _read(path):
 def eight(tmp_path_factory):
     """One process with 8 simulated devices runs every single-process task once."""
     out = tmp_path_factory.mktemp("eight") / "result.json"
-    proc = subprocess.run(_worker_cmd(out, "--devices", "8", "--task", "steps,allreduce,errors,model_axis"),
-                          cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+    proc = subprocess.run(
+        _worker_cmd(out, "--devices", "8", "--task", "steps,allreduce,errors,model_axis"),
+        cwd=REPO_ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=WORKER_TIMEOUT_S,
+    )
     assert proc.returncode == 0 or out.exists(), proc.stderr[-4000:]
     result = _read(out)
     assert result["device_count"] == 8
@@ -94,9 +100,26 @@ def test_two_processes_match_one_process_with_eight_devices(eight, tmp_path):
     out = tmp_path / "mp.json"
     procs = [
         subprocess.Popen(
-            _worker_cmd(out, "--devices", "4", "--coordinator", f"localhost:{port}", "--num_processes", "2",
-                        "--process_id", str(i), "--task", "steps", "--workdir", str(tmp_path / "ckpt")),
-            cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            _worker_cmd(
+                out,
+                "--devices",
+                "4",
+                "--coordinator",
+                f"localhost:{port}",
+                "--num_processes",
+                "2",
+                "--process_id",
+                str(i),
+                "--task",
+                "steps",
+                "--workdir",
+                str(tmp_path / "ckpt"),
+            ),
+            cwd=REPO_ROOT,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for i in range(2)
     ]
@@ -144,8 +167,12 @@ def test_gradient_allreduce_moves_only_trainable_bytes(eight):
     small, big, child = (eight["allreduce"][k] for k in ("hkt", "hkt_big_parent", "child"))
     for case in (small, big, child):
         assert case["collective_kinds"] == ["all-reduce"]
-        scalars = (case["allreduce_bytes"] - case["trainable_bytes"] - 12 * case["bn_channels"]
-                   - (case["child_later_stage_bytes"] if case is not child else 0))
+        scalars = (
+            case["allreduce_bytes"]
+            - case["trainable_bytes"]
+            - 12 * case["bn_channels"]
+            - (case["child_later_stage_bytes"] if case is not child else 0)
+        )
         assert 0 <= scalars <= 4 * 16 and scalars % 4 == 0, case
     assert big["parent_bytes"] > 3 * small["parent_bytes"]
     excess = [c["allreduce_bytes"] - c["trainable_bytes"] for c in (small, big)]
@@ -163,7 +190,9 @@ def test_hlo_collective_parser():
   %not = f32[5]{0} add(%all-reduce.1, %b)
 """
     assert sharding.collective_ops(text) == [
-        ("all-reduce", 4 * (3 * 3 * 3 * 16 + 10) + 2 * 32), ("all-reduce", 64), ("all-reduce", 28),
+        ("all-reduce", 4 * (3 * 3 * 3 * 16 + 10) + 2 * 32),
+        ("all-reduce", 64),
+        ("all-reduce", 28),
         ("all-gather", 128),
     ]
     assert sharding.allreduce_bytes(text) == 4 * 442 + 64 + 64 + 28

@@ -27,9 +27,16 @@ def exported(tmp_path_factory):
 def _one_step(run_):
     state = initial_state(run_.init_variables, run_.tx)
     before = jax.device_get(state)
-    train_step, _ = compile_steps(task=run_.task, model=run_.model, loss_fn=run_.loss_fn, tx=run_.tx,
-                                  schedule=run_.schedule, parent_variables=run_.parent_variables, mesh=run_.mesh,
-                                  state=state)
+    train_step, _ = compile_steps(
+        task=run_.task,
+        model=run_.model,
+        loss_fn=run_.loss_fn,
+        tx=run_.tx,
+        schedule=run_.schedule,
+        parent_variables=run_.parent_variables,
+        mesh=run_.mesh,
+        state=state,
+    )
     batch = next(run_.datasets.train)
     after, _ = train_step(state, run_.parent_variables, batch)
     return before, jax.device_get(after)
@@ -71,5 +78,7 @@ def test_frozen_batch_norm_keeps_running_statistics_and_still_trains():
         np.testing.assert_array_equal(a, b)
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(after.params)))
     before, after = _one_step(build_run(_config()))  # not frozen: the statistics move
-    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before.batch_stats),
-                                                         jax.tree.leaves(after.batch_stats)))
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(before.batch_stats), jax.tree.leaves(after.batch_stats))
+    )

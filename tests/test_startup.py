@@ -48,10 +48,26 @@ def test_compile_cache_folder_follows_the_environment(monkeypatch, tmp_path):
 
 def _smoke(workdir: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
     """A tiny child-only run (no parent), with JAX logging which programs it compiled or loaded."""
-    cmd = [sys.executable, "-m", "experiments.cifar_hkt", "--config", "smoke", "--workdir", str(workdir),
-           "method=child", "child.depth=8", "data.synthetic_train_size=64", "data.synthetic_test_size=32",
-           "data.validation_size=32", "train.batch_size=16", "train.steps=2", "train.log_every_steps=1",
-           "train.eval_every_steps=2", "train.checkpoint_every_steps=2", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.cifar_hkt",
+        "--config",
+        "smoke",
+        "--workdir",
+        str(workdir),
+        "method=child",
+        "child.depth=8",
+        "data.synthetic_train_size=64",
+        "data.synthetic_test_size=32",
+        "data.validation_size=32",
+        "train.batch_size=16",
+        "train.steps=2",
+        "train.log_every_steps=1",
+        "train.eval_every_steps=2",
+        "train.checkpoint_every_steps=2",
+        *extra,
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), paths.COMPILE_CACHE_ENV: str(cache), "JAX_LOG_COMPILES": "1"}
     result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -131,8 +147,9 @@ def test_jitted_initialisation_equals_the_eager_one_bit_for_bit():
     child, parent = ToyStagedNet(widths=(4, 8), num_classes=5), ToyStagedNet(widths=(6, 12), num_classes=5)
     shapes = jax.eval_shape(lambda: parent.init(jax.random.key(1), x))  # the adapters need only its shapes
     parent_variables = jax.tree.map(lambda leaf: np.full(leaf.shape, 0.5, leaf.dtype), shapes)
-    _, jitted = factories.make_method("hkt", child, task, x, rng, parent=parent, parent_variables=parent_variables,
-                                      hkt=HKTSettings(inherit_loss="ce"))
+    _, jitted = factories.make_method(
+        "hkt", child, task, x, rng, parent=parent, parent_variables=parent_variables, hkt=HKTSettings(inherit_loss="ce")
+    )
     engine_config = factories.HKTConfig(inherit_loss="ce")
     eager = factories.HKT(child, parent, engine_config, task=task).init(rng, x, parent_variables)
     assert jitted["params"]["adapters"]
@@ -140,8 +157,9 @@ def test_jitted_initialisation_equals_the_eager_one_bit_for_bit():
 
     optim = OptimConfig(learning_rate=0.1, momentum=0.9, weight_decay=1e-4, schedule="cosine")
     tx, _ = factories.make_optimization(optim, steps_per_epoch=10, total_steps=100)
-    _assert_bitwise_equal(tx.init(jitted["params"]), make_optimizer(optim, make_schedule(optim, 10, 100)).init(
-        jitted["params"]))
+    _assert_bitwise_equal(
+        tx.init(jitted["params"]), make_optimizer(optim, make_schedule(optim, 10, 100)).init(jitted["params"])
+    )
 
 
 # ---------------------------------------------------------------- data.source=auto without tensorflow-datasets

@@ -95,8 +95,9 @@ def _hkt_pair(tapped: bool):
     if tapped:
         child = Tapped(CifarResNet(depth=8, conv_impl="xla"), CHILD_TAPS, names=GROUP_NAMES)
         parent = Tapped(CifarResNet(depth=14, conv_impl="xla"), PARENT_TAPS, names=GROUP_NAMES)
-        config = HKTConfig(lam=0.6, alphas=(0.25, 0.5, 0.25), inherit_loss="mae",
-                           boundaries=tapped_boundaries(child, parent))
+        config = HKTConfig(
+            lam=0.6, alphas=(0.25, 0.5, 0.25), inherit_loss="mae", boundaries=tapped_boundaries(child, parent)
+        )
     engine = HKT(child, parent, config, task=Classification())
     tx = optax.sgd(0.05, momentum=0.9)
 
@@ -112,8 +113,7 @@ def _hkt_pair(tapped: bool):
 @pytest.fixture(scope="module")
 def hkt_runs():
     x = _images(2, size=16)  # 16x16: softmax GA over 256 tokens keeps the compiled steps small
-    parent_variables = _with_running_stats(
-        CifarResNet(depth=14, conv_impl="xla").init(jax.random.key(7), x), 7)
+    parent_variables = _with_running_stats(CifarResNet(depth=14, conv_impl="xla").init(jax.random.key(7), x), 7)
     batches = [{"image": _images(10 + s, size=16), "label": jnp.arange(8) % 10} for s in range(3)]
     runs = {}
     for tapped in (False, True):
@@ -128,8 +128,12 @@ def hkt_runs():
         for batch in batches:
             params, stats, opt_state, loss, grads = compiled(params, stats, opt_state, parent_variables, batch)
             history.append((float(loss), _untap_keys(grads), _untap_keys(params), stats))
-        runs[tapped] = {"history": history, "hlo": compiled.as_text(), "step": step,
-                        "args": (params, stats, opt_state, parent_variables, batches[0])}
+        runs[tapped] = {
+            "history": history,
+            "hlo": compiled.as_text(),
+            "step": step,
+            "args": (params, stats, opt_state, parent_variables, batches[0]),
+        }
     return runs
 
 
@@ -230,8 +234,7 @@ def test_imagenet_style_resnet_is_a_frozen_parent_through_taps():
 
     @jax.jit
     def step(params, batch_stats, opt_state, batch):
-        (loss, aux), grads = jax.value_and_grad(engine.loss, has_aux=True)(
-            params, batch_stats, parent_variables, batch)
+        (loss, aux), grads = jax.value_and_grad(engine.loss, has_aux=True)(params, batch_stats, parent_variables, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), aux["batch_stats"], opt_state, loss, grads
 

@@ -10,15 +10,28 @@ import pytest
 from hkt_jax.training.config import apply_overrides, load_config
 from hkt_jax.training.experiment import run
 
-TINY = ["child.depth=8", "parent.depth=8", "data.synthetic_train_size=128", "data.synthetic_test_size=32",
-        "data.validation_size=32", "train.batch_size=16", "train.steps=4", "train.log_every_steps=2",
-        "train.eval_every_steps=4", "train.checkpoint_every_steps=4", "parent_epochs=1",
-        "child.conv_impl=xla", "parent.conv_impl=xla", "hkt.mode=softmax"]
+TINY = [
+    "child.depth=8",
+    "parent.depth=8",
+    "data.synthetic_train_size=128",
+    "data.synthetic_test_size=32",
+    "data.validation_size=32",
+    "train.batch_size=16",
+    "train.steps=4",
+    "train.log_every_steps=2",
+    "train.eval_every_steps=4",
+    "train.checkpoint_every_steps=4",
+    "parent_epochs=1",
+    "child.conv_impl=xla",
+    "parent.conv_impl=xla",
+    "hkt.mode=softmax",
+]
 
 
 def test_taps_on_both_sides_train_through_the_usual_run(tmp_path):
-    config = apply_overrides(load_config("smoke"), [
-        *TINY, "hkt.child_taps=layer1_0,layer2_0", "hkt.parent_taps=layer1_0,layer2_0"])
+    config = apply_overrides(
+        load_config("smoke"), [*TINY, "hkt.child_taps=layer1_0,layer2_0", "hkt.parent_taps=layer1_0,layer2_0"]
+    )
     summary = run(config, tmp_path)
     assert summary["steps"] == 4
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

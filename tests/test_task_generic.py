@@ -63,16 +63,28 @@ def test_resume_continues_exactly(tmp_path, hkt_run):
     run(_config(f"parent_ckpt={parent}", "train.steps=4", *short), tmp_path / "resumed")
     resumed = run(_config(f"parent_ckpt={parent}", "train.steps=8", *short), tmp_path / "resumed")
     assert straight["final_test_dice"] == resumed["final_test_dice"]
-    for a, b in zip(exported_leaves(tmp_path / "straight" / "export" / "child"),
-                    exported_leaves(tmp_path / "resumed" / "export" / "child")):
+    for a, b in zip(
+        exported_leaves(tmp_path / "straight" / "export" / "child"),
+        exported_leaves(tmp_path / "resumed" / "export" / "child"),
+    ):
         np.testing.assert_array_equal(a, b)
 
 
 def _cli_losses(workdir, devices, parent):
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT),
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    cmd = [sys.executable, "-m", "experiments.cifar_hkt", "--config", "toy_segmentation", "--workdir", str(workdir),
-           f"parent_ckpt={parent}", "train.steps=4", "train.log_every_steps=1", "train.eval_every_steps=4"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.cifar_hkt",
+        "--config",
+        "toy_segmentation",
+        "--workdir",
+        str(workdir),
+        f"parent_ckpt={parent}",
+        "train.steps=4",
+        "train.log_every_steps=1",
+        "train.eval_every_steps=4",
+    ]
     result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"mesh:   {devices} x cpu" in result.stdout

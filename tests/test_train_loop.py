@@ -22,9 +22,17 @@ from hkt_jax.models import build_model, model_spec
 from tests.conftest import REPO_ROOT
 
 TINY = [
-    "child.depth=8", "parent.depth=8", "data.source=synthetic", "data.synthetic_train_size=256",
-    "data.synthetic_test_size=64", "data.validation_size=64", "train.batch_size=16", "train.steps=12",
-    "train.log_every_steps=2", "train.eval_every_steps=6", "train.checkpoint_every_steps=4",
+    "child.depth=8",
+    "parent.depth=8",
+    "data.source=synthetic",
+    "data.synthetic_train_size=256",
+    "data.synthetic_test_size=64",
+    "data.validation_size=64",
+    "train.batch_size=16",
+    "train.steps=12",
+    "train.log_every_steps=2",
+    "train.eval_every_steps=6",
+    "train.checkpoint_every_steps=4",
 ]
 
 
@@ -38,8 +46,17 @@ def parent_dir(tmp_path_factory):
 
 
 def _cli(workdir, *overrides, wait=True):
-    cmd = [sys.executable, "-m", "experiments.cifar_hkt", "--config", "smoke", "--workdir", str(workdir),
-           *TINY, *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.cifar_hkt",
+        "--config",
+        "smoke",
+        "--workdir",
+        str(workdir),
+        *TINY,
+        *overrides,
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     if wait:
         return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -74,10 +91,19 @@ def test_run_says_what_it_uses_at_start_up(uninterrupted, parent_dir):
     """The CLI prints one block before training: method, models with parameter counts, parent origin,
     data, mesh, conv implementation, steps and checkpoint policy."""
     out = (uninterrupted / "stdout.txt").read_text()
-    block = out[out.index("hkt_jax: method=hkt task=classification"):]
-    for expected in ("child:  cifar_resnet(", "75,290 parameters", f"frozen, from {parent_dir}",
-                     "origin not recorded", "data:   synthetic cifar10: 10 classes, 32x32x3 images: 192 train",
-                     "mesh:   1 x cpu", "conv_impl=", "steps:  12", "starting at step 0", "every 4 steps"):
+    block = out[out.index("hkt_jax: method=hkt task=classification") :]
+    for expected in (
+        "child:  cifar_resnet(",
+        "75,290 parameters",
+        f"frozen, from {parent_dir}",
+        "origin not recorded",
+        "data:   synthetic cifar10: 10 classes, 32x32x3 images: 192 train",
+        "mesh:   1 x cpu",
+        "conv_impl=",
+        "steps:  12",
+        "starting at step 0",
+        "every 4 steps",
+    ):
         assert expected in block, (expected, block)
 
 
@@ -93,8 +119,14 @@ def test_run_writes_every_output(uninterrupted):
     assert list((uninterrupted / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(int(p.name) for p in (uninterrupted / "checkpoints").iterdir() if p.name.isdigit())[-1] == 12
     summary = json.loads((uninterrupted / "summary.json").read_text())
-    for key in ("final_validation_accuracy", "best_validation_accuracy", "final_test_accuracy",
-                "best_test_accuracy", "parameters", "inference_ms_per_image"):
+    for key in (
+        "final_validation_accuracy",
+        "best_validation_accuracy",
+        "final_test_accuracy",
+        "best_test_accuracy",
+        "parameters",
+        "inference_ms_per_image",
+    ):
         assert summary[key] is not None, key
     # ResNet-8 (option A): stem 464 + groups 4,672 + 13,952 + 55,552 + fc 650.
     assert summary["parameters"] == 75_290

@@ -44,7 +44,9 @@ def _randomise(module, seed):
             elif name.endswith(("weight", "bias")) and tensor.ndim == 1:
                 values = 1.0 + 0.2 * values
             else:
-                values = values * 0.3 if name.endswith("running_mean") else values * (2.0 / max(tensor[0].numel(), 1)) ** 0.5
+                values = (
+                    values * 0.3 if name.endswith("running_mean") else values * (2.0 / max(tensor[0].numel(), 1)) ** 0.5
+                )
             tensor.copy_(values)
     return module.eval()
 
@@ -71,11 +73,14 @@ def _formula_count(widths, bottleneck, in_channels, num_classes, encoder_block=_
     return count + widths[0] * num_classes + num_classes
 
 
-@pytest.mark.parametrize("model, widths, bottleneck", [
-    (UNet(), (64, 128, 256, 512), 1024),
-    (PocketNet(width=32, depth=4), (32,) * 4, 32),
-    (PocketNet(width=16, depth=4), (16,) * 4, 16),
-])
+@pytest.mark.parametrize(
+    "model, widths, bottleneck",
+    [
+        (UNet(), (64, 128, 256, 512), 1024),
+        (PocketNet(width=32, depth=4), (32,) * 4, 32),
+        (PocketNet(width=16, depth=4), (16,) * 4, 16),
+    ],
+)
 def test_parameter_counts(model, widths, bottleneck):
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
     count = parameter_count(shapes["params"])
@@ -95,8 +100,9 @@ def test_dense_unet_parameter_count_and_stages():
     count = parameter_count(shapes["params"])
     assert count == _formula_count((64, 128, 256, 512), 1024, 1, 3, _dense_block_params)
     assert f"{count:,}" in DenseUNet.__doc__
-    encoder, bottleneck, logits = _stage_shapes(DenseUNet(widths=(4, 8), growth=3, layers_per_block=2),
-                                                jnp.ones((2, 16, 16, 1)))
+    encoder, bottleneck, logits = _stage_shapes(
+        DenseUNet(widths=(4, 8), growth=3, layers_per_block=2), jnp.ones((2, 16, 16, 1))
+    )
     assert encoder == {"skips": ((2, 16, 16, 4), (2, 8, 8, 8)), "x": (2, 4, 4, 8)}
     assert bottleneck == {"skips": encoder["skips"], "x": (2, 4, 4, 16)}
     assert logits == (2, 16, 16, 3)
@@ -128,8 +134,9 @@ def _stage_shapes(model, x):
 
 
 def test_stage_outputs_have_expected_shapes():
-    encoder, bottleneck, logits = _stage_shapes(UNet(widths=(4, 8, 16), num_classes=3, in_channels=2),
-                                                jnp.ones((2, 32, 24, 2)))
+    encoder, bottleneck, logits = _stage_shapes(
+        UNet(widths=(4, 8, 16), num_classes=3, in_channels=2), jnp.ones((2, 32, 24, 2))
+    )
     skips = ((2, 32, 24, 4), (2, 16, 12, 8), (2, 8, 6, 16))
     assert encoder == {"skips": skips, "x": (2, 4, 3, 16)}
     assert bottleneck == {"skips": skips, "x": (2, 4, 3, 32)}
@@ -221,8 +228,14 @@ def parent_variables():
 
 
 def _engine(lam=0.6, alphas=(0.2, 0.6, 0.2)):
-    return HKT(CHILD, PARENT, HKTConfig(lam=lam, alphas=alphas, mode="softmax", boundaries=BOUNDARIES),
-               task=Segmentation(), task_loss=segmentation_loss, inherit_loss=segmentation_loss)
+    return HKT(
+        CHILD,
+        PARENT,
+        HKTConfig(lam=lam, alphas=alphas, mode="softmax", boundaries=BOUNDARIES),
+        task=Segmentation(),
+        task_loss=segmentation_loss,
+        inherit_loss=segmentation_loss,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -235,14 +248,20 @@ def hkt_variables(parent_variables):
 def test_hkt_adapters_bridge_the_widths(hkt_variables):
     kernels = {key: value["proj"]["kernel"].shape for key, value in hkt_variables["params"]["adapters"].items()}
     assert kernels == {
-        "to_child_0_x": (16, 4), "to_child_0_skips_1": (16, 4), "to_parent_0_x": (4, 16),
-        "to_parent_0_skips_1": (4, 16), "to_child_1_x": (32, 4), "to_child_1_skips_1": (16, 4),
-        "to_parent_1_x": (4, 32), "to_parent_1_skips_1": (4, 16),
+        "to_child_0_x": (16, 4),
+        "to_child_0_skips_1": (16, 4),
+        "to_parent_0_x": (4, 16),
+        "to_parent_0_skips_1": (4, 16),
+        "to_child_1_x": (32, 4),
+        "to_child_1_skips_1": (16, 4),
+        "to_parent_1_x": (4, 32),
+        "to_parent_1_skips_1": (4, 16),
     }
 
 
 def test_hkt_parent_is_frozen_and_gradients_reach_child_and_adapters(parent_variables, hkt_variables):
     engine, batch, variables = _engine(), _seg_batch(), hkt_variables
+
     def loss(params, parent):
         return engine.loss(params, variables["batch_stats"], parent, batch)[0]
 
@@ -264,9 +283,11 @@ def test_hkt_with_lambda_zero_and_only_native_loss_is_a_plain_child_step(parent_
 
     def child_step(params, stats):
         def loss_fn(p):
-            logits, mutated = CHILD.apply({"params": p, "batch_stats": stats}, batch["image"], train=True,
-                                          mutable=["batch_stats"])
+            logits, mutated = CHILD.apply(
+                {"params": p, "batch_stats": stats}, batch["image"], train=True, mutable=["batch_stats"]
+            )
             return segmentation_loss(logits, batch), mutated["batch_stats"]
+
         (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, _ = tx.update(grads, tx.init(params), params)
         return loss, optax.apply_updates(params, updates), new_stats

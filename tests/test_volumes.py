@@ -58,8 +58,12 @@ def test_hu_window_and_resizes_match_numpy_and_jax():
     halved = images.reshape(3, 6, 2, 5, 2).mean(axis=(2, 4))  # exact 2x reduction = 2x2 block means
     np.testing.assert_allclose(volumes.resize_linear(images, (6, 5)), halved, rtol=1e-6)
     for size in ((17, 7), (24, 20), (5, 13)):
-        reference = jax.image.resize(jnp.asarray(images, jnp.float64 if jax.config.x64_enabled else jnp.float32),
-                                     (3, *size), "linear", antialias=False)
+        reference = jax.image.resize(
+            jnp.asarray(images, jnp.float64 if jax.config.x64_enabled else jnp.float32),
+            (3, *size),
+            "linear",
+            antialias=False,
+        )
         np.testing.assert_allclose(volumes.resize_linear(images, size), reference, atol=1e-5)
         labels = rng.integers(0, 3, size=(3, 12, 10))
         reference = jax.image.resize(jnp.asarray(labels, jnp.float32), (3, *size), "nearest")
@@ -146,8 +150,9 @@ def _toy_slices(count=20, size=8, seed=0):
         masks[i, 2, 3] = 2
     masks[1, 0, 0] = 0
     images = (masks / 2.0)[..., None].astype(np.float32)
-    return volumes.SliceSet(images, masks, np.repeat(np.arange(count // 5), 5).astype(np.int32),
-                            tuple(str(c) for c in range(count // 5)), 3), rng
+    return volumes.SliceSet(
+        images, masks, np.repeat(np.arange(count // 5), 5).astype(np.int32), tuple(str(c) for c in range(count // 5)), 3
+    ), rng
 
 
 def test_train_stream_samples_foreground_augments_consistently_and_resumes_exactly():
@@ -165,8 +170,9 @@ def test_train_stream_samples_foreground_augments_consistently_and_resumes_exact
     assert batch["image"].shape == (16, 8, 8, 1) and batch["image"].dtype == np.float32
     assert batch["mask"].shape == (16, 8, 8) and batch["mask"].dtype == np.int32
     everything = first + expected
-    np.testing.assert_array_equal(np.concatenate([b["image"][..., 0] for b in everything]),
-                                  np.concatenate([b["mask"] for b in everything]) / 2.0)
+    np.testing.assert_array_equal(
+        np.concatenate([b["image"][..., 0] for b in everything]), np.concatenate([b["mask"] for b in everything]) / 2.0
+    )
     foreground = np.mean([b["mask"][i].max() > 0 for b in everything for i in range(16)])
     assert 0.55 < foreground < 0.95  # 75% asked; uniform sampling would give 25%
     originals = {slice_set.masks[i].tobytes() for i in range(len(slice_set))}
@@ -176,8 +182,14 @@ def test_train_stream_samples_foreground_augments_consistently_and_resumes_exact
     with pytest.raises(ValueError, match="resuming would give different batches"):
         other.set_state(state)
     # Two processes split each global batch between them.
-    halves = [next(volumes.make_train_stream(slice_set, global_batch_size=16, seed=5, foreground_fraction=0.75,
-                                             process_index=p, process_count=2)) for p in (0, 1)]
+    halves = [
+        next(
+            volumes.make_train_stream(
+                slice_set, global_batch_size=16, seed=5, foreground_fraction=0.75, process_index=p, process_count=2
+            )
+        )
+        for p in (0, 1)
+    ]
     np.testing.assert_array_equal(np.concatenate([h["mask"] for h in halves]), first[0]["mask"])
 
 

@@ -25,8 +25,9 @@ def test_first_steps_run_at_a_tenth_then_the_schedule_goes_on():
 
 
 def test_warmup_scales_any_schedule_and_only_its_first_steps():
-    optim = OptimConfig(learning_rate=0.2, schedule="cosine", warmup_epochs=1, low_lr_warmup_steps=5,
-                        low_lr_warmup_factor=0.5)
+    optim = OptimConfig(
+        learning_rate=0.2, schedule="cosine", warmup_epochs=1, low_lr_warmup_steps=5, low_lr_warmup_factor=0.5
+    )
     plain = make_schedule(OptimConfig(learning_rate=0.2, schedule="cosine", warmup_epochs=1), 10, 110)
     warmed = make_schedule(optim, 10, 110, RESNET110)
     for step in range(0, 30):
@@ -63,8 +64,7 @@ def test_default_config_warms_up_its_resnet110_parent_not_its_child():
 def test_resume_continues_the_warmup_from_the_step():
     """The schedule is a pure function of the step: an optimizer restarted from step k's state applies the
     same rate as one that ran through (what an orbax resume restores is the step and optax's count)."""
-    optim = OptimConfig(learning_rate=0.1, schedule="constant", momentum=0.0, weight_decay=0.0,
-                        low_lr_warmup_steps=3)
+    optim = OptimConfig(learning_rate=0.1, schedule="constant", momentum=0.0, weight_decay=0.0, low_lr_warmup_steps=3)
     tx, _ = factories.make_optimization(optim, 10, 100, RESNET110)
     params = jnp.zeros(())
     state = tx.init(params)
@@ -77,13 +77,15 @@ def test_resume_continues_the_warmup_from_the_step():
     assert moves == pytest.approx([0.01, 0.01, 0.01, 0.1, 0.1])
 
 
-@pytest.mark.parametrize("override, match", [
-    ("optim.low_lr_warmup_steps=-1", "optim.low_lr_warmup_steps"),
-    ("optim.low_lr_warmup_factor=0", "optim.low_lr_warmup_factor"),
-    ("optim.low_lr_warmup_factor=1.5", "optim.low_lr_warmup_factor"),
-    ("optim.low_lr_warmup_min_depth=-2", "optim.low_lr_warmup_min_depth"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("optim.low_lr_warmup_steps=-1", "optim.low_lr_warmup_steps"),
+        ("optim.low_lr_warmup_factor=0", "optim.low_lr_warmup_factor"),
+        ("optim.low_lr_warmup_factor=1.5", "optim.low_lr_warmup_factor"),
+        ("optim.low_lr_warmup_min_depth=-2", "optim.low_lr_warmup_min_depth"),
+    ],
+)
 def test_bad_warmup_settings_are_config_errors(override, match):
     with pytest.raises(ValueError, match=match):
         apply_overrides(load_config("smoke"), [override])
-

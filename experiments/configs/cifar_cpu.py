@@ -28,6 +28,7 @@ def get_config() -> ExperimentConfig:
         parent=ModelConfig(depth=56),
         parent_ckpt="workdirs/parents/resnet56",
         optim=OptimConfig(learning_rate=0.1, momentum=0.9, weight_decay=1e-4, schedule="cosine", warmup_epochs=0.1),
-        train=TrainSettings(batch_size=128, epochs=1.0, log_every_steps=25, eval_every_steps=100,
-                            checkpoint_every_steps=100),
+        train=TrainSettings(
+            batch_size=128, epochs=1.0, log_every_steps=25, eval_every_steps=100, checkpoint_every_steps=100
+        ),
     )

@@ -29,6 +29,7 @@ def get_config() -> ExperimentConfig:
         parent_ckpt="workdirs/parents/resnet56",
         data=dataclasses.replace(config.data, train_per_class=500),
         optim=OptimConfig(learning_rate=0.1, momentum=0.9, weight_decay=1e-4, schedule="cosine", warmup_epochs=1.0),
-        train=TrainSettings(batch_size=128, epochs=60.0, log_every_steps=39, eval_every_steps=195,
-                            checkpoint_every_steps=390),
+        train=TrainSettings(
+            batch_size=128, epochs=60.0, log_every_steps=39, eval_every_steps=195, checkpoint_every_steps=390
+        ),
     )

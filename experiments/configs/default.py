@@ -26,8 +26,14 @@ def get_config() -> ExperimentConfig:
         child=ModelConfig(depth=20),
         parent=ModelConfig(depth=110),
         data=DataConfig(source="auto", name="cifar10", validation_size=5000),
-        optim=OptimConfig(learning_rate=0.1, momentum=0.9, weight_decay=1e-4, schedule="multistep",
-                          milestones=(100.0, 150.0), low_lr_warmup_steps=400),
+        optim=OptimConfig(
+            learning_rate=0.1,
+            momentum=0.9,
+            weight_decay=1e-4,
+            schedule="multistep",
+            milestones=(100.0, 150.0),
+            low_lr_warmup_steps=400,
+        ),
         hkt=HKTSettings(lam=0.6, mode="auto", alphas=(0.25, 0.5, 0.25), inherit_loss="mae", stage_split="paper"),
         train=TrainSettings(batch_size=128, epochs=200.0, log_every_steps=50, checkpoint_every_steps=1000),
     )

@@ -26,11 +26,20 @@ def get_config() -> ExperimentConfig:
         method="hkt",
         child=ModelConfig(arch="raft", small=True),
         parent=ModelConfig(arch="raft", small=False),
-        data=FlowDataConfig(source="chairs", path="data/FlyingChairs_release", crop_size=(368, 496),
-                            validation_size=200, iters=12),
-        optim=OptimConfig(optimizer="adamw", learning_rate=4e-4, weight_decay=1e-4, adam_eps=1e-8,
-                          schedule="one_cycle", pct_start=0.05, clip_norm=1.0),
+        data=FlowDataConfig(
+            source="chairs", path="data/FlyingChairs_release", crop_size=(368, 496), validation_size=200, iters=12
+        ),
+        optim=OptimConfig(
+            optimizer="adamw",
+            learning_rate=4e-4,
+            weight_decay=1e-4,
+            adam_eps=1e-8,
+            schedule="one_cycle",
+            pct_start=0.05,
+            clip_norm=1.0,
+        ),
         hkt=HKTSettings(inherit_loss="seq", stages=3),
-        train=TrainSettings(batch_size=12, steps=100_000, log_every_steps=100, eval_every_steps=5000,
-                            checkpoint_every_steps=5000),
+        train=TrainSettings(
+            batch_size=12, steps=100_000, log_every_steps=100, eval_every_steps=5000, checkpoint_every_steps=5000
+        ),
     )

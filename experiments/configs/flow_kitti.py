@@ -20,8 +20,9 @@ def get_config():
     sintel = flow_sintel.get_config()
     return dataclasses.replace(
         sintel,
-        data=dataclasses.replace(sintel.data, source="kitti", path="data/KITTI", crop_size=(288, 960),
-                                 validation_size=40),
+        data=dataclasses.replace(
+            sintel.data, source="kitti", path="data/KITTI", crop_size=(288, 960), validation_size=40
+        ),
         optim=dataclasses.replace(sintel.optim, learning_rate=1e-4),
         init_ckpt="workdirs/flow_sintel/export/child",
         train=dataclasses.replace(sintel.train, steps=50_000),

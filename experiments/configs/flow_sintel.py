@@ -25,8 +25,9 @@ def get_config():
     things = flow_things.get_config()
     return dataclasses.replace(
         things,
-        data=dataclasses.replace(things.data, source="sintel", path="data/Sintel", crop_size=(368, 768),
-                                 validation_size=100, loss_gamma=0.85),
+        data=dataclasses.replace(
+            things.data, source="sintel", path="data/Sintel", crop_size=(368, 768), validation_size=100, loss_gamma=0.85
+        ),
         optim=dataclasses.replace(things.optim, weight_decay=1e-5),
         init_ckpt="workdirs/flow_things/export/child",
     )

@@ -22,8 +22,9 @@ def get_config():
     chairs = flow_chairs.get_config()
     return dataclasses.replace(
         chairs,
-        data=dataclasses.replace(chairs.data, source="things", path="data/FlyingThings3D", crop_size=(400, 720),
-                                 validation_size=400),
+        data=dataclasses.replace(
+            chairs.data, source="things", path="data/FlyingThings3D", crop_size=(400, 720), validation_size=400
+        ),
         optim=dataclasses.replace(chairs.optim, learning_rate=1.25e-4),
         init_ckpt="workdirs/flow_chairs/export/child",
         train=dataclasses.replace(chairs.train, batch_size=6, freeze_batch_norm=True),

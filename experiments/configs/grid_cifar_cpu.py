@@ -32,10 +32,14 @@ GRID = Grid(
         "kd": ("method=kd", "kd.temperature=4"),
         "hkt": ("method=hkt",),
         "hkt_no_ga": ("method=hkt", "hkt.lam=0"),
-        "hkt_spatial": ("method=hkt", "hkt.stage_split=groups", "hkt.backbone=false,true,true",
-                        "hkt.head=false,true,true"),
+        "hkt_spatial": (
+            "method=hkt",
+            "hkt.stage_split=groups",
+            "hkt.backbone=false,true,true",
+            "hkt.head=false,true,true",
+        ),
         "reference": ("method=hkt", *reference.overrides(), "optim.schedule=constant"),
     },
     description="ResNet-56 parent (converted, frozen) -> ResNet-8 child on JPEG-q75 CIFAR-10, 1 epoch, "
-                "batch 128; test accuracy of the final child and of the best-on-validation child.",
+    "batch 128; test accuracy of the final child and of the best-on-validation child.",
 )

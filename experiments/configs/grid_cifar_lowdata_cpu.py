@@ -27,6 +27,6 @@ GRID = Grid(
         "hkt_no_ga": ("method=hkt", "hkt.lam=0"),
     },
     description="Converted ResNet-56 parent -> ResNet-20 child on 5,000 JPEG-q75 CIFAR-10 training images "
-                "(500 per class), 60 epochs cosine, batch 128; test accuracy of the final and best-on-validation "
-                "child.",
+    "(500 per class), 60 epochs cosine, batch 128; test accuracy of the final and best-on-validation "
+    "child.",
 )

@@ -36,5 +36,5 @@ GRID = Grid(
     variant_configs={"reference": "reference"},
     paper={"child": "91.25", "hkt": "92.4"},  # Table 2 (official CIFAR-10; the shared archive is lossy)
     description="ResNet-110 parent (trained by the grid) -> ResNet-20 child, the 200-epoch CIFAR schedule; test "
-                "accuracy of the final child and of the best-on-validation child.",
+    "accuracy of the final child and of the best-on-validation child.",
 )

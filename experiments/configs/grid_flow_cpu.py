@@ -29,5 +29,5 @@ GRID = Grid(
     metric_label="test EPE (px)",
     scale=1.0,
     description="RAFT parent (trained here, frozen) -> RAFT-S child on synthetic flow, 64x64 crops, 4 iterations, "
-                "512 steps of batch 8 per child; end-point error on 128 held-out synthetic pairs (lower is better).",
+    "512 steps of batch 8 per child; end-point error on 128 held-out synthetic pairs (lower is better).",
 )

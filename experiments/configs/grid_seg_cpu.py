@@ -31,5 +31,5 @@ GRID = Grid(
     extra_metrics=(("dice_global/liver", "test liver Dice global (D-Mean) %"),),
     paper={"child": "93.0 (PocketNet, LiTS D-Mean)", "hkt": "94.1 (HKT, LiTS D-Mean)"},
     description="U-Net parent (trained here, frozen) -> PocketNet child on 24 synthetic CT volumes (64x64 slices), "
-                "960 steps of batch 16 per child; liver Dice per case on 4 held-out volumes (higher is better).",
+    "960 steps of batch 16 per child; liver Dice per case on 4 held-out volumes (higher is better).",
 )

@@ -16,12 +16,11 @@ GRID = Grid(
     config="smoke",
     seeds=(0, 1),
     parent=(),
-    common=("train.steps=16", "train.log_every_steps=4", "train.eval_every_steps=8",
-            "train.checkpoint_every_steps=8"),
+    common=("train.steps=16", "train.log_every_steps=4", "train.eval_every_steps=8", "train.checkpoint_every_steps=8"),
     variants={
         "kd": ("method=kd",),
         "hkt": ("method=hkt",),
     },
     description="ResNet-14 parent (trained here, 16 steps) -> ResNet-8 child on synthetic CIFAR-shaped data, "
-                "16 steps of batch 32; a smoke test of the grid machinery, not a result.",
+    "16 steps of batch 32; a smoke test of the grid machinery, not a result.",
 )

@@ -44,11 +44,21 @@ def get_config() -> ExperimentConfig:
     config = default.get_config()
     return dataclasses.replace(
         config,
-        optim=dataclasses.replace(config.optim, learning_rate=RELEASED_LR * STREAMS,
-                                  weight_decay=RELEASED_WEIGHT_DECAY / STREAMS, schedule="multistep",
-                                  milestones=(100.0, 150.0)),
-        hkt=HKTSettings(lam=0.6, mode="gate", alphas=(1 / 3, 1 / 3, 1 / 3), inherit_loss="ce", stage_split="paper",
-                        head_anchor="child"),
+        optim=dataclasses.replace(
+            config.optim,
+            learning_rate=RELEASED_LR * STREAMS,
+            weight_decay=RELEASED_WEIGHT_DECAY / STREAMS,
+            schedule="multistep",
+            milestones=(100.0, 150.0),
+        ),
+        hkt=HKTSettings(
+            lam=0.6,
+            mode="gate",
+            alphas=(1 / 3, 1 / 3, 1 / 3),
+            inherit_loss="ce",
+            stage_split="paper",
+            head_anchor="child",
+        ),
     )
 
 

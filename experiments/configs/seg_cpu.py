@@ -19,6 +19,7 @@ momentum, cosine decay; global batch 16 (a multiple of 8).
 from hkt_jax.training.config import ExperimentConfig, HKTSettings, ModelConfig, OptimConfig, TrainSettings
 from hkt_jax.tasks.segmentation import SegDataConfig, SegSettings
 
+
 def get_config() -> ExperimentConfig:
     return ExperimentConfig(
         task="segmentation",
@@ -30,6 +31,7 @@ def get_config() -> ExperimentConfig:
         task_settings=SegSettings(synthetic_cases=24, synthetic_shape=(64, 64, 24), validation_cases=4, test_cases=4),
         optim=OptimConfig(learning_rate=0.1, momentum=0.9, weight_decay=1e-4, schedule="cosine"),
         hkt=HKTSettings(mode="softmax", inherit_loss="mae"),
-        train=TrainSettings(batch_size=16, epochs=40.0, log_every_steps=24, eval_every_steps=120,
-                            checkpoint_every_steps=240),
+        train=TrainSettings(
+            batch_size=16, epochs=40.0, log_every_steps=24, eval_every_steps=120, checkpoint_every_steps=240
+        ),
     )

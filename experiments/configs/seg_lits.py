@@ -28,6 +28,7 @@ the parent likewise, first, in workdir/parent unless --parent_ckpt is given.
 from hkt_jax.training.config import ExperimentConfig, HKTSettings, ModelConfig, OptimConfig, TrainSettings
 from hkt_jax.tasks.segmentation import SegDataConfig, SegSettings
 
+
 def get_config() -> ExperimentConfig:
     return ExperimentConfig(
         task="segmentation",
@@ -35,10 +36,17 @@ def get_config() -> ExperimentConfig:
         child=ModelConfig(arch="pocketnet", width=32, depth=4),
         parent=ModelConfig(arch="dense_unet", widths=(64, 128, 256, 512)),
         data=SegDataConfig(source="lits", name="lits", path="data/lits"),
-        task_settings=SegSettings(window=(-200.0, 250.0), slice_size=256, validation_cases=13, test_cases=26,
-                                  foreground_fraction=0.5, store_float16=True),
+        task_settings=SegSettings(
+            window=(-200.0, 250.0),
+            slice_size=256,
+            validation_cases=13,
+            test_cases=26,
+            foreground_fraction=0.5,
+            store_float16=True,
+        ),
         optim=OptimConfig(learning_rate=0.01, momentum=0.9, weight_decay=1e-4, schedule="cosine"),
         hkt=HKTSettings(mode="softmax", lam=0.6, alphas=(0.25, 0.5, 0.25), inherit_loss="mae"),
-        train=TrainSettings(batch_size=16, epochs=20.0, log_every_steps=100, eval_every_steps=2000,
-                            checkpoint_every_steps=2000),
+        train=TrainSettings(
+            batch_size=16, epochs=20.0, log_every_steps=100, eval_every_steps=2000, checkpoint_every_steps=2000
+        ),
     )

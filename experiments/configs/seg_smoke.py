@@ -15,6 +15,7 @@ command runs on 1 or 8 (simulated) devices.
 from hkt_jax.training.config import ExperimentConfig, HKTSettings, ModelConfig, OptimConfig, TrainSettings
 from hkt_jax.tasks.segmentation import SegDataConfig, SegSettings
 
+
 def get_config() -> ExperimentConfig:
     return ExperimentConfig(
         task="segmentation",
@@ -26,6 +27,7 @@ def get_config() -> ExperimentConfig:
         parent_epochs=25.0,  # 100 steps: the parent must be worth inheriting from
         optim=OptimConfig(learning_rate=0.1, schedule="constant", weight_decay=0.0),
         hkt=HKTSettings(mode="softmax", alphas=(0.25, 0.5, 0.25), inherit_loss="mae"),
-        train=TrainSettings(batch_size=8, epochs=20.0, log_every_steps=4, eval_every_steps=40,
-                            checkpoint_every_steps=40),
+        train=TrainSettings(
+            batch_size=8, epochs=20.0, log_every_steps=4, eval_every_steps=40, checkpoint_every_steps=40
+        ),
     )

@@ -18,6 +18,7 @@ def get_config() -> ExperimentConfig:
         parent=ModelConfig(depth=14),
         data=DataConfig(source="synthetic", validation_size=256, synthetic_train_size=1024, synthetic_test_size=256),
         optim=OptimConfig(learning_rate=0.05, schedule="cosine", warmup_epochs=0.5),
-        train=TrainSettings(batch_size=32, steps=40, log_every_steps=10, eval_every_steps=20,
-                            checkpoint_every_steps=20),
+        train=TrainSettings(
+            batch_size=32, steps=40, log_every_steps=10, eval_every_steps=20, checkpoint_every_steps=20
+        ),
     )

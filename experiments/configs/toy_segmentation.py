@@ -22,6 +22,5 @@ def get_config() -> ExperimentConfig:
         data=DataConfig(source="synthetic", validation_size=64, synthetic_train_size=256, synthetic_test_size=64),
         optim=OptimConfig(learning_rate=0.05, schedule="constant", weight_decay=0.0),
         hkt=HKTSettings(mode="softmax"),
-        train=TrainSettings(batch_size=16, steps=16, log_every_steps=4, eval_every_steps=8,
-                            checkpoint_every_steps=8),
+        train=TrainSettings(batch_size=16, steps=16, log_every_steps=4, eval_every_steps=8, checkpoint_every_steps=8),
     )

@@ -62,9 +62,13 @@ class Deployable:
 
     def describe(self) -> dict[str, Any]:
         """JSON-able record written next to every exported file."""
-        return {"arch": self.arch, "kwargs": self.spec.get("kwargs", {}),
-                "inputs": [dataclasses.asdict(spec) for spec in self.inputs], "output": self.output,
-                "preprocessing": self.preprocessing}
+        return {
+            "arch": self.arch,
+            "kwargs": self.spec.get("kwargs", {}),
+            "inputs": [dataclasses.asdict(spec) for spec in self.inputs],
+            "output": self.output,
+            "preprocessing": self.preprocessing,
+        }
 
 
 def resolve_model_dir(src: Path) -> Path:
@@ -74,11 +78,16 @@ def resolve_model_dir(src: Path) -> Path:
             return candidate
     if (src / RUN_CONFIG_FILE).is_file() or (src / CHECKPOINTS_SUBDIR).is_dir():  # a run that has not finished
         best = src / "best"
-        so_far = (f", or export the best network so far: --src {best}" if (best / MODEL_SPEC_FILE).is_file() else
-                  f"; it has no {best.name}/ yet either (no evaluation has run)")
-        raise FileNotFoundError(f"{src} is a training workdir without {WORKDIR_CHILD} yet: its run has not finished "
-                                f"(the network is exported at the end). Finish the run (rerun its command to "
-                                f"resume){so_far}")
+        so_far = (
+            f", or export the best network so far: --src {best}"
+            if (best / MODEL_SPEC_FILE).is_file()
+            else f"; it has no {best.name}/ yet either (no evaluation has run)"
+        )
+        raise FileNotFoundError(
+            f"{src} is a training workdir without {WORKDIR_CHILD} yet: its run has not finished "
+            f"(the network is exported at the end). Finish the run (rerun its command to "
+            f"resume){so_far}"
+        )
     raise FileNotFoundError(
         f"{src} is neither a model checkpoint dir nor a training workdir: "
         f"no {src / MODEL_SPEC_FILE} and no {src / WORKDIR_CHILD / MODEL_SPEC_FILE}"
@@ -100,9 +109,11 @@ def run_normalization(model_dir: Path, normalization: str | None) -> str:
     """The input normalisation a classifier was trained with: given, else its run's ``data.normalization``."""
     normalization = normalization or run_config(model_dir).get("data", {}).get("normalization")
     if normalization not in NORMALIZATIONS:
-        raise ValueError(f"{model_dir}: cannot tell the input normalisation the model was trained with (no "
-                         f"{RUN_CONFIG_FILE} of its training run next to it); pass --normalization, one of "
-                         f"{sorted(NORMALIZATIONS)}")
+        raise ValueError(
+            f"{model_dir}: cannot tell the input normalisation the model was trained with (no "
+            f"{RUN_CONFIG_FILE} of its training run next to it); pass --normalization, one of "
+            f"{sorted(NORMALIZATIONS)}"
+        )
     return normalization
 
 
@@ -137,8 +148,12 @@ def _classifier(model, variables, spec, model_dir, normalization):
         return model.apply(variables, normalize_uint8(image, normalization), train=False).astype(jnp.float32)
 
     inputs = (InputSpec("image", (None, *CIFAR_IMAGE_SIZE, 3), "uint8", "RGB pixels in [0, 255], NHWC"),)
-    preprocessing = {"normalization": normalization, "mean": list(mean), "std": list(std),
-                     "formula": "(x / 255 - mean) / std, per channel"}
+    preprocessing = {
+        "normalization": normalization,
+        "mean": list(mean),
+        "std": list(std),
+        "formula": "(x / 255 - mean) / std, per channel",
+    }
     return apply, inputs, f"logits (B, {spec['kwargs'].get('num_classes', 10)}) float32", preprocessing
 
 
@@ -146,8 +161,10 @@ def _flow(model, variables, spec, model_dir, frame_size, iters):
     config = run_config(model_dir).get("data", {})
     size = _size(frame_size or config.get("crop_size"), "frame size")
     if size is None:
-        raise ValueError(f"{model_dir}: no training run config.json with data.crop_size next to it; pass "
-                         "--frame_size H,W (multiples of 8, at least 64)")
+        raise ValueError(
+            f"{model_dir}: no training run config.json with data.crop_size next to it; pass "
+            "--frame_size H,W (multiples of 8, at least 64)"
+        )
     if size[0] % 8 or size[1] % 8 or min(size) < 64:
         raise ValueError(f"RAFT frames must be multiples of 8 and at least 64x64, got {size[0]}x{size[1]}")
     iters = int(iters or spec["kwargs"].get("iters", 12))
@@ -158,8 +175,10 @@ def _flow(model, variables, spec, model_dir, frame_size, iters):
         frames = (image1.astype(jnp.float32), image2.astype(jnp.float32))  # RAFT takes [0, 255]
         return model.apply(variables, *frames, iters=iters, train=False)[-1].astype(jnp.float32)
 
-    inputs = tuple(InputSpec(name, (None, *size, 3), "uint8", f"{which} frame, RGB pixels in [0, 255], NHWC")
-                   for name, which in (("image1", "first"), ("image2", "second")))
+    inputs = tuple(
+        InputSpec(name, (None, *size, 3), "uint8", f"{which} frame, RGB pixels in [0, 255], NHWC")
+        for name, which in (("image1", "first"), ("image2", "second"))
+    )
     preprocessing = {"iters": iters, "frame_size": list(size), "formula": "2 * x / 255 - 1 (inside RAFT)"}
     return apply, inputs, "flow of the last iteration (B, H, W, 2) float32, pixels (x, y)", preprocessing
 
@@ -169,30 +188,43 @@ def _segmenter(model, variables, spec, model_dir, slice_size):
     seg = config.get("seg", {})
     size = _size(slice_size or seg.get("slice_size"), "slice size")
     if size is None:
-        raise ValueError(f"{model_dir}: no training run config.json with seg.slice_size next to it; pass "
-                         "--slice_size N (the slice size the network was trained on)")
+        raise ValueError(
+            f"{model_dir}: no training run config.json with seg.slice_size next to it; pass "
+            "--slice_size N (the slice size the network was trained on)"
+        )
     step = 2 ** len(model.level_widths)
     if size[0] % step or size[1] % step:
         raise ValueError(f"{spec['arch']} needs slices whose sides are multiples of {step}, got {size[0]}x{size[1]}")
     if spec["kwargs"].get("in_channels", 1) != 1:
         raise ValueError(f"{model_dir}: the network takes {spec['kwargs']['in_channels']} channels; CT slices have 1")
     if config.get("data", {}).get("source") == "png_folder":
-        raise ValueError(f"{model_dir} was trained on PNG pairs (data.source=png_folder), not CT in Hounsfield "
-                         "units; deployment exports take CT slices")
+        raise ValueError(
+            f"{model_dir} was trained on PNG pairs (data.source=png_folder), not CT in Hounsfield "
+            "units; deployment exports take CT slices"
+        )
     window = tuple(float(v) for v in seg.get("window", DEFAULT_WINDOW))
 
     def apply(hu_slice):
         return model.apply(variables, window_hu(hu_slice, window)[..., None], train=False).astype(jnp.float32)
 
     inputs = (InputSpec("slice", (None, *size), "float32", "axial CT slice in Hounsfield units, volume[:, :, k]"),)
-    preprocessing = {"window": list(window), "slice_size": list(size),
-                     "formula": "(clip(x, low, high) - low) / (high - low)"}
+    preprocessing = {
+        "window": list(window),
+        "slice_size": list(size),
+        "formula": "(clip(x, low, high) - low) / (high - low)",
+    }
     classes = spec["kwargs"].get("num_classes", 3)
     return apply, inputs, f"class logits (B, H, W, {classes}) float32", preprocessing
 
 
-def load_deployable(src: str | Path, *, normalization: str | None = None, frame_size: Any = None,
-                    iters: int | None = None, slice_size: Any = None) -> Deployable:
+def load_deployable(
+    src: str | Path,
+    *,
+    normalization: str | None = None,
+    frame_size: Any = None,
+    iters: int | None = None,
+    slice_size: Any = None,
+) -> Deployable:
     """The child in ``src`` (model checkpoint dir or training workdir) as a raw-input inference function."""
     model_dir = resolve_model_dir(Path(src))
     variables, spec = load_model(model_dir)

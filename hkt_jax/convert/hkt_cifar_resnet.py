@@ -56,7 +56,8 @@ class BasicBlock(nn.Module):
                 self.shortcut = OptionAShortcut(planes)
             else:
                 self.shortcut = nn.Sequential(
-                    nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+                    nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+                )
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -131,8 +132,9 @@ class Preprocess:
     def from_record(cls, record: dict[str, Any]) -> Preprocess:
         if record.get("layout") != "NCHW" or record.get("input_range") != [0, 255]:
             raise ValueError(f"unsupported preprocessing record {record}: expected layout NCHW, input_range [0, 255]")
-        return cls(tuple(record["mean"]), tuple(record["std"]), tuple(record["image_size"]),
-                   tuple(record["class_names"]))
+        return cls(
+            tuple(record["mean"]), tuple(record["std"]), tuple(record["image_size"]), tuple(record["class_names"])
+        )
 
 
 class RawImageClassifier(nn.Module):
@@ -155,8 +157,10 @@ def load(path: str | os.PathLike, *, map_location: str = "cpu") -> tuple[CifarRe
     exported = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(exported, dict) or exported.get("format") != EXPORT_FORMAT:
         found = sorted(exported) if isinstance(exported, dict) else type(exported).__name__
-        raise ValueError(f"{path} is not a {EXPORT_FORMAT} file (found {found}); "
-                         "write it with python -m hkt_jax.convert export-torch")
+        raise ValueError(
+            f"{path} is not a {EXPORT_FORMAT} file (found {found}); "
+            "write it with python -m hkt_jax.convert export-torch"
+        )
     torch_model = exported["torch_model"]
     if torch_model["arch"] != "cifar_resnet":
         raise ValueError(f"{path}: holds a {torch_model['arch']!r} network; this file defines 'cifar_resnet'")

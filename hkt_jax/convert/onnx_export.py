@@ -45,13 +45,17 @@ def _flow(deployable: Deployable):
     try:
         from torchvision.models.optical_flow import raft_large, raft_small
     except ImportError as error:
-        raise ImportError("export-onnx of RAFT needs torchvision (its raft_small / raft_large are the PyTorch "
-                          "twin): pip install -r requirements-torch.txt") from error
+        raise ImportError(
+            "export-onnx of RAFT needs torchvision (its raft_small / raft_large are the PyTorch "
+            "twin): pip install -r requirements-torch.txt"
+        ) from error
 
     if min(deployable.preprocessing["frame_size"]) < TORCHVISION_MIN_FRAME:
-        raise ValueError(f"torchvision's RAFT (the ONNX twin) needs frames of at least {TORCHVISION_MIN_FRAME}x"
-                         f"{TORCHVISION_MIN_FRAME} (its correlation pyramid), got --frame_size "
-                         f"{deployable.preprocessing['frame_size']}; export-stablehlo takes frames from 64x64")
+        raise ValueError(
+            f"torchvision's RAFT (the ONNX twin) needs frames of at least {TORCHVISION_MIN_FRAME}x"
+            f"{TORCHVISION_MIN_FRAME} (its correlation pyramid), got --frame_size "
+            f"{deployable.preprocessing['frame_size']}; export-stablehlo takes frames from 64x64"
+        )
     small = bool(deployable.spec["kwargs"].get("small", False))
     network = (raft_small if small else raft_large)(weights=None, progress=False)
     network.load_state_dict(raft_to_torch(deployable.variables, small=small), strict=True)
@@ -88,18 +92,27 @@ OUTPUT_NAMES = {"cifar_resnet": "logits", "raft": "flow", "pocketnet": "logits",
 def export_onnx(deployable: Deployable, out: str | Path, *, opset: int = OPSET) -> Path:
     """Trace the twin of ``deployable`` to ``out`` (and its description to ``out`` with ``.json``)."""
     if deployable.arch not in ONNX_ARCHS:
-        raise ValueError(f"export-onnx covers {ONNX_ARCHS} (the children with a PyTorch twin in hkt_jax); "
-                         f"{deployable.arch!r} has none: use export-stablehlo")
+        raise ValueError(
+            f"export-onnx covers {ONNX_ARCHS} (the children with a PyTorch twin in hkt_jax); "
+            f"{deployable.arch!r} has none: use export-stablehlo"
+        )
     module, torch = BUILDERS[deployable.arch](deployable)
-    examples = tuple(torch.zeros((2, *spec.shape[1:]), dtype=getattr(torch, spec.dtype))
-                     for spec in deployable.inputs)
+    examples = tuple(torch.zeros((2, *spec.shape[1:]), dtype=getattr(torch, spec.dtype)) for spec in deployable.inputs)
     names = [spec.name for spec in deployable.inputs]
     output = OUTPUT_NAMES[deployable.arch]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        torch.onnx.export(module, examples, str(out), dynamo=False, opset_version=opset, input_names=names,
-                          output_names=[output], dynamic_axes={name: {0: "batch"} for name in [*names, output]})
+        torch.onnx.export(
+            module,
+            examples,
+            str(out),
+            dynamo=False,
+            opset_version=opset,
+            input_names=names,
+            output_names=[output],
+            dynamic_axes={name: {0: "batch"} for name in [*names, output]},
+        )
     description = {"format": FORMAT, **deployable.describe(), "opset": opset, "output_name": output}
     out.with_suffix(".json").write_text(json.dumps(description, indent=2) + "\n")
     return out
@@ -114,4 +127,3 @@ def run_onnx(path: str | Path, *inputs: np.ndarray) -> np.ndarray:
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {arg.name: np.asarray(x) for arg, x in zip(session.get_inputs(), inputs)}
     return session.run(None, feeds)[0]
-

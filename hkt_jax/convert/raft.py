@@ -38,12 +38,16 @@ STATE_DICT_WRAPPERS = ("state_dict", "model", "net")
 
 
 PARAM_RULES = {
-    CONV: (ParamRule("weight", "params", "kernel", (2, 3, 1, 0)),  # OIHW -> HWIO
-           ParamRule("bias", "params", "bias", None)),
-    BATCHNORM: (ParamRule("weight", "params", "scale", None),
-                ParamRule("bias", "params", "bias", None),
-                ParamRule("running_mean", "batch_stats", "mean", None),
-                ParamRule("running_var", "batch_stats", "var", None)),
+    CONV: (
+        ParamRule("weight", "params", "kernel", (2, 3, 1, 0)),  # OIHW -> HWIO
+        ParamRule("bias", "params", "bias", None),
+    ),
+    BATCHNORM: (
+        ParamRule("weight", "params", "scale", None),
+        ParamRule("bias", "params", "bias", None),
+        ParamRule("running_mean", "batch_stats", "mean", None),
+        ParamRule("running_var", "batch_stats", "var", None),
+    ),
 }
 # PyTorch bookkeeping with no Flax counterpart: dropped on import, written as zeros on export.
 TORCH_ONLY_BUFFERS = {BATCHNORM: ("num_batches_tracked",)}
@@ -62,8 +66,11 @@ def _encoder_names(flax: str, princeton: str, torchvision: str, small: bool, bat
         rows.append(ModuleName(f"{flax}/norm1", f"{princeton}.norm1", f"{torchvision}.convnormrelu.1", BATCHNORM))
     for stage in (1, 2, 3):
         for block in (0, 1):
-            f, p, t = f"{flax}/layer{stage}_{block}", f"{princeton}.layer{stage}.{block}", \
-                f"{torchvision}.layer{stage}.{block}"
+            f, p, t = (
+                f"{flax}/layer{stage}_{block}",
+                f"{princeton}.layer{stage}.{block}",
+                f"{torchvision}.layer{stage}.{block}",
+            )
             for i in (1, 2, 3) if small else (1, 2):
                 rows.append(ModuleName(f"{f}/conv{i}", f"{p}.conv{i}", f"{t}.convnormrelu{i}.0", CONV))
                 if batch_norm:
@@ -85,14 +92,30 @@ def module_names(small: bool) -> tuple[ModuleName, ...]:
     convs += [("convf1", "convflow1.0"), ("convf2", "convflow2.0"), ("conv", "conv.0")]
     rows += [ModuleName(f"update_block/encoder/{f}", f"{update[1]}.{f}", f"{motion}.{t}", CONV) for f, t in convs]
     gru = [("", "convgru1")] if small else [("1", "convgru1"), ("2", "convgru2")]
-    rows += [ModuleName(f"update_block/gru/conv{gate}{suffix}", f"update_block.gru.conv{gate}{suffix}",
-                        f"update_block.recurrent_block.{tv}.conv{gate}", CONV)
-             for suffix, tv in gru for gate in "zrq"]
-    rows += [ModuleName(f"update_block/flow_head/conv{i}", f"update_block.flow_head.conv{i}",
-                        f"update_block.flow_head.conv{i}", CONV) for i in (1, 2)]
+    rows += [
+        ModuleName(
+            f"update_block/gru/conv{gate}{suffix}",
+            f"update_block.gru.conv{gate}{suffix}",
+            f"update_block.recurrent_block.{tv}.conv{gate}",
+            CONV,
+        )
+        for suffix, tv in gru
+        for gate in "zrq"
+    ]
+    rows += [
+        ModuleName(
+            f"update_block/flow_head/conv{i}",
+            f"update_block.flow_head.conv{i}",
+            f"update_block.flow_head.conv{i}",
+            CONV,
+        )
+        for i in (1, 2)
+    ]
     if not small:
-        rows += [ModuleName("update_block/mask/conv1", "update_block.mask.0", "mask_predictor.convrelu.0", CONV),
-                 ModuleName("update_block/mask/conv2", "update_block.mask.2", "mask_predictor.conv", CONV)]
+        rows += [
+            ModuleName("update_block/mask/conv1", "update_block.mask.0", "mask_predictor.convrelu.0", CONV),
+            ModuleName("update_block/mask/conv2", "update_block.mask.2", "mask_predictor.conv", CONV),
+        ]
     return tuple(rows)
 
 
@@ -148,7 +171,7 @@ def _unwrap(checkpoint: Any) -> dict[str, Any]:
         raise ValueError(f"not a state dict: entries {not_arrays[:10]} are not tensors")
     keys = list(checkpoint)
     if keys and all(key.startswith(DATA_PARALLEL_PREFIX) for key in keys):
-        return {key[len(DATA_PARALLEL_PREFIX):]: value for key, value in checkpoint.items()}
+        return {key[len(DATA_PARALLEL_PREFIX) :]: value for key, value in checkpoint.items()}
     return dict(checkpoint)
 
 
@@ -165,9 +188,11 @@ def detect_layout(state_dict: Mapping[str, Any]) -> tuple[str, bool]:
             return layout, channels == 32
     depth = cifar_resnet_depth(state_dict)
     if depth is not None:
-        raise ValueError(f"not a RAFT checkpoint: it holds a CIFAR ResNet of depth {depth} (detected from its keys); "
-                         f"convert it with resnet_from_torch(..., depth={depth}) or `python -m hkt_jax.convert "
-                         f"resnet --src FILE --depth {depth} --out DIR`")
+        raise ValueError(
+            f"not a RAFT checkpoint: it holds a CIFAR ResNet of depth {depth} (detected from its keys); "
+            f"convert it with resnet_from_torch(..., depth={depth}) or `python -m hkt_jax.convert "
+            f"resnet --src FILE --depth {depth} --out DIR`"
+        )
     sample = ", ".join(list(state_dict)[:6])
     raise ValueError(
         f"not a RAFT checkpoint: no feature-encoder stem (princeton-vl 'fnet.conv1.weight' or torchvision "
@@ -196,16 +221,19 @@ def _raise_if_problems(target: str, notes, missing, unexpected, mismatched) -> N
     if not (notes or missing or unexpected or mismatched):
         return
     lines = [f"cannot convert: checkpoint does not match {target}"] + [f"  {note}" for note in notes]
-    for title, items in (("missing keys (the model needs them, the checkpoint lacks them)", missing),
-                         ("unexpected keys (in the checkpoint, no place in the model)", unexpected),
-                         ("shape mismatches", mismatched)):
+    for title, items in (
+        ("missing keys (the model needs them, the checkpoint lacks them)", missing),
+        ("unexpected keys (in the checkpoint, no place in the model)", unexpected),
+        ("shape mismatches", mismatched),
+    ):
         if items:
             lines += [f"  {len(items)} {title}:"] + [f"    {item}" for item in items]
     raise ValueError("\n".join(lines))
 
 
-def raft_from_torch(state_dict_or_path: Mapping[str, Any] | str | os.PathLike,
-                    small: bool | None = None) -> dict[str, Any]:
+def raft_from_torch(
+    state_dict_or_path: Mapping[str, Any] | str | os.PathLike, small: bool | None = None
+) -> dict[str, Any]:
     """A princeton-vl or torchvision RAFT checkpoint -> ``{"params", "batch_stats"}`` for ``RAFT(small)``.
 
     ``small=None`` takes the size the checkpoint has; a given size must match it (the
@@ -218,7 +246,9 @@ def raft_from_torch(state_dict_or_path: Mapping[str, Any] | str | os.PathLike,
     small = detected_small if small is None else small
     notes = []
     if small != detected_small:
-        notes.append(f"the checkpoint is {_model_name(detected_small)} ({layout} layout), asked for {_model_name(small)}")
+        notes.append(
+            f"the checkpoint is {_model_name(detected_small)} ({layout} layout), asked for {_model_name(small)}"
+        )
 
     remaining = dict(state_dict)
     missing, mismatched, alias_problems = [], [], []
@@ -228,8 +258,10 @@ def raft_from_torch(state_dict_or_path: Mapping[str, Any] | str | os.PathLike,
                 if f"{alias}.{suffix}" in remaining and f"{name}.{suffix}" in remaining:
                     twin = remaining.pop(f"{alias}.{suffix}")
                     if not np.array_equal(_as_float32_numpy(twin), _as_float32_numpy(remaining[f"{name}.{suffix}"])):
-                        alias_problems.append(f"{alias}.{suffix} differs from {name}.{suffix} (the same module "
-                                              "in princeton-vl's RAFT: the checkpoint is inconsistent)")
+                        alias_problems.append(
+                            f"{alias}.{suffix} differs from {name}.{suffix} (the same module "
+                            "in princeton-vl's RAFT: the checkpoint is inconsistent)"
+                        )
     flat: dict[tuple[str, ...], np.ndarray] = {}
     for torch_key, flax_key, rule, flax_shape in param_table(small, layout):
         if torch_key not in remaining:
@@ -241,11 +273,15 @@ def raft_from_torch(state_dict_or_path: Mapping[str, Any] | str | os.PathLike,
             mismatched.append(f"{torch_key}: checkpoint {tuple(value.shape)}, model {expected}")
             continue
         flat[flax_key] = value if rule.torch_to_flax_axes is None else np.transpose(value, rule.torch_to_flax_axes)
-    bookkeeping = {f"{row.princeton if layout == PRINCETON else row.torchvision}.{buffer}"
-                   for row in module_names(small) for buffer in TORCH_ONLY_BUFFERS.get(row.kind, ())}
+    bookkeeping = {
+        f"{row.princeton if layout == PRINCETON else row.torchvision}.{buffer}"
+        for row in module_names(small)
+        for buffer in TORCH_ONLY_BUFFERS.get(row.kind, ())
+    }
     unexpected = sorted(f"{key} {tuple(value.shape)}" for key, value in remaining.items() if key not in bookkeeping)
-    _raise_if_problems(f"{_model_name(small)} ({layout} layout)", notes + alias_problems, missing, unexpected,
-                       mismatched)
+    _raise_if_problems(
+        f"{_model_name(small)} ({layout} layout)", notes + alias_problems, missing, unexpected, mismatched
+    )
     variables = traverse_util.unflatten_dict(flat)
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 

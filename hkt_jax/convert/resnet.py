@@ -123,8 +123,10 @@ def _model_module(flax_module: str) -> _ModuleMatch:
     """Table row of a module ``CifarResNet`` creates; a miss means the tables are behind the model."""
     module = _match_module(flax_module, _FLAX_MODULE_REGEXES)
     if module is None:
-        raise LookupError(f"MODULE_NAMES has no PyTorch name for Flax module {flax_module!r}: "
-                          "CifarResNet grew a layer the converter tables do not know")
+        raise LookupError(
+            f"MODULE_NAMES has no PyTorch name for Flax module {flax_module!r}: "
+            "CifarResNet grew a layer the converter tables do not know"
+        )
     return module
 
 
@@ -189,9 +191,14 @@ def load_torch_checkpoint(path: str | os.PathLike) -> Any:
     """
     if os.path.isdir(path):
         converted = os.path.isfile(os.path.join(path, MODEL_SPEC_FILE))
-        raise ValueError(f"{path} is a directory, not a PyTorch checkpoint file (.th/.pt/.pth)" + (
-            f": its {MODEL_SPEC_FILE} makes it an hkt_jax model checkpoint already, to use as is (parent_ckpt=)"
-            if converted else ""))
+        raise ValueError(
+            f"{path} is a directory, not a PyTorch checkpoint file (.th/.pt/.pth)"
+            + (
+                f": its {MODEL_SPEC_FILE} makes it an hkt_jax model checkpoint already, to use as is (parent_ckpt=)"
+                if converted
+                else ""
+            )
+        )
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such checkpoint file: {path}")
     torch = require_torch()
@@ -202,9 +209,11 @@ def load_torch_checkpoint(path: str | os.PathLike) -> Any:
     except pickle.UnpicklingError as error:  # weights_only refuses what is not tensors and plain containers
         culprit = next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line), None)
         if culprit:
-            raise ValueError(f"{path}: refused: the file pickles Python code or objects, not only tensors "
-                             f"({culprit}); nothing in it was run. Only plain state dicts are loaded: ask for "
-                             "one saved with torch.save(model.state_dict(), path)") from None
+            raise ValueError(
+                f"{path}: refused: the file pickles Python code or objects, not only tensors "
+                f"({culprit}); nothing in it was run. Only plain state dicts are loaded: ask for "
+                "one saved with torch.save(model.state_dict(), path)"
+            ) from None
         raise ValueError(f"{path}: not a PyTorch checkpoint (its pickle data is unreadable)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -335,8 +344,10 @@ def resnet_from_torch(
         provided.add(flax_key)
         wanted_torch_shape = _torch_shape(expected[flax_key], rule)
         if tuple(value.shape) != wanted_torch_shape:
-            mismatched.append(f"{source_key}: checkpoint {tuple(value.shape)}, model expects {wanted_torch_shape} "
-                              f"(-> {'/'.join(flax_key)} {expected[flax_key]})")
+            mismatched.append(
+                f"{source_key}: checkpoint {tuple(value.shape)}, model expects {wanted_torch_shape} "
+                f"(-> {'/'.join(flax_key)} {expected[flax_key]})"
+            )
             continue
         array = _as_float32_numpy(value)
         if rule.torch_to_flax_axes:
@@ -345,9 +356,11 @@ def resnet_from_torch(
 
     if entries and not provided:  # another architecture altogether: its key list would only bury that
         first = ", ".join(source_key for _, source_key, _ in entries[:5])
-        raise ValueError(f"cannot convert: not a CIFAR ResNet checkpoint: none of its {len(entries)} tensors has a "
-                         f"place in {_model_name(depth, num_classes, shortcut)} (its first keys: {first}; a CIFAR "
-                         "ResNet's are conv1.weight, bn1.weight, ..., layer1.0.conv1.weight, ..., linear.weight)")
+        raise ValueError(
+            f"cannot convert: not a CIFAR ResNet checkpoint: none of its {len(entries)} tensors has a "
+            f"place in {_model_name(depth, num_classes, shortcut)} (its first keys: {first}; a CIFAR "
+            "ResNet's are conv1.weight, bn1.weight, ..., layer1.0.conv1.weight, ..., linear.weight)"
+        )
     missing = []
     for flax_key, shape in sorted(expected.items(), key=lambda item: _export_order(_flax_module_of(item[0]))):
         if flax_key not in provided:
@@ -365,8 +378,9 @@ def resnet_config(variables: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "depth": 6 * blocks.get(1, 1) + 2,
         "num_classes": int(classifier_bias.shape[0]) if classifier_bias is not None else 10,
-        "shortcut": "B" if any(isinstance(module, Mapping) and "shortcut_conv" in module
-                               for module in params.values()) else "A",
+        "shortcut": "B"
+        if any(isinstance(module, Mapping) and "shortcut_conv" in module for module in params.values())
+        else "A",
     }
 
 
@@ -395,8 +409,11 @@ def resnet_to_torch(variables: Mapping[str, Any]) -> "OrderedDict[str, Any]":
 
     unexpected = [f"{'/'.join(key)} {tuple(np.shape(value))}" for key, value in flat.items() if key not in expected]
     missing = [f"{'/'.join(key)} {shape}" for key, shape in expected.items() if key not in flat]
-    mismatched = [f"{'/'.join(key)}: variables {tuple(np.shape(flat[key]))}, model expects {shape}"
-                  for key, shape in expected.items() if key in flat and tuple(np.shape(flat[key])) != shape]
+    mismatched = [
+        f"{'/'.join(key)}: variables {tuple(np.shape(flat[key]))}, model expects {shape}"
+        for key, shape in expected.items()
+        if key in flat and tuple(np.shape(flat[key])) != shape
+    ]
     _raise_if_problems(_model_name(**config), [], missing, unexpected, mismatched)
 
     modules = sorted({_flax_module_of(key) for key in expected}, key=_export_order)

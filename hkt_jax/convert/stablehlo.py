@@ -25,17 +25,24 @@ BATCH_SYMBOL = "b"
 FORMAT = "hkt_jax.export-stablehlo/1"
 
 
-def export_stablehlo(deployable: Deployable, out: str | Path, *,
-                     platforms: Sequence[str] | None = ("cpu",)) -> jax.export.Exported:
+def export_stablehlo(
+    deployable: Deployable, out: str | Path, *, platforms: Sequence[str] | None = ("cpu",)
+) -> jax.export.Exported:
     """Serialise ``deployable.apply`` to ``out`` (and its description to ``out`` with ``.json``)."""
     (batch,) = jax.export.symbolic_shape(BATCH_SYMBOL)
-    arguments = [jax.ShapeDtypeStruct(tuple(batch if n is None else n for n in spec.shape), jnp.dtype(spec.dtype))
-                 for spec in deployable.inputs]
+    arguments = [
+        jax.ShapeDtypeStruct(tuple(batch if n is None else n for n in spec.shape), jnp.dtype(spec.dtype))
+        for spec in deployable.inputs
+    ]
     exported = jax.export.export(jax.jit(deployable.apply), platforms=platforms)(*arguments)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(exported.serialize())
-    description = {"format": FORMAT, **deployable.describe(), "platforms": list(exported.platforms),
-                   "load": "jax.export.deserialize(bytearray(open(PATH, 'rb').read())).call(*inputs)"}
+    description = {
+        "format": FORMAT,
+        **deployable.describe(),
+        "platforms": list(exported.platforms),
+        "load": "jax.export.deserialize(bytearray(open(PATH, 'rb').read())).call(*inputs)",
+    }
     out.with_suffix(".json").write_text(json.dumps(description, indent=2) + "\n")
     return exported

@@ -27,12 +27,26 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess by 
 # The network and its preprocessing live in a file that imports only torch and numpy: export-torch
 # copies it beside the weights, so a deployment box needs neither jax nor hkt_jax.
 from hkt_jax.convert.hkt_cifar_resnet import (  # noqa: E402  (after the torch check above)
-    EXPORT_FORMAT, BasicBlock, CifarResNet, OptionAShortcut, Preprocess, RawImageClassifier,
+    EXPORT_FORMAT,
+    BasicBlock,
+    CifarResNet,
+    OptionAShortcut,
+    Preprocess,
+    RawImageClassifier,
 )
 from hkt_jax.convert.resnet import load_torch_checkpoint  # noqa: E402
 
-__all__ = ["EXPORT_FORMAT", "TORCH_MODELS", "BasicBlock", "CifarResNet", "OptionAShortcut", "Preprocess",
-           "RawImageClassifier", "load_exported", "preprocessing_record"]
+__all__ = [
+    "EXPORT_FORMAT",
+    "TORCH_MODELS",
+    "BasicBlock",
+    "CifarResNet",
+    "OptionAShortcut",
+    "Preprocess",
+    "RawImageClassifier",
+    "load_exported",
+    "preprocessing_record",
+]
 
 # Architecture names of hkt_jax model specs -> the PyTorch class an export of that architecture loads into.
 TORCH_MODELS = {"cifar_resnet": CifarResNet}
@@ -60,11 +74,15 @@ def load_exported(path: str | os.PathLike) -> tuple[nn.Module, Preprocess]:
     exported = load_torch_checkpoint(path)
     if not isinstance(exported, dict) or exported.get("format") != EXPORT_FORMAT:
         found = sorted(exported) if isinstance(exported, dict) else type(exported).__name__
-        raise ValueError(f"{path} is not a {EXPORT_FORMAT} file (found {found}); "
-                         "write it with python -m hkt_jax.convert export-torch")
+        raise ValueError(
+            f"{path} is not a {EXPORT_FORMAT} file (found {found}); "
+            "write it with python -m hkt_jax.convert export-torch"
+        )
     torch_model = exported["torch_model"]
     if torch_model["arch"] not in TORCH_MODELS:
-        raise ValueError(f"{path}: no PyTorch model for architecture {torch_model['arch']!r}; known: {sorted(TORCH_MODELS)}")
+        raise ValueError(
+            f"{path}: no PyTorch model for architecture {torch_model['arch']!r}; known: {sorted(TORCH_MODELS)}"
+        )
     model = TORCH_MODELS[torch_model["arch"]](**torch_model["kwargs"])
     model.load_state_dict(exported["state_dict"], strict=True)
     return model.eval(), Preprocess.from_record(exported["preprocessing"])

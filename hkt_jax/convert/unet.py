@@ -80,8 +80,10 @@ def module_names(depth: int) -> tuple[tuple[str, str, str], ...]:
 
 
 def _describe(model: StagedUNet) -> str:
-    return (f"{type(model).__name__}(levels {model.level_widths}, bottleneck {model.bottleneck_width}, "
-            f"in_channels {model.in_channels}, num_classes {model.num_classes})")
+    return (
+        f"{type(model).__name__}(levels {model.level_widths}, bottleneck {model.bottleneck_width}, "
+        f"in_channels {model.in_channels}, num_classes {model.num_classes})"
+    )
 
 
 def _expected_shapes(model: StagedUNet) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -131,20 +133,28 @@ def unet_from_torch(state_dict_or_path: Mapping[str, Any] | str | os.PathLike, m
         flax_key, rule = table[key]
         wanted = _torch_shape(expected[flax_key], rule)
         if tuple(value.shape) != wanted:
-            mismatched.append(f"{source_key}: checkpoint {tuple(value.shape)}, model expects {wanted} "
-                              f"(-> {'/'.join(flax_key)} {expected[flax_key]})")
+            mismatched.append(
+                f"{source_key}: checkpoint {tuple(value.shape)}, model expects {wanted} "
+                f"(-> {'/'.join(flax_key)} {expected[flax_key]})"
+            )
             flat[flax_key] = None  # present, so not also reported as missing
             continue
         array = _as_float32_numpy(value)
         if rule.torch_to_flax_axes:
             array = np.ascontiguousarray(array.transpose(rule.torch_to_flax_axes))
         flat[flax_key] = array
-    missing = [f"{torch_key} (-> {'/'.join(entry[0])} {expected[entry[0]]})"
-               for torch_key, entry in table.items() if entry is not None and entry[0] not in flat]
+    missing = [
+        f"{torch_key} (-> {'/'.join(entry[0])} {expected[entry[0]]})"
+        for torch_key, entry in table.items()
+        if entry is not None and entry[0] not in flat
+    ]
     depth = len(model.level_widths)
     found_depth = max((int(m.group(1)) for m in map(_DOWN.match, state_dict) if m), default=0)
-    notes = [f"checkpoint has depth {found_depth} (down1..down{found_depth}), the model {depth}"] \
-        if found_depth != depth else []
+    notes = (
+        [f"checkpoint has depth {found_depth} (down1..down{found_depth}), the model {depth}"]
+        if found_depth != depth
+        else []
+    )
     _raise_if_problems(_describe(model), notes, missing, unexpected, mismatched)
     return traverse_util.unflatten_dict(flat)
 
@@ -156,8 +166,11 @@ def unet_to_torch(variables: Mapping[str, Any], model: StagedUNet) -> "OrderedDi
     flat = traverse_util.flatten_dict(jax.device_get(dict(variables)))
     unexpected = [f"{'/'.join(k)} {tuple(np.shape(v))}" for k, v in flat.items() if k not in expected]
     missing = [f"{'/'.join(k)} {shape}" for k, shape in expected.items() if k not in flat]
-    mismatched = [f"{'/'.join(k)}: variables {tuple(np.shape(flat[k]))}, model expects {shape}"
-                  for k, shape in expected.items() if k in flat and tuple(np.shape(flat[k])) != shape]
+    mismatched = [
+        f"{'/'.join(k)}: variables {tuple(np.shape(flat[k]))}, model expects {shape}"
+        for k, shape in expected.items()
+        if k in flat and tuple(np.shape(flat[k])) != shape
+    ]
     _raise_if_problems(_describe(model), [], missing, unexpected, mismatched)
     state_dict = OrderedDict()
     for torch_key, entry in _key_table(model).items():

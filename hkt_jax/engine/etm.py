@@ -116,4 +116,3 @@ class Transfer(nn.Module):
         if needs_resize and math.prod(target_spatial) < math.prod(z.shape[1:-1]):
             return project(resize(z))
         return resize(project(z))
-

@@ -71,9 +71,7 @@ def _check_pair(child: jax.Array, parent: jax.Array) -> None:
     """Clear errors for inputs GA cannot take (shapes are static under jit)."""
     for name, x in (("child", child), ("parent", parent)):
         if x.ndim < 2:
-            raise ValueError(
-                f"genetic_attention: `{name}` must have rank >= 2 (B, ..., C), got shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"genetic_attention: `{name}` must have rank >= 2 (B, ..., C), got shape {tuple(x.shape)}")
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(
                 f"genetic_attention: `{name}` must be a floating dtype, got {x.dtype} (shape {tuple(x.shape)})"
@@ -97,9 +95,7 @@ def resolve_mode(mode: str, ndim: int) -> str:
 def _check_impl(impl, chunk_size) -> None:
     if impl not in IMPLS:
         raise ValueError(f"genetic_attention: `impl` must be one of {IMPLS}, got {impl!r}")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"genetic_attention: `chunk_size` must be a positive int or None, got {chunk_size!r}")
     if chunk_size is not None and impl not in ("auto", "chunked"):
         raise ValueError(

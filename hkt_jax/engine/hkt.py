@@ -80,8 +80,9 @@ class HKTConfig:
         count = num_stages - 1
         boundaries = self.boundaries if self.boundaries is not None else (Boundary(),) * count
         if len(boundaries) != count:
-            raise ValueError(f"config.boundaries has {len(boundaries)} entries, but {num_stages} stages have "
-                             f"{count} boundaries")
+            raise ValueError(
+                f"config.boundaries has {len(boundaries)} entries, but {num_stages} stages have {count} boundaries"
+            )
         for name in ("backbone", "head"):
             flags = getattr(self, name)
             if flags and len(flags) != count:
@@ -182,10 +183,13 @@ class HKT:
     def _check_features(self, direction: str, boundary: int, link: LeafLink, giving: Any, receiving: Any) -> str:
         """Both sides of a wire are feature arrays (B, [*spatial,] C); an error names the boundary and leaf.
         Returns that name for later checks."""
-        where = (f"HKT boundary {boundary} (after stage {self.child.stage_names[boundary]!r}), {direction}, "
-                 f"{'leaf ' + repr(link.receiver) if link.receiver else 'the whole stage output'}")
-        chex.assert_rank([giving, receiving], {2, 3, 4, 5},
-                         custom_message=f"{where}: features must be (B, [*spatial,] C)")
+        where = (
+            f"HKT boundary {boundary} (after stage {self.child.stage_names[boundary]!r}), {direction}, "
+            f"{'leaf ' + repr(link.receiver) if link.receiver else 'the whole stage output'}"
+        )
+        chex.assert_rank(
+            [giving, receiving], {2, 3, 4, 5}, custom_message=f"{where}: features must be (B, [*spatial,] C)"
+        )
         return where
 
     def _links(self, boundary: int, direction: str) -> tuple[LeafLink, ...]:
@@ -207,8 +211,12 @@ class HKT:
             if direction == "to_parent" and self.config.head_anchor == "child":
                 query, inherited = inherited, target  # the released code: the child's features are the query
             mixed, diagnostic = ga.etm_mix_with_diagnostic(
-                query, inherited, lam=self.config.lam, mode=self.config.mode,
-                chunk_size=self.config.chunk_size, impl=self.config.impl,
+                query,
+                inherited,
+                lam=self.config.lam,
+                mode=self.config.mode,
+                chunk_size=self.config.chunk_size,
+                impl=self.config.impl,
             )
             is_gate = ga.resolve_mode(self.config.mode, target.ndim) == "gate"
             metrics[f"{'gate' if is_gate else 'ga_ratio'}/{key}"] = diagnostic
@@ -257,8 +265,7 @@ class HKT:
         is left out of the sum, so it contributes no gradient (not even 0 * NaN).
         """
         outputs, new_stats, metrics = self.forward(
-            {"params": params, "batch_stats": batch_stats}, parent_variables, self.task.model_input(batch),
-            train=train
+            {"params": params, "batch_stats": batch_stats}, parent_variables, self.task.model_input(batch), train=train
         )
         a1, a2, a3 = self.config.alphas
         l1 = self.inherit_loss(outputs["backbone"], batch)

@@ -39,7 +39,6 @@ class Boundary:
     to_parent: tuple[LeafLink, ...] = (LeafLink(),)
 
 
-
 @runtime_checkable
 class StagedModel(Protocol):
     stage_names: Sequence[str]

@@ -93,8 +93,11 @@ def grid_names() -> list[str]:
         configs = importlib.import_module("experiments.configs")
     except ModuleNotFoundError:  # the library without its experiments folder
         return []
-    return sorted(module.name.removeprefix("grid_") for module in pkgutil.iter_modules(configs.__path__)
-                  if module.name.startswith("grid_"))
+    return sorted(
+        module.name.removeprefix("grid_")
+        for module in pkgutil.iter_modules(configs.__path__)
+        if module.name.startswith("grid_")
+    )
 
 
 def run_dir(root: Path, variant: str, seed: int) -> Path:
@@ -107,20 +110,41 @@ def parent_dir(root: Path) -> Path:
 
 def parent_command(grid: Grid, root: Path, python: str = "python") -> list[str]:
     """The shared parent run's command line (only for grids with ``parent``)."""
-    return [python, "-m", grid.experiment, "--config", grid.config, "--workdir", str(parent_dir(root)),
-            *grid.common, *grid.parent, "method=parent", f"{grid.seed_key}=0"]
+    return [
+        python,
+        "-m",
+        grid.experiment,
+        "--config",
+        grid.config,
+        "--workdir",
+        str(parent_dir(root)),
+        *grid.common,
+        *grid.parent,
+        "method=parent",
+        f"{grid.seed_key}=0",
+    ]
 
 
 def run_command(grid: Grid, root: Path, variant: str, seed: int, python: str = "python") -> list[str]:
     """The exact command line of one run (rerunning it resumes the run)."""
     parent = [f"parent_ckpt={parent_dir(root) / 'export' / 'child'}"] if grid.parent is not None else []
-    return [python, "-m", grid.experiment, "--config", grid.config_for(variant), "--workdir",
-            str(run_dir(root, variant, seed)), *grid.common, *parent, *grid.variants[variant],
-            f"{grid.seed_key}={seed}"]
+    return [
+        python,
+        "-m",
+        grid.experiment,
+        "--config",
+        grid.config_for(variant),
+        "--workdir",
+        str(run_dir(root, variant, seed)),
+        *grid.common,
+        *parent,
+        *grid.variants[variant],
+        f"{grid.seed_key}={seed}",
+    ]
 
 
 def run_status(directory: Path) -> str:
-    """"done" (summary written), "failed" (last attempt exited non-zero), "partial" or "pending"."""
+    """ "done" (summary written), "failed" (last attempt exited non-zero), "partial" or "pending"."""
     directory = Path(directory)
     if (directory / SUMMARY_FILE).exists():
         return "done"
@@ -146,8 +170,7 @@ def read_attempts(directory: Path) -> list[dict[str, Any]]:
 def record_attempt(directory: Path, commit: str | None, wall_s: float, outcome: str) -> None:
     """Append one launch of a run (the code it ran and how long): a run continued over several GPU slots
     keeps every commit that trained it and its total wall time."""
-    attempts = read_attempts(directory) + [{"commit": commit, "wall_s": round(float(wall_s), 3),
-                                            "outcome": outcome}]
+    attempts = read_attempts(directory) + [{"commit": commit, "wall_s": round(float(wall_s), 3), "outcome": outcome}]
     Path(directory).mkdir(parents=True, exist_ok=True)
     (Path(directory) / ATTEMPTS_FILE).write_text(json.dumps(attempts, indent=1))
 
@@ -157,8 +180,13 @@ def current_commit(repo: Path | None = None) -> str | None:
     repo = Path(repo or Path(__file__).resolve().parent.parent)
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     except (OSError, subprocess.CalledProcessError):
         return None
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
@@ -182,8 +210,13 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 def run_record(grid: Grid, root: Path, variant: str, seed: int) -> dict[str, Any]:
     """One run's status and numbers, as the report's JSON keeps them."""
     directory = run_dir(root, variant, seed)
-    record: dict[str, Any] = {"variant": variant, "seed": seed, "status": run_status(directory),
-                              "workdir": str(directory), "overrides": [*grid.common, *grid.variants[variant]]}
+    record: dict[str, Any] = {
+        "variant": variant,
+        "seed": seed,
+        "status": run_status(directory),
+        "workdir": str(directory),
+        "overrides": [*grid.common, *grid.variants[variant]],
+    }
     if record["status"] == "failed":
         record["failure"] = json.loads((directory / FAILED_FILE).read_text())
     attempts = read_attempts(directory)
@@ -202,8 +235,9 @@ def run_record(grid: Grid, root: Path, variant: str, seed: int) -> dict[str, Any
     speeds = [r["img_per_s"] for r in rows if "img_per_s" in r]
     record["train_img_per_s"] = statistics.median(speeds) if speeds else None
     curve_key = f"eval_{grid.metric}"
-    record["validation_curve"] = [(r["step"], r[curve_key]) for r in rows
-                                  if curve_key in r and r.get("split", "validation") == "validation"]
+    record["validation_curve"] = [
+        (r["step"], r[curve_key]) for r in rows if curve_key in r and r.get("split", "validation") == "validation"
+    ]
     diagnostics = sorted({k for r in rows for k in r if k.startswith(("gate/", "ga_ratio/"))})
     record["diagnostics"] = {k: [(r["step"], r[k]) for r in rows if k in r] for k in diagnostics}
     return record
@@ -212,8 +246,11 @@ def run_record(grid: Grid, root: Path, variant: str, seed: int) -> dict[str, Any
 def parent_record(grid: Grid, root: Path) -> dict[str, Any]:
     """The shared parent run's status, command and summary."""
     directory = parent_dir(root)
-    record: dict[str, Any] = {"status": run_status(directory), "workdir": str(directory),
-                              "command": parent_command(grid, root)}
+    record: dict[str, Any] = {
+        "status": run_status(directory),
+        "workdir": str(directory),
+        "command": parent_command(grid, root),
+    }
     if record["status"] == "done":
         record["summary"] = json.loads((directory / SUMMARY_FILE).read_text())
     return record
@@ -224,8 +261,11 @@ def parent_line(grid: Grid, record: dict[str, Any]) -> str:
         return f"\nShared parent ({record['workdir']}): {record['status']}.\n"
     summary = record["summary"]
     final_key, best_key = metric_keys(grid)
-    values = [f"{label} {grid.scale * summary[key]:.2f}" for label, key in (("final", final_key), ("best-on-validation", best_key))
-              if summary.get(key) is not None]
+    values = [
+        f"{label} {grid.scale * summary[key]:.2f}"
+        for label, key in (("final", final_key), ("best-on-validation", best_key))
+        if summary.get(key) is not None
+    ]
     params = f", {summary['parameters']:,} parameters" if summary.get("parameters") else ""
     return f"\nShared parent ({record['workdir']}{params}): {grid.metric_label} " + ", ".join(values) + ".\n"
 
@@ -236,8 +276,10 @@ def metric_keys(grid: Grid) -> tuple[str, str]:
 
 def report_keys(grid: Grid) -> tuple[str, ...]:
     """Every summary number the table aggregates: the selection metric's, then each extra metric's."""
-    return (*metric_keys(grid), *(f"{which}_{name}" for name, _ in grid.extra_metrics
-                                  for which in ("final_test", "best_test")))
+    return (
+        *metric_keys(grid),
+        *(f"{which}_{name}" for name, _ in grid.extra_metrics for which in ("final_test", "best_test")),
+    )
 
 
 def paired_difference(values: dict[int, float], baseline: dict[int, float]) -> dict[str, Any] | None:
@@ -267,7 +309,8 @@ def aggregate(records: Sequence[dict[str, Any]], variants: Sequence[str], keys: 
         mine = [r for r in records if r["variant"] == variant]
         done = sorted((r for r in mine if r["status"] == "done"), key=lambda r: r["seed"])
         row: dict[str, Any] = {
-            "variant": variant, "n": len(done),
+            "variant": variant,
+            "n": len(done),
             "failed_seeds": [r["seed"] for r in mine if r["status"] == "failed"],
             "unfinished_seeds": [r["seed"] for r in mine if r["status"] in ("partial", "pending")],
         }
@@ -288,7 +331,9 @@ def aggregate(records: Sequence[dict[str, Any]], variants: Sequence[str], keys: 
         for key in keys:
             row[key]["vs"] = {
                 baseline: paired_difference(row[key]["by_seed"], by_variant[baseline][key]["by_seed"])
-                for baseline in PAIRED_BASELINES if baseline in by_variant and baseline != row["variant"]}
+                for baseline in PAIRED_BASELINES
+                if baseline in by_variant and baseline != row["variant"]
+            }
     return table
 
 
@@ -302,11 +347,13 @@ def grid_facts(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     trains = [(r.get("config") or {}).get("train") or {} for r in done]
     epochs = [train.get("epochs") if train.get("steps") is None else None for train in trains]
-    return {"device": distinct(r["summary"].get("device") for r in done),
-            "jax": distinct(r["summary"].get("jax") for r in done),
-            "epochs": distinct(epochs),
-            "steps": distinct(r["summary"].get("steps") for r in done),
-            "commits": sorted({c for r in records for c in r.get("commits", [])})}
+    return {
+        "device": distinct(r["summary"].get("device") for r in done),
+        "jax": distinct(r["summary"].get("jax") for r in done),
+        "epochs": distinct(epochs),
+        "steps": distinct(r["summary"].get("steps") for r in done),
+        "commits": sorted({c for r in records for c in r.get("commits", [])}),
+    }
 
 
 def _stat(stat: dict[str, Any], scale: float) -> str:
@@ -331,25 +378,35 @@ def _difference(diff: dict[str, Any] | None, scale: float) -> str:
 def markdown_table(table: Sequence[dict[str, Any]], grid: Grid) -> str:
     final_key, best_key = metric_keys(grid)
     baselines = [b for b in PAIRED_BASELINES if any(b in row[best_key].get("vs", {}) for row in table)]
-    extras = [(f"final_test_{name}", f"final {label}") for name, label in grid.extra_metrics] + \
-        [(f"best_test_{name}", f"best-on-validation {label}") for name, label in grid.extra_metrics]
+    extras = [(f"final_test_{name}", f"final {label}") for name, label in grid.extra_metrics] + [
+        (f"best_test_{name}", f"best-on-validation {label}") for name, label in grid.extra_metrics
+    ]
     extras = [(key, label) for key, label in extras if any(key in row for row in table)]
     paper = [grid.paper] if grid.paper else []
-    lines = [f"| variant | n | final {grid.metric_label} (mean ± std; per seed) | best-on-validation "
-             f"{grid.metric_label} | "
-             + "".join(f"best − {b} (paired, 95 % CI) | " for b in baselines)
-             + "".join(f"{label} | " for _, label in extras) + "".join("paper | " for _ in paper)
-             + "child params | train img/s | failed / unfinished |",
-             "|---|---|---|---|" + "---|" * (len(baselines) + len(extras) + len(paper)) + "---|---|---|"]
+    lines = [
+        f"| variant | n | final {grid.metric_label} (mean ± std; per seed) | best-on-validation "
+        f"{grid.metric_label} | "
+        + "".join(f"best − {b} (paired, 95 % CI) | " for b in baselines)
+        + "".join(f"{label} | " for _, label in extras)
+        + "".join("paper | " for _ in paper)
+        + "child params | train img/s | failed / unfinished |",
+        "|---|---|---|---|" + "---|" * (len(baselines) + len(extras) + len(paper)) + "---|---|---|",
+    ]
     for row in table:
         speed = f"{row['train_img_per_s']:.0f}" if row["train_img_per_s"] else "–"
         params = f"{row['parameters']:,}" if isinstance(row["parameters"], int) else str(row["parameters"] or "–")
-        problems = ", ".join([f"seed {s} failed" for s in row["failed_seeds"]]
-                             + [f"seed {s} unfinished" for s in row["unfinished_seeds"]]) or "–"
-        differences = "".join(f"{_difference(row[best_key].get('vs', {}).get(b), grid.scale)} | "
-                              for b in baselines)
+        problems = (
+            ", ".join(
+                [f"seed {s} failed" for s in row["failed_seeds"]]
+                + [f"seed {s} unfinished" for s in row["unfinished_seeds"]]
+            )
+            or "–"
+        )
+        differences = "".join(f"{_difference(row[best_key].get('vs', {}).get(b), grid.scale)} | " for b in baselines)
         differences += "".join(f"{_stat(row[key], grid.scale) if key in row else '–'} | " for key, _ in extras)
         differences += "".join(f"{grid.paper.get(row['variant'], '–')} | " for _ in paper)
-        lines.append(f"| {row['variant']} | {row['n']} | {_stat(row[final_key], grid.scale)} "
-                     f"| {_stat(row[best_key], grid.scale)} | {differences}{params} | {speed} | {problems} |")
+        lines.append(
+            f"| {row['variant']} | {row['n']} | {_stat(row[final_key], grid.scale)} "
+            f"| {_stat(row[best_key], grid.scale)} | {differences}{params} | {speed} | {problems} |"
+        )
     return "\n".join(lines) + "\n"

@@ -95,8 +95,10 @@ def plan(grid: comparison.Grid, root: Path, variants: Iterable[str], seeds: Iter
         targets.insert(0, (comparison.PARENT_DIR, comparison.parent_dir(root), True))
     for name, directory, is_parent in targets:
         status = comparison.run_status(directory)
-        entry: dict[str, Any] = {"status": status, "members": [
-            str(p.relative_to(root)) for p in run_members(directory, status, parent=is_parent)]}
+        entry: dict[str, Any] = {
+            "status": status,
+            "members": [str(p.relative_to(root)) for p in run_members(directory, status, parent=is_parent)],
+        }
         if entry["members"]:
             entry["file"] = PARENT if is_parent else FINISHED if status == "done" else UNFINISHED
         if status != "done":
@@ -105,8 +107,17 @@ def plan(grid: comparison.Grid, root: Path, variants: Iterable[str], seeds: Iter
     return runs
 
 
-def pack(grid_name: str, grid: comparison.Grid, root: Path, out: Path, variants: Iterable[str],
-         seeds: Iterable[int], *, commit: str | None = None, max_bytes: int = MAX_BYTES) -> dict[str, Any]:
+def pack(
+    grid_name: str,
+    grid: comparison.Grid,
+    root: Path,
+    out: Path,
+    variants: Iterable[str],
+    seeds: Iterable[int],
+    *,
+    commit: str | None = None,
+    max_bytes: int = MAX_BYTES,
+) -> dict[str, Any]:
     """Write the pack of ``root`` to ``out`` (replacing an older pack there); returns the manifest.
 
     Raises ``PackError`` listing every file's size when the pack would exceed ``max_bytes`` (nothing at
@@ -120,10 +131,16 @@ def pack(grid_name: str, grid: comparison.Grid, root: Path, out: Path, variants:
             members = [root / m for entry in runs.values() if entry.get("file") == file_name for m in entry["members"]]
             if members:
                 _write_tar(staging / file_name, root, members)
-        manifest = {"format": FORMAT, "grid": grid_name, "root": str(root),
-                    "parent_export": str(comparison.parent_dir(root) / "export" / "child"),
-                    "commit": commit, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "runs": runs, "files": {p.name: p.stat().st_size for p in sorted(staging.iterdir())}}
+        manifest = {
+            "format": FORMAT,
+            "grid": grid_name,
+            "root": str(root),
+            "parent_export": str(comparison.parent_dir(root) / "export" / "child"),
+            "commit": commit,
+            "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "runs": runs,
+            "files": {p.name: p.stat().st_size for p in sorted(staging.iterdir())},
+        }
         manifest_text = json.dumps(manifest, indent=1)
         # The manifest counts too; its own size is known once written, so add a generous allowance for it.
         manifest["files"][MANIFEST] = len(manifest_text.encode()) + 64
@@ -141,9 +158,11 @@ def check_limits(sizes: dict[str, int], *, max_files: int = MAX_FILES, max_bytes
     total = sum(sizes.values())
     if len(sizes) > max_files or total > max_bytes:
         listed = ", ".join(f"{name} {size / 2**20:.2f} MiB" for name, size in sorted(sizes.items()))
-        raise PackError(f"the pack would be {len(sizes)} files, {total / 2**20:.2f} MiB ({listed}); the limit is "
-                        f"{max_files} files, {max_bytes / 2**20:.2f} MiB. Nothing was written. Pack fewer runs "
-                        "(--variants/--seeds), or let the unfinished ones finish first")
+        raise PackError(
+            f"the pack would be {len(sizes)} files, {total / 2**20:.2f} MiB ({listed}); the limit is "
+            f"{max_files} files, {max_bytes / 2**20:.2f} MiB. Nothing was written. Pack fewer runs "
+            "(--variants/--seeds), or let the unfinished ones finish first"
+        )
 
 
 def _replace(staging: Path, out: Path) -> None:
@@ -185,8 +204,10 @@ def unpack(pack_dir: Path, root: Path, grid_name: str) -> dict[str, Any]:
     packed = {name: entry for name, entry in manifest["runs"].items() if entry.get("file")}
     present = [name for name in packed if (root / name).exists() and any((root / name).iterdir())]
     if present:
-        raise PackError(f"--unpack {pack_dir}: {root} already holds {', '.join(present)}; unpack into a fresh "
-                        "--root (or move those runs away)")
+        raise PackError(
+            f"--unpack {pack_dir}: {root} already holds {', '.join(present)}; unpack into a fresh "
+            "--root (or move those runs away)"
+        )
     missing = sorted({e["file"] for e in packed.values()} - {p.name for p in pack_dir.iterdir()})
     if missing:
         raise PackError(f"--unpack {pack_dir}: the manifest names {', '.join(missing)}, which is not there")
@@ -215,6 +236,7 @@ def describe(manifest: dict[str, Any]) -> str:
     for entry in manifest["runs"].values():
         counts[entry["status"]] = counts.get(entry["status"], 0) + 1
     sizes = ", ".join(f"{name} {size / 2**20:.2f} MiB" for name, size in sorted(manifest["files"].items()))
-    return (f"{sum(manifest['files'].values()) / 2**20:.2f} MiB in {len(manifest['files'])} files ({sizes}); "
-            "runs: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
-
+    return (
+        f"{sum(manifest['files'].values()) / 2**20:.2f} MiB in {len(manifest['files'])} files ({sizes}); "
+        "runs: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    )

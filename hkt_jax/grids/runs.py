@@ -63,8 +63,16 @@ class GridRunner:
     ``deadline`` is a ``time.monotonic()`` value; ``min_start_s``: no job starts with less time left.
     ``report(line)`` receives the progress lines."""
 
-    def __init__(self, *, parallel: int = 1, deadline: float | None = None, min_start_s: float = 0.0,
-                 env: dict[str, str] | None = None, report: Callable[[str], None] = print, poll_s: float = 0.2):
+    def __init__(
+        self,
+        *,
+        parallel: int = 1,
+        deadline: float | None = None,
+        min_start_s: float = 0.0,
+        env: dict[str, str] | None = None,
+        report: Callable[[str], None] = print,
+        poll_s: float = 0.2,
+    ):
         if parallel < 1:
             raise ValueError(f"--parallel must be at least 1, got {parallel}")
         self.parallel, self.deadline, self.min_start_s = parallel, deadline, min_start_s
@@ -121,8 +129,10 @@ class GridRunner:
     def _too_late_to_start(self, now: float, waiting: int) -> bool:
         if self.deadline is None or self.deadline - now >= self.min_start_s:
             return False
-        self.report(f"{waiting} run(s) not started: {max(0.0, self.deadline - now):.0f} s of the time budget left, "
-                    f"less than the {self.min_start_s:.0f} s a run needs to get going")
+        self.report(
+            f"{waiting} run(s) not started: {max(0.0, self.deadline - now):.0f} s of the time budget left, "
+            f"less than the {self.min_start_s:.0f} s a run needs to get going"
+        )
         return True
 
     def _start(self, job: Job) -> None:
@@ -133,8 +143,9 @@ class GridRunner:
             log.write(f"\n$ {' '.join(job.command)}\n".encode())
             offset = log.tell()
             # Own session: a Ctrl-C in the terminal reaches only this process, which forwards one SIGTERM.
-            process = subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                job.command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
         self._running.append(_Running(job, process, time.monotonic(), offset))
         self.report(f"{heading(job.label)} {job.verb} (log: {log_path})")
 
@@ -186,5 +197,3 @@ def _stop_notice_since(log_path: Path, offset: int) -> bool:
             return STOPPING_NOTICE in log.read()
     except OSError:
         return False
-
-

@@ -73,34 +73,43 @@ def build_library(march: str | None = None) -> Path:
     target = cache_dir() / f"conv3x3_cpu-{build_key(march)}.so"
     if target.exists():
         return target
-    print(f"hkt_jax: building the CPU convolution kernels for -march={march} (first use on this machine; "
-          f"cached in {target.parent})", file=sys.stderr, flush=True)
+    print(
+        f"hkt_jax: building the CPU convolution kernels for -march={march} (first use on this machine; "
+        f"cached in {target.parent})",
+        file=sys.stderr,
+        flush=True,
+    )
     start = time.perf_counter()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            proc = subprocess.run([compiler, *_flags(march), str(SOURCE), "-o", str(built)], capture_output=True,
-                                  text=True)
+            proc = subprocess.run(
+                [compiler, *_flags(march), str(SOURCE), "-o", str(built)], capture_output=True, text=True
+            )
             if proc.returncode != 0:
                 raise RuntimeError(f"compiling {SOURCE.name} failed (-march={march}):\n{proc.stderr[-4000:]}")
             os.replace(built, target)  # atomic: concurrent builders (pytest-xdist workers) never see half a file
     except OSError as err:
         raise RuntimeError(f"cannot build {SOURCE.name} in {target.parent} (set HKT_JAX_KERNEL_CACHE): {err}") from err
-    print(f"hkt_jax: built the CPU convolution kernels in {time.perf_counter() - start:.1f} s", file=sys.stderr,
-          flush=True)
+    print(
+        f"hkt_jax: built the CPU convolution kernels in {time.perf_counter() - start:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )
     return target
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelLibrary:
     """The FFI target names one build registered, and what it was built for."""
+
     march: str
     fwd: str
     weight_grad: str
     fused: str
     vector_floats: int  # 16: AVX-512 tiles, 8: AVX2, 4: SSE / NEON
-    key: str            # build hash (part of the tuner's cache key)
+    key: str  # build hash (part of the tuner's cache key)
 
 
 def load(march: str | None = None) -> KernelLibrary:
@@ -111,8 +120,9 @@ def load(march: str | None = None) -> KernelLibrary:
 @functools.cache
 def _load(march: str) -> KernelLibrary:
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64", "aarch64", "arm64"):
-        raise RuntimeError(f"the CPU conv kernels are built for Linux x86-64/aarch64, not {platform.system()} "
-                           f"{platform.machine()}")
+        raise RuntimeError(
+            f"the CPU conv kernels are built for Linux x86-64/aarch64, not {platform.system()} {platform.machine()}"
+        )
     library = ctypes.cdll.LoadLibrary(str(build_library(march)))
     suffix = "" if march == default_march() else "_" + re.sub(r"\W", "_", march)
     names = [FWD_TARGET + suffix, DW_TARGET + suffix, FUSED_TARGET + suffix]

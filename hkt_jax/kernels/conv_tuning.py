@@ -39,8 +39,8 @@ from hkt_jax.runtime import cpu_info
 from hkt_jax.kernels import build
 
 MODES = ("tune", "kernel", "xla")
-MARGIN = 0.9              # the kernel must take <= 90% of XLA's time
-MIN_TUNED_FLOPS = 2e7     # ~1 ms of work or less: XLA, untimed
+MARGIN = 0.9  # the kernel must take <= 90% of XLA's time
+MIN_TUNED_FLOPS = 2e7  # ~1 ms of work or less: XLA, untimed
 MIN_ROUNDS, BUDGET_S = 3, 1.0  # after MIN_ROUNDS, stop once the timed calls took BUDGET_S
 timer = time.perf_counter  # tests replace it with a fake clock
 
@@ -69,8 +69,15 @@ def _threads() -> int:
 
 def signature(library: build.KernelLibrary) -> dict[str, Any]:
     """Everything a choice depends on besides the convolution itself."""
-    return {"cpu": cpu_info.describe_cpu(), "cpu_signature": cpu_info.cpu_signature(), "march": library.march,
-            "xla_max_isa": cpu_info.xla_max_isa(), "library": library.key, "threads": _threads(), "jax": jax.__version__}
+    return {
+        "cpu": cpu_info.describe_cpu(),
+        "cpu_signature": cpu_info.cpu_signature(),
+        "march": library.march,
+        "xla_max_isa": cpu_info.xla_max_isa(),
+        "library": library.key,
+        "threads": _threads(),
+        "jax": jax.__version__,
+    }
 
 
 def choices_dir() -> Path:
@@ -127,7 +134,7 @@ def measure(candidates: dict[str, Callable], args: tuple) -> dict[str, float]:
     samples: dict[str, list[float]] = {name: [] for name in compiled}
     spent, names = 0.0, list(compiled)
     for i in range(_rounds()):
-        for name in (names if i % 2 == 0 else names[::-1]):
+        for name in names if i % 2 == 0 else names[::-1]:
             start = timer()
             jax.block_until_ready(compiled[name](*args))
             samples[name].append(timer() - start)
@@ -137,12 +144,15 @@ def measure(candidates: dict[str, Callable], args: tuple) -> dict[str, float]:
     result = {name: statistics.median(times) for name, times in samples.items()}
     result.update({f"{name}_best": min(times) for name, times in samples.items()})
     paired = [k / max(x, 1e-12) for k, x in zip(samples["kernel"], samples["xla"])]
-    return {**result, "ratio": result["kernel_best"] / max(result["xla_best"], 1e-12),
-            "paired_ratio": statistics.median(paired)}
+    return {
+        **result,
+        "ratio": result["kernel_best"] / max(result["xla_best"], 1e-12),
+        "paired_ratio": statistics.median(paired),
+    }
 
 
 def choose(seconds: dict[str, float], margin: float = MARGIN) -> str:
-    """"kernel" only when clearly faster than XLA: best-time ratio <= ``margin`` and not slower in the
+    """ "kernel" only when clearly faster than XLA: best-time ratio <= ``margin`` and not slower in the
     median round."""
     return "kernel" if seconds["ratio"] <= margin and seconds.get("paired_ratio", 0.0) <= 1.0 else "xla"
 
@@ -152,8 +162,12 @@ def random_operands(shapes: tuple[tuple[int, ...], ...], seed: int = 0) -> tuple
     return tuple(jax.device_put(rng.standard_normal(shape, dtype=np.float32)) for shape in shapes)
 
 
-def use_kernel(key: str, flops: float, library: build.KernelLibrary,
-               candidates: Callable[[], tuple[dict[str, Callable], tuple[tuple[int, ...], ...]]]) -> bool:
+def use_kernel(
+    key: str,
+    flops: float,
+    library: build.KernelLibrary,
+    candidates: Callable[[], tuple[dict[str, Callable], tuple[tuple[int, ...], ...]]],
+) -> bool:
     """Whether the convolution ``key`` runs the kernel. ``candidates()`` gives {"kernel": f, "xla": g} and
     the operand shapes to time them on; it is called only when the choice is neither cached nor forced."""
     forced = mode()
@@ -173,8 +187,12 @@ def use_kernel(key: str, flops: float, library: build.KernelLibrary,
 
 def _tune(key, candidates, sig, path) -> dict[str, Any]:
     if path not in _session["announced"]:
-        print(f"hkt_jax: tuning CPU convolutions for {sig['cpu']}: timing kernel vs XLA once per new convolution "
-              f"(cached in {path})", file=sys.stderr, flush=True)
+        print(
+            f"hkt_jax: tuning CPU convolutions for {sig['cpu']}: timing kernel vs XLA once per new convolution "
+            f"(cached in {path})",
+            file=sys.stderr,
+            flush=True,
+        )
         if not _session["announced"]:
             atexit.register(_report)
         _session["announced"].add(path)
@@ -183,9 +201,13 @@ def _tune(key, candidates, sig, path) -> dict[str, Any]:
         fns, shapes = candidates()
         try:
             seconds = measure(fns, random_operands(shapes))
-            entry = {"choice": choose(seconds), "kernel_over_xla": round(seconds["ratio"], 4),
-                     "paired_kernel_over_xla": round(seconds["paired_ratio"], 4),
-                     "kernel_ms": round(seconds["kernel"] * 1e3, 4), "xla_ms": round(seconds["xla"] * 1e3, 4)}
+            entry = {
+                "choice": choose(seconds),
+                "kernel_over_xla": round(seconds["ratio"], 4),
+                "paired_kernel_over_xla": round(seconds["paired_ratio"], 4),
+                "kernel_ms": round(seconds["kernel"] * 1e3, 4),
+                "xla_ms": round(seconds["xla"] * 1e3, 4),
+            }
         except Exception as err:  # noqa: BLE001 -- a kernel that cannot run here must not stop training
             entry = {"choice": "xla", "error": f"{type(err).__name__}: {err}"[:300]}
     _session["count"] += 1
@@ -197,6 +219,9 @@ def _tune(key, candidates, sig, path) -> dict[str, Any]:
 
 def _report() -> None:
     if _session["count"]:
-        print(f"hkt_jax: tuned CPU convolutions for {cpu_info.describe_cpu()}: {_session['count']} shapes, "
-              f"{_session['seconds']:.1f} s ({_session['kernel']} run the kernels; cached in {_session['path']})",
-              file=sys.stderr, flush=True)
+        print(
+            f"hkt_jax: tuned CPU convolutions for {cpu_info.describe_cpu()}: {_session['count']} shapes, "
+            f"{_session['seconds']:.1f} s ({_session['kernel']} run the kernels; cached in {_session['path']})",
+            file=sys.stderr,
+            flush=True,
+        )

@@ -38,6 +38,7 @@ NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
 class Policy:
     """Which of the convolutions the kernels take run them: the tuned ones (``tuned``) or all, and which
     build (``march``; None: ``$HKT_JAX_KERNEL_MARCH`` or native)."""
+
     tuned: bool = False
     march: str | None = None
 
@@ -98,7 +99,8 @@ def _threads() -> int:
 def _call(target: str, out: jax.ShapeDtypeStruct, *operands, stride: int, **attrs) -> jax.Array:
     """One kernel call; vmapped, it runs once per example."""
     return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
-        *operands, stride=np.int32(stride), threads=np.int32(_threads()), **attrs)
+        *operands, stride=np.int32(stride), threads=np.int32(_threads()), **attrs
+    )
 
 
 def _output_shape(x_shape, w_shape, stride: int) -> tuple[int, int, int, int]:
@@ -115,6 +117,7 @@ def _flops(x_shape, w_shape, stride: int) -> float:
 
 
 # -- the candidates, as functions of concrete or traced arrays -----------------------------------------
+
 
 def _kernel_forward(x, w, stride, march=None):
     return _call(load(march).fwd, _output_struct(x, w, stride), x, w, stride=stride)
@@ -152,14 +155,20 @@ def candidates(direction: str, x_shape, w_shape, stride: int, march: str | None 
     x_shape, w_shape = tuple(x_shape), tuple(w_shape)
     y_shape = _output_shape(x_shape, w_shape, stride)
     if direction == "forward":
-        return {"kernel": lambda x, w: _kernel_forward(x, w, stride, march),
-                "xla": lambda x, w: _xla_conv(x, w, stride)}, (x_shape, w_shape)
+        return {
+            "kernel": lambda x, w: _kernel_forward(x, w, stride, march),
+            "xla": lambda x, w: _xla_conv(x, w, stride),
+        }, (x_shape, w_shape)
     if direction == "input_grad":  # the kernel takes stride 1 only
-        return {"kernel": lambda dy, w: _kernel_input_grad(dy, w, march),
-                "xla": lambda dy, w: _xla_input_grad(dy, w, x_shape, stride)}, (y_shape, w_shape)
+        return {
+            "kernel": lambda dy, w: _kernel_input_grad(dy, w, march),
+            "xla": lambda dy, w: _xla_input_grad(dy, w, x_shape, stride),
+        }, (y_shape, w_shape)
     if direction == "weight_grad":
-        return {"kernel": lambda x, dy: _kernel_weight_grad(x, dy, stride, march),
-                "xla": lambda x, dy: _xla_weight_grad(x, dy, w_shape, stride)}, (x_shape, y_shape)
+        return {
+            "kernel": lambda x, dy: _kernel_weight_grad(x, dy, stride, march),
+            "xla": lambda x, dy: _xla_weight_grad(x, dy, w_shape, stride),
+        }, (x_shape, y_shape)
     if direction in ("fused", "fused_residual"):
         residual = direction == "fused_residual"
         kernel = lambda x, w, b, *r: _kernel_bias_act(x, w, b, r[0] if r else None, stride, relu, march)
@@ -172,8 +181,10 @@ def kernel_chosen(policy: Policy, direction: str, x_shape, w_shape, stride: int,
     """Whether this convolution direction runs the kernel under ``policy`` (tuning it on first use)."""
     if not policy.tuned:
         return True
-    key = f"{direction}{'' if relu else '_linear'} x={'x'.join(map(str, x_shape))} " \
-          f"w={'x'.join(map(str, w_shape))} s={stride}"
+    key = (
+        f"{direction}{'' if relu else '_linear'} x={'x'.join(map(str, x_shape))} "
+        f"w={'x'.join(map(str, w_shape))} s={stride}"
+    )
     make = functools.partial(candidates, direction, x_shape, w_shape, stride, policy.march, relu)
     return conv_tuning.use_kernel(key, _flops(x_shape, w_shape, stride), load(policy.march), make)
 
@@ -209,8 +220,7 @@ def _conv3x3_fwd(x, w, stride, policy):
 
 def _conv3x3_bwd(stride, policy, residuals, dy):
     x, w = residuals
-    return (_input_grad(tuple(x.shape), w, dy, stride, policy),
-            _weight_grad(x, tuple(w.shape), dy, stride, policy))
+    return (_input_grad(tuple(x.shape), w, dy, stride, policy), _weight_grad(x, tuple(w.shape), dy, stride, policy))
 
 
 conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
@@ -224,8 +234,14 @@ def conv3x3_bias_act_reference(x, w, bias, residual=None, *, stride=1, relu=True
 
 def _kernel_bias_act(x, w, bias, residual, stride, relu, march=None):
     operands = (x, w, bias, jnp.zeros((0,), jnp.float32) if residual is None else residual)
-    return _call(load(march).fused, _output_struct(x, w, stride), *operands, stride=stride, relu=np.int32(relu),
-                 has_residual=np.int32(residual is not None))
+    return _call(
+        load(march).fused,
+        _output_struct(x, w, stride),
+        *operands,
+        stride=stride,
+        relu=np.int32(relu),
+        has_residual=np.int32(residual is not None),
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -250,8 +266,10 @@ _bias_act.defvjp(_bias_act_fwd, _bias_act_bwd)
 def conv3x3_bias_act(x, w, bias, residual=None, *, stride=1, relu=True, policy: Policy = KERNEL):
     """``relu?(conv3x3(x, w) + bias (+ residual))`` in one pass when the kernel applies (and, with a tuned
     ``policy``, was faster here than XLA's fused convolution), else XLA."""
-    if not (kernel_applies(x, w, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=NHWC_HWIO) and (
-            bias.dtype == jnp.float32 and (residual is None or residual.dtype == jnp.float32))):
+    if not (
+        kernel_applies(x, w, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=NHWC_HWIO)
+        and (bias.dtype == jnp.float32 and (residual is None or residual.dtype == jnp.float32))
+    ):
         return conv3x3_bias_act_reference(x, w, bias, residual, stride=stride, relu=relu)
     direction = "fused" if residual is None else "fused_residual"
     if kernel_chosen(policy, direction, x.shape, w.shape, stride, relu):
@@ -265,8 +283,17 @@ def bias_act_fn(conv_impl: str):
     return None if policy is None else _with_policy(conv3x3_bias_act, policy)
 
 
-def kernel_applies(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                   dimension_numbers=None, feature_group_count=1, batch_group_count=1) -> bool:
+def kernel_applies(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    batch_group_count=1,
+) -> bool:
     """Whether ``conv3x3`` computes exactly this ``lax.conv_general_dilated`` call."""
     if lhs.ndim != 4 or rhs.ndim != 4 or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
         return False
@@ -275,21 +302,58 @@ def kernel_applies(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
     if given != expected:
         return False
     strides = tuple(window_strides)
-    return (tuple(rhs.shape[:2]) == (3, 3) and rhs.shape[2] == lhs.shape[3] and rhs.shape[3] % 16 == 0
-            and strides in ((1, 1), (2, 2)) and not isinstance(padding, str)
-            and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
-            and tuple(lhs_dilation or (1, 1)) == (1, 1) and tuple(rhs_dilation or (1, 1)) == (1, 1)
-            and feature_group_count == 1 and batch_group_count == 1)
+    return (
+        tuple(rhs.shape[:2]) == (3, 3)
+        and rhs.shape[2] == lhs.shape[3]
+        and rhs.shape[3] % 16 == 0
+        and strides in ((1, 1), (2, 2))
+        and not isinstance(padding, str)
+        and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
+        and tuple(lhs_dilation or (1, 1)) == (1, 1)
+        and tuple(rhs_dilation or (1, 1)) == (1, 1)
+        and feature_group_count == 1
+        and batch_group_count == 1
+    )
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
-                         preferred_element_type=None, *, policy: Policy = KERNEL):
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    batch_group_count=1,
+    precision=None,
+    preferred_element_type=None,
+    *,
+    policy: Policy = KERNEL,
+):
     """``lax.conv_general_dilated`` that runs the CPU kernels where they apply (see module docstring)."""
     if preferred_element_type in (None, jnp.float32) and kernel_applies(
-            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-            feature_group_count, batch_group_count):
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+        feature_group_count,
+        batch_group_count,
+    ):
         return conv3x3(lhs, rhs, int(window_strides[0]), policy)
-    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                    dimension_numbers, feature_group_count, batch_group_count, precision,
-                                    preferred_element_type)
+    return lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+        feature_group_count,
+        batch_group_count,
+        precision,
+        preferred_element_type,
+    )

@@ -9,6 +9,21 @@ from hkt_jax.models.unet import DenseUNet, PocketNet, UNet
 from hkt_jax.models.tapped import Tapped, available_taps, tapped_boundaries
 
 __all__ = [
-    "ARCHITECTURES", "CifarResNet", "DenseUNet", "PocketNet", "RAFT", "UNet", "StagedModel", "ToyStagedNet", "apply_stage", "build_model", "check_staged",
-    "model_spec", "parameter_count", "run_all_stages", "Tapped", "available_taps", "tapped_boundaries",
+    "ARCHITECTURES",
+    "CifarResNet",
+    "DenseUNet",
+    "PocketNet",
+    "RAFT",
+    "UNet",
+    "StagedModel",
+    "ToyStagedNet",
+    "apply_stage",
+    "build_model",
+    "check_staged",
+    "model_spec",
+    "parameter_count",
+    "run_all_stages",
+    "Tapped",
+    "available_taps",
+    "tapped_boundaries",
 ]

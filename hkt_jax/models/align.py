@@ -73,6 +73,7 @@ def cka_matrix(parent_grams, child_grams) -> np.ndarray:
     ``parent_grams``: sequence of P centred ``(N, N)`` Grams (``centred_gram``), ``child_grams``
     C of them -> ``(P, C)`` matrix. Gram form: ``<Kc, Lc>_F / (||Kc||_F ||Lc||_F)``.
     """
+
     def unit_rows(grams, side):
         rows = np.stack([np.asarray(g, np.float64).ravel() for g in grams])
         norms = np.linalg.norm(rows, axis=1, keepdims=True)
@@ -120,8 +121,10 @@ def monotone_pairs(scores, k: int) -> Matching:
     scores = np.asarray(scores, np.float64)
     limit = min(scores.shape) if scores.ndim == 2 else 0
     if not isinstance(k, (int, np.integer)) or not 1 <= k <= limit:
-        raise ValueError(f"monotone_pairs: k must be an integer in [1, {limit}] (the shorter side of the "
-                         f"{scores.shape} matrix), got {k!r}")
+        raise ValueError(
+            f"monotone_pairs: k must be an integer in [1, {limit}] (the shorter side of the "
+            f"{scores.shape} matrix), got {k!r}"
+        )
     tables = _tables(scores)[: k + 1]
     pairs, i, j = [], scores.shape[0], scores.shape[1]
     while k:
@@ -148,8 +151,9 @@ def k_by_largest_gap(totals, k_max: int | None = None) -> int:
     totals = np.asarray(totals, np.float64)
     k_max = len(totals) if k_max is None else min(k_max, len(totals))
     if totals.ndim != 1 or k_max < 1:
-        raise ValueError(f"k_by_largest_gap: expected totals for k = 1, 2, ... and k_max >= 1, got {totals.shape}, "
-                         f"k_max={k_max}")
+        raise ValueError(
+            f"k_by_largest_gap: expected totals for k = 1, 2, ... and k_max >= 1, got {totals.shape}, k_max={k_max}"
+        )
     if k_max == 1:
         return 1
     gains = np.diff(totals[:k_max], prepend=0.0)
@@ -159,8 +163,15 @@ def k_by_largest_gap(totals, k_max: int | None = None) -> int:
 # -- representations of a Flax model, one per candidate submodule call ---------------------------
 
 
-def candidate_paths(model: nn.Module, variables: Any, images: np.ndarray, *, max_depth: int = 1,
-                    include: str | None = None, train_arg: str | None = "train") -> dict[str, tuple[int, ...]]:
+def candidate_paths(
+    model: nn.Module,
+    variables: Any,
+    images: np.ndarray,
+    *,
+    max_depth: int = 1,
+    include: str | None = None,
+    train_arg: str | None = "train",
+) -> dict[str, tuple[int, ...]]:
     """Submodule paths whose output can end a stage -> output shape (``images``: a small batch),
     in the order the forward returns from them (the order taps must be listed in).
 
@@ -172,8 +183,11 @@ def candidate_paths(model: nn.Module, variables: Any, images: np.ndarray, *, max
     """
     kwargs = {train_arg: False} if train_arg else {}
     counts = available_taps(model, images, **kwargs)
-    paths = [p for p, n in counts.items() if n == 1 and (max_depth <= 0 or p.count("/") < max_depth)
-             and (include is None or re.search(include, p))]
+    paths = [
+        p
+        for p, n in counts.items()
+        if n == 1 and (max_depth <= 0 or p.count("/") < max_depth) and (include is None or re.search(include, p))
+    ]
     returned: list[str] = []
 
     def record_return(next_fun, args, call_kwargs, context):
@@ -187,20 +201,25 @@ def candidate_paths(model: nn.Module, variables: Any, images: np.ndarray, *, max
     shapes = {}
     for path in sorted(paths, key=returned.index):
         value = captured.get(path)
-        if (isinstance(value, jax.Array) and value.ndim >= 2 and value.shape[0] == len(images)
-                and not (value.shape == output.shape and bool(jnp.array_equal(value, output)))):
+        if (
+            isinstance(value, jax.Array)
+            and value.ndim >= 2
+            and value.shape[0] == len(images)
+            and not (value.shape == output.shape and bool(jnp.array_equal(value, output)))
+        ):
             shapes[path] = tuple(value.shape[1:])
     if not shapes:
-        raise ValueError(f"{type(model).__name__}: no submodule output can end a stage (paths called once, "
-                         f"depth <= {max_depth or 'any'}, include={include!r}: {sorted(paths)})")
+        raise ValueError(
+            f"{type(model).__name__}: no submodule output can end a stage (paths called once, "
+            f"depth <= {max_depth or 'any'}, include={include!r}: {sorted(paths)})"
+        )
     return shapes
 
 
 def nested_paths(paths: Sequence[str]) -> list[tuple[str, str]]:
     """Pairs (inner, outer) among ``paths`` where one submodule runs inside the other: ``Tapped``
     refuses such taps (the outer one's stage would contain the inner one's boundary)."""
-    return [(inner, outer) for inner in paths for outer in paths
-            if inner != outer and inner.startswith(outer + "/")]
+    return [(inner, outer) for inner in paths for outer in paths if inner != outer and inner.startswith(outer + "/")]
 
 
 def _capture(model, variables, images, paths, kwargs):
@@ -239,9 +258,16 @@ def flatten_features(value: jax.Array, max_features: int) -> jax.Array:
     return value.mean(axis=tuple(range(1, 1 + len(spatial))))
 
 
-def centred_grams(model: nn.Module, variables: Any, images: np.ndarray, paths: Sequence[str], *,
-                  batch_size: int = 128, max_features: int = 16384,
-                  train_arg: str | None = "train") -> dict[str, np.ndarray]:
+def centred_grams(
+    model: nn.Module,
+    variables: Any,
+    images: np.ndarray,
+    paths: Sequence[str],
+    *,
+    batch_size: int = 128,
+    max_features: int = 16384,
+    train_arg: str | None = "train",
+) -> dict[str, np.ndarray]:
     """The centred ``(N, N)`` linear Gram matrix of each path's (flattened) output over ``images``.
 
     The forward runs in batches (jit-compiled, inference mode); each path's features are
@@ -256,7 +282,7 @@ def centred_grams(model: nn.Module, variables: Any, images: np.ndarray, paths: S
 
     chunks: dict[str, list[np.ndarray]] = {p: [] for p in paths}
     for start in range(0, len(images), batch_size):
-        for path, value in features(variables, jnp.asarray(images[start:start + batch_size])).items():
+        for path, value in features(variables, jnp.asarray(images[start : start + batch_size])).items():
             chunks[path].append(np.asarray(value))
     gram = jax.jit(lambda x: jnp.matmul(x, x.T, precision=jax.lax.Precision.HIGHEST))
     grams = {}

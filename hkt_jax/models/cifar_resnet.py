@@ -33,13 +33,21 @@ GROUP_WIDTHS = (16, 32, 64)
 conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # torch kaiming_normal_
 
 
-def _conv(features: int, kernel: int, stride: int, name: str, dtype, use_bias: bool = False,
-          conv_impl: str = "auto") -> nn.Conv:
+def _conv(
+    features: int, kernel: int, stride: int, name: str, dtype, use_bias: bool = False, conv_impl: str = "auto"
+) -> nn.Conv:
     pad = kernel // 2
     impl = cpu_conv.conv_fn(conv_impl)  # None: XLA; "auto": kernel or XLA per convolution, timed here
     return nn.Conv(
-        features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-        use_bias=use_bias, kernel_init=conv_init, dtype=dtype, name=name, conv_general_dilated=impl,
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=use_bias,
+        kernel_init=conv_init,
+        dtype=dtype,
+        name=name,
+        conv_general_dilated=impl,
     )
 
 
@@ -95,8 +103,8 @@ class BasicBlock(nn.Module):
             pairs.append(("shortcut_conv", "shortcut_bn", 1, self.stride))
         self.convs = {
             conv: FoldedConv(self.features, stride, self.dtype, self.conv_impl, name=conv)
-            if self.bn_folded and k == 3 else
-            _conv(self.features, k, stride, conv, self.dtype, use_bias=self.bn_folded, conv_impl=self.conv_impl)
+            if self.bn_folded and k == 3
+            else _conv(self.features, k, stride, conv, self.dtype, use_bias=self.bn_folded, conv_impl=self.conv_impl)
             for conv, _, k, stride in pairs
         }
         self.norms = {} if self.bn_folded else {conv: _bn(bn, self.dtype) for conv, bn, _, _ in pairs}
@@ -134,21 +142,34 @@ class CifarResNet(nn.Module):
 
     def setup(self):
         if self.depth < 8 or (self.depth - 2) % 6:
-            raise ValueError(f"CifarResNet: `depth` must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...), got {self.depth}")
+            raise ValueError(
+                f"CifarResNet: `depth` must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...), got {self.depth}"
+            )
         if self.shortcut not in ("A", "B"):
             raise ValueError(f"CifarResNet: `shortcut` must be 'A' or 'B', got {self.shortcut!r}")
         if self.stage_split not in STAGE_SPLITS:
-            raise ValueError(f"CifarResNet: `stage_split` must be one of {tuple(STAGE_SPLITS)}, got {self.stage_split!r}")
+            raise ValueError(
+                f"CifarResNet: `stage_split` must be one of {tuple(STAGE_SPLITS)}, got {self.stage_split!r}"
+            )
         blocks_per_group = (self.depth - 2) // 6
-        self.conv1 = (FoldedConv(GROUP_WIDTHS[0], 1, self.dtype, self.conv_impl, name="conv1") if self.bn_folded
-                      else _conv(GROUP_WIDTHS[0], 3, 1, "conv1", self.dtype, conv_impl=self.conv_impl))
+        self.conv1 = (
+            FoldedConv(GROUP_WIDTHS[0], 1, self.dtype, self.conv_impl, name="conv1")
+            if self.bn_folded
+            else _conv(GROUP_WIDTHS[0], 3, 1, "conv1", self.dtype, conv_impl=self.conv_impl)
+        )
         if not self.bn_folded:
             self.bn1 = _bn("bn1", self.dtype)
         self.groups = [
             [
-                BasicBlock(width, stride=(2 if g > 0 and b == 0 else 1), shortcut=self.shortcut,
-                           dtype=self.dtype, bn_folded=self.bn_folded, conv_impl=self.conv_impl,
-                           name=f"layer{g + 1}_{b}")
+                BasicBlock(
+                    width,
+                    stride=(2 if g > 0 and b == 0 else 1),
+                    shortcut=self.shortcut,
+                    dtype=self.dtype,
+                    bn_folded=self.bn_folded,
+                    conv_impl=self.conv_impl,
+                    name=f"layer{g + 1}_{b}",
+                )
                 for b in range(blocks_per_group)
             ]
             for g, width in enumerate(GROUP_WIDTHS)
@@ -174,8 +195,10 @@ class CifarResNet(nn.Module):
 
     def stage(self, index: int, x, *, train: bool):
         if train and self.bn_folded:
-            raise ValueError("CifarResNet(bn_folded=True) is inference-only (its BatchNorm is folded into the "
-                             "convolutions); fold only frozen networks and run them with train=False")
+            raise ValueError(
+                "CifarResNet(bn_folded=True) is inference-only (its BatchNorm is folded into the "
+                "convolutions); fold only frozen networks and run them with train=False"
+            )
         names = self.stage_names
         if not 0 <= index < len(names):
             raise ValueError(f"CifarResNet: stage index {index} out of range for stages {names}")

@@ -45,13 +45,18 @@ _PAIRS = (("conv1", "bn1"), ("conv2", "bn2"), ("shortcut_conv", "shortcut_bn"))
 def fold_cifar_resnet(variables: Any) -> dict[str, Any]:
     """``CifarResNet`` variables -> ``CifarResNet(bn_folded=True)`` variables (params only)."""
     params, stats = jax.device_get(variables["params"]), jax.device_get(variables["batch_stats"])
-    folded: dict[str, Any] = {"conv1": fold_conv_bn(params["conv1"]["kernel"], params["bn1"], stats["bn1"]),
-                              "fc": {k: np.asarray(v) for k, v in params["fc"].items()}}
+    folded: dict[str, Any] = {
+        "conv1": fold_conv_bn(params["conv1"]["kernel"], params["bn1"], stats["bn1"]),
+        "fc": {k: np.asarray(v) for k, v in params["fc"].items()},
+    }
     for name, block in params.items():
         if not name.startswith("layer"):
             continue
-        folded[name] = {conv: fold_conv_bn(block[conv]["kernel"], block[bn], stats[name][bn])
-                        for conv, bn in _PAIRS if conv in block}
+        folded[name] = {
+            conv: fold_conv_bn(block[conv]["kernel"], block[bn], stats[name][bn])
+            for conv, bn in _PAIRS
+            if conv in block
+        }
     return {"params": folded}
 
 

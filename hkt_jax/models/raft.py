@@ -42,17 +42,22 @@ MIN_SIZE = 8 * 2 ** (NUM_LEVELS - 1)
 def check_frames(image1: jax.Array, image2: jax.Array) -> None:
     """Frames RAFT can take: same shape ``(B, H, W, 3)``, H and W multiples of 8 and at least 64."""
     if image1.shape != image2.shape:
-        raise ValueError(f"RAFT needs two frames of the same shape, got {tuple(image1.shape)} and "
-                         f"{tuple(image2.shape)}")
+        raise ValueError(
+            f"RAFT needs two frames of the same shape, got {tuple(image1.shape)} and {tuple(image2.shape)}"
+        )
     if image1.ndim != 4 or image1.shape[-1] != 3:
         raise ValueError(f"RAFT takes frames of shape (B, H, W, 3), got {tuple(image1.shape)}")
     height, width = image1.shape[1:3]
     if height % 8 or width % 8:
-        raise ValueError(f"RAFT needs H and W to be multiples of 8, got frames of shape {tuple(image1.shape)} "
-                         f"(H={height}, W={width}); pad them (e.g. estimate_flow's replicate padding)")
+        raise ValueError(
+            f"RAFT needs H and W to be multiples of 8, got frames of shape {tuple(image1.shape)} "
+            f"(H={height}, W={width}); pad them (e.g. estimate_flow's replicate padding)"
+        )
     if height < MIN_SIZE or width < MIN_SIZE:
-        raise ValueError(f"RAFT needs frames of at least {MIN_SIZE}x{MIN_SIZE} (its correlation pyramid halves "
-                         f"H/8 and W/8 {NUM_LEVELS - 1} times), got {tuple(image1.shape)}")
+        raise ValueError(
+            f"RAFT needs frames of at least {MIN_SIZE}x{MIN_SIZE} (its correlation pyramid halves "
+            f"H/8 and W/8 {NUM_LEVELS - 1} times), got {tuple(image1.shape)}"
+        )
 
 
 class RAFT(nn.Module):
@@ -87,11 +92,16 @@ class RAFT(nn.Module):
         if self.corr_impl not in CORR_IMPLS:
             raise ValueError(f"unknown corr_impl {self.corr_impl!r}; expected one of {CORR_IMPLS}")
         self.fnet = Encoder(128 if self.small else 256, "instance", self.small, self.dtype)
-        self.cnet = Encoder(self.hidden_dim + self.context_dim, "none" if self.small else "batch", self.small,
-                            self.dtype)
+        self.cnet = Encoder(
+            self.hidden_dim + self.context_dim, "none" if self.small else "batch", self.small, self.dtype
+        )
         scan = nn.scan(
-            RefinementStep, variable_broadcast="params", split_rngs={"params": False},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), out_axes=0, unroll=self.unroll,
+            RefinementStep,
+            variable_broadcast="params",
+            split_rngs={"params": False},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            out_axes=0,
+            unroll=self.unroll,
         )
         self.update_block = scan(self.small, self.radius, self.dtype)
 
@@ -131,6 +141,7 @@ class RAFT(nn.Module):
         128|96 hidden / 128|64 context channels). ``stages`` = 3 (default, the paper's 3HKT): mix both
         frames' features after ``features`` and hidden state + context input after ``context``;
         2 (2HKT): one boundary after the encoders, mixing all four (the first boundary stays idle)."""
+
         def links(*leaves):
             return tuple(LeafLink(leaf, (leaf,)) for leaf in leaves)
 
@@ -140,11 +151,19 @@ class RAFT(nn.Module):
         if stages == 2:
             idle = Boundary(backbone=False, head=False, to_child=(), to_parent=())
             return (idle, Boundary(to_child=features + context, to_parent=features + context))
-        raise ValueError(f"hkt.stages={stages}: RAFT supports 3 (3HKT: after features and context) or 2 "
-                         "(2HKT: after the encoders)")
+        raise ValueError(
+            f"hkt.stages={stages}: RAFT supports 3 (3HKT: after features and context) or 2 (2HKT: after the encoders)"
+        )
 
-    def __call__(self, image1: Any, image2: jax.Array | None = None, *, iters: int | None = None,
-                 flow_init: jax.Array | None = None, train: bool = False) -> jax.Array:
+    def __call__(
+        self,
+        image1: Any,
+        image2: jax.Array | None = None,
+        *,
+        iters: int | None = None,
+        flow_init: jax.Array | None = None,
+        train: bool = False,
+    ) -> jax.Array:
         """Both frames, or stage 0's input ``{"image1", "image2"}`` alone (what the training core passes);
         ``iters`` defaults to the module's ``iters``."""
         if image2 is None:

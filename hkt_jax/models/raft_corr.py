@@ -50,8 +50,8 @@ def avg_pool2(x: jax.Array, axes: tuple[int, int]) -> jax.Array:
     h, w = x.shape[a] // 2, x.shape[b] // 2
     x = jax.lax.slice_in_dim(jax.lax.slice_in_dim(x, 0, 2 * h, axis=a), 0, 2 * w, axis=b)
     shape = list(x.shape)
-    shape[b:b + 1] = [w, 2]
-    shape[a:a + 1] = [h, 2]
+    shape[b : b + 1] = [w, 2]
+    shape[a : a + 1] = [h, 2]
     return x.reshape(shape).mean(axis=(a + 1, b + 2))
 
 
@@ -143,7 +143,7 @@ def upsample_convex(flow: jax.Array, mask: jax.Array) -> jax.Array:
     weights = jax.nn.softmax(mask.reshape(batch, height, width, 9, 8, 8), axis=3)
     padded = jnp.pad(8 * flow, ((0, 0), (1, 1), (1, 1), (0, 0)))
     neighbours = jnp.stack(
-        [padded[:, dy:dy + height, dx:dx + width] for dy in range(3) for dx in range(3)], axis=3
+        [padded[:, dy : dy + height, dx : dx + width] for dy in range(3) for dx in range(3)], axis=3
     )  # (B, H, W, 9, 2)
     fine = jnp.einsum("bhwkij,bhwkc->bhiwjc", weights, neighbours, precision=jax.lax.Precision.HIGHEST)
     return fine.reshape(batch, 8 * height, 8 * width, 2)

@@ -21,12 +21,26 @@ Norm = Literal["instance", "batch", "none"]
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def conv(features: int, kernel: int | tuple[int, int], *, stride: int = 1, name: str | None = None,
-         kernel_init=conv_init, dtype: Any = jnp.float32) -> nn.Conv:
+def conv(
+    features: int,
+    kernel: int | tuple[int, int],
+    *,
+    stride: int = 1,
+    name: str | None = None,
+    kernel_init=conv_init,
+    dtype: Any = jnp.float32,
+) -> nn.Conv:
     """A PyTorch-style conv: explicit symmetric padding kernel // 2 (``"SAME"`` differs for stride 2)."""
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
-    return nn.Conv(features, (kh, kw), strides=(stride, stride), padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
-                   kernel_init=kernel_init, dtype=dtype, name=name)
+    return nn.Conv(
+        features,
+        (kh, kw),
+        strides=(stride, stride),
+        padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
+        kernel_init=kernel_init,
+        dtype=dtype,
+        name=name,
+    )
 
 
 def instance_norm(x: jax.Array, epsilon: float = 1e-5) -> jax.Array:

@@ -21,8 +21,14 @@ torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "unif
 
 def conv(features: int, kernel: int | tuple[int, int], name: str, dtype: Any = jnp.float32) -> nn.Conv:
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
-    return nn.Conv(features, (kh, kw), padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
-                   kernel_init=torch_default_init, dtype=dtype, name=name)
+    return nn.Conv(
+        features,
+        (kh, kw),
+        padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
+        kernel_init=torch_default_init,
+        dtype=dtype,
+        name=name,
+    )
 
 
 class MotionEncoder(nn.Module):
@@ -104,7 +110,8 @@ class RefinementStep(nn.Module):
         flow = coords1 - coords0
         motion = MotionEncoder(self.small, self.dtype, name="encoder")(flow, corr)
         net = ConvGRU(96 if self.small else 128, separable=not self.small, dtype=self.dtype, name="gru")(
-            net, jnp.concatenate([inp.astype(self.dtype), motion], axis=-1))
+            net, jnp.concatenate([inp.astype(self.dtype), motion], axis=-1)
+        )
         delta = FlowHead(128 if self.small else 256, self.dtype, name="flow_head")(net)
         coords1 = coords1 + delta.astype(jnp.float32)
         flow = coords1 - coords0

@@ -75,8 +75,16 @@ class _TapRun:
     """The interceptor for one forward: replaces tap ``write``, reads tap ``read``,
     counts every submodule call and keeps outside-stage layers' state unchanged."""
 
-    def __init__(self, root: tuple[str, ...], taps: Sequence[str], *, write: str | None = None,
-                 value: Any = None, read: str | None = None, protect_state: bool = False):
+    def __init__(
+        self,
+        root: tuple[str, ...],
+        taps: Sequence[str],
+        *,
+        write: str | None = None,
+        value: Any = None,
+        read: str | None = None,
+        protect_state: bool = False,
+    ):
         self.root, self.taps = root, set(taps)
         self.write, self.value, self.read = write, value, read
         self.protect_state = protect_state
@@ -88,9 +96,9 @@ class _TapRun:
 
     def __call__(self, next_fun, args, kwargs, context):
         module_path = tuple(context.module.path)
-        if context.method_name != "__call__" or module_path[:len(self.root)] != self.root:
+        if context.method_name != "__call__" or module_path[: len(self.root)] != self.root:
             return next_fun(*args, **kwargs)
-        path = "/".join(module_path[len(self.root):])
+        path = "/".join(module_path[len(self.root) :])
         if not path:  # the wrapped module itself (it shares the Tapped scope)
             return next_fun(*args, **kwargs)
         self.calls[path] = self.calls.get(path, 0) + 1
@@ -155,13 +163,16 @@ class Tapped(nn.Module):
     def setup(self):
         taps = () if isinstance(self.taps, str) else tuple(self.taps)
         if not taps or not all(isinstance(t, str) and t.strip("/") for t in taps):
-            raise ValueError(f"Tapped: `taps` must be a sequence of submodule paths like ('layer2_0',), "
-                             f"got {self.taps!r}")
+            raise ValueError(
+                f"Tapped: `taps` must be a sequence of submodule paths like ('layer2_0',), got {self.taps!r}"
+            )
         if len(set(taps)) != len(taps):
             raise ValueError(f"Tapped: `taps` names a path twice: {taps!r}")
         if self.names is not None and len(self.names) != len(taps) + 1:
-            raise ValueError(f"Tapped: {len(taps)} taps make {len(taps) + 1} stages, but `names` has "
-                             f"{len(self.names)}: {tuple(self.names)!r}")
+            raise ValueError(
+                f"Tapped: {len(taps)} taps make {len(taps) + 1} stages, but `names` has "
+                f"{len(self.names)}: {tuple(self.names)!r}"
+            )
         nn.share_scope(self, self.module)
 
     @property
@@ -179,8 +190,10 @@ class Tapped(nn.Module):
         if missing:
             kwargs = {self.train_arg: False} if self.train_arg else {}
             available = available_taps(self.module.clone(parent=None), x, **kwargs)
-            raise ValueError(f"Tapped: no submodule call at {missing!r} in {type(self.module).__name__}; "
-                             f"available paths: {sorted(available)}")
+            raise ValueError(
+                f"Tapped: no submodule call at {missing!r} in {type(self.module).__name__}; "
+                f"available paths: {sorted(available)}"
+            )
 
     def __call__(self, x, train: bool = False):
         """The plain forward; checks once that the taps exist and follow the call order."""
@@ -189,8 +202,10 @@ class Tapped(nn.Module):
         self._check_taps(run, x, train, self.taps)
         for before, after in zip(self.taps, self.taps[1:]):
             if run.spans[before][1] > run.spans[after][0]:
-                raise ValueError(f"Tapped: taps must be listed in the order the forward calls them, and not "
-                                 f"nested: {after!r} starts before {before!r} returns")
+                raise ValueError(
+                    f"Tapped: taps must be listed in the order the forward calls them, and not "
+                    f"nested: {after!r} starts before {before!r} returns"
+                )
         return out
 
     def stage(self, index: int, x, *, train: bool):
@@ -201,8 +216,10 @@ class Tapped(nn.Module):
             model_input, write, value = x, None, None
         else:
             if not isinstance(x, dict) or set(x) != {INPUT, FEATURE}:
-                raise TypeError(f"Tapped: stage {index} takes the previous stage's output "
-                                f"{{{INPUT!r}: model input, {FEATURE!r}: features}}, got {type(x).__name__}")
+                raise TypeError(
+                    f"Tapped: stage {index} takes the previous stage's output "
+                    f"{{{INPUT!r}: model input, {FEATURE!r}: features}}, got {type(x).__name__}"
+                )
             model_input, write, value = x[INPUT], self.taps[index - 1], x[FEATURE]
         read = None if last else self.taps[index]
         run = _TapRun(self.path, self.taps, write=write, value=value, read=read, protect_state=train)
@@ -217,6 +234,7 @@ def tapped_boundaries(child: nn.Module, parent: nn.Module, boundaries: Sequence[
     ``boundaries``: the ``hkt_jax.engine.hkt.Boundary`` entries to adapt (default: every
     boundary, both directions); leaf paths in them are relative to the tap output.
     """
+
     def under(path: str, tapped: bool) -> str:
         return "/".join(p for p in (FEATURE if tapped else "", path) if p)
 
@@ -225,11 +243,21 @@ def tapped_boundaries(child: nn.Module, parent: nn.Module, boundaries: Sequence[
         boundaries = (Boundary(),) * (len(child.stage_names) - 1)
     adapted = []
     for b in boundaries:
-        to_child = tuple(dataclasses.replace(link, receiver=under(link.receiver, child_tapped),
-                                             sources=tuple(under(s, parent_tapped) for s in link.sources))
-                         for link in b.to_child)
-        to_parent = tuple(dataclasses.replace(link, receiver=under(link.receiver, parent_tapped),
-                                              sources=tuple(under(s, child_tapped) for s in link.sources))
-                          for link in b.to_parent)
+        to_child = tuple(
+            dataclasses.replace(
+                link,
+                receiver=under(link.receiver, child_tapped),
+                sources=tuple(under(s, parent_tapped) for s in link.sources),
+            )
+            for link in b.to_child
+        )
+        to_parent = tuple(
+            dataclasses.replace(
+                link,
+                receiver=under(link.receiver, parent_tapped),
+                sources=tuple(under(s, child_tapped) for s in link.sources),
+            )
+            for link in b.to_parent
+        )
         adapted.append(dataclasses.replace(b, to_child=to_child, to_parent=to_parent))
     return tuple(adapted)

@@ -26,8 +26,9 @@ class ToyStagedNet(nn.Module):
     stage_names = ("stem", "body", "head")
 
     def setup(self):
-        self.stem_conv = nn.Conv(self.widths[0], (3, 3), strides=self.strides[0], padding=1, use_bias=False,
-                                 dtype=self.dtype)
+        self.stem_conv = nn.Conv(
+            self.widths[0], (3, 3), strides=self.strides[0], padding=1, use_bias=False, dtype=self.dtype
+        )
         self.stem_bn = nn.BatchNorm(momentum=0.9, dtype=self.dtype)
         self.body_conv = nn.Conv(self.widths[1], (3, 3), strides=self.strides[1], padding=1, dtype=self.dtype)
         self.fc = nn.Dense(self.num_classes, dtype=self.dtype)

@@ -53,10 +53,18 @@ class DoubleConv(nn.Module):
     @nn.compact
     def __call__(self, x, *, train: bool):
         for i in (1, 2):
-            x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                        kernel_init=conv_init, dtype=self.dtype, name=f"conv{i}")(x)
+            x = nn.Conv(
+                self.features,
+                (3, 3),
+                padding=((1, 1), (1, 1)),
+                use_bias=False,
+                kernel_init=conv_init,
+                dtype=self.dtype,
+                name=f"conv{i}",
+            )(x)
             x = nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=self.dtype, name=f"bn{i}")(
-                x, use_running_average=not train)
+                x, use_running_average=not train
+            )
             x = nn.relu(x)
         return x
 
@@ -64,10 +72,12 @@ class DoubleConv(nn.Module):
 def _check_input(model_name: str, x: jax.Array, in_channels: int, depth: int) -> None:
     if x.ndim != 4 or x.shape[-1] != in_channels:
         raise ValueError(f"{model_name}: input must be (B, H, W, {in_channels}), got {tuple(x.shape)}")
-    step = 2 ** depth
+    step = 2**depth
     if x.shape[1] % step or x.shape[2] % step:
-        raise ValueError(f"{model_name}: H and W must be multiples of 2**depth = {step} "
-                         f"(one halving per level), got {tuple(x.shape[1:3])}")
+        raise ValueError(
+            f"{model_name}: H and W must be multiples of 2**depth = {step} "
+            f"(one halving per level), got {tuple(x.shape[1:3])}"
+        )
 
 
 class StagedUNet(nn.Module):
@@ -95,16 +105,19 @@ class StagedUNet(nn.Module):
     def setup(self):
         widths = self.level_widths
         if not widths or min(widths) < 1 or self.bottleneck_width < 1:
-            raise ValueError(f"{type(self).__name__}: widths must be positive, got levels {widths} "
-                             f"and bottleneck {self.bottleneck_width}")
+            raise ValueError(
+                f"{type(self).__name__}: widths must be positive, got levels {widths} "
+                f"and bottleneck {self.bottleneck_width}"
+            )
         if self.num_classes < 1:
             raise ValueError(f"{type(self).__name__}: num_classes must be >= 1, got {self.num_classes}")
         self.encoders = [self.encoder_block(w, f"encoder_{i}") for i, w in enumerate(widths)]
         self.bottleneck = self.encoder_block(self.bottleneck_width, "bottleneck")
         # PyTorch ConvTranspose2d semantics (kernel stored as (kh, kw, out, in); see convert/unet.py).
         self.ups = [
-            nn.ConvTranspose(w, (2, 2), strides=(2, 2), padding="VALID", transpose_kernel=True,
-                             dtype=self.dtype, name=f"up_{i}")
+            nn.ConvTranspose(
+                w, (2, 2), strides=(2, 2), padding="VALID", transpose_kernel=True, dtype=self.dtype, name=f"up_{i}"
+            )
             for i, w in enumerate(widths)
         ]
         self.decoders = [DoubleConv(w, self.dtype, name=f"decoder_{i}") for i, w in enumerate(widths)]
@@ -143,8 +156,10 @@ class StagedUNet(nn.Module):
             return (mixed, mixed)
         if stages == 2:
             return (Boundary(backbone=False, head=False, to_child=(), to_parent=()), mixed)
-        raise ValueError(f"hkt.stages={stages}: a U-Net supports 3 (3HKT: after encoder and bottleneck) or 2 "
-                         "(2HKT: after the bottleneck)")
+        raise ValueError(
+            f"hkt.stages={stages}: a U-Net supports 3 (3HKT: after encoder and bottleneck) or 2 "
+            "(2HKT: after the bottleneck)"
+        )
 
     def __call__(self, x, train: bool = False):
         for index in range(len(STAGE_NAMES)):
@@ -208,14 +223,26 @@ class DenseBlock(nn.Module):
     def __call__(self, x, *, train: bool):
         for i in range(self.layers):
             y = nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=self.dtype, name=f"bn{i}")(
-                x, use_running_average=not train)
-            y = nn.Conv(self.growth, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=conv_init,
-                        dtype=self.dtype, name=f"conv{i}")(nn.relu(y))
+                x, use_running_average=not train
+            )
+            y = nn.Conv(
+                self.growth,
+                (3, 3),
+                padding=((1, 1), (1, 1)),
+                use_bias=False,
+                kernel_init=conv_init,
+                dtype=self.dtype,
+                name=f"conv{i}",
+            )(nn.relu(y))
             x = jnp.concatenate([x, y], axis=-1)
-        x = nn.Conv(self.features, (1, 1), use_bias=False, kernel_init=conv_init, dtype=self.dtype,
-                    name="transition")(x)
-        return nn.relu(nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=self.dtype, name="transition_bn")(
-            x, use_running_average=not train))
+        x = nn.Conv(self.features, (1, 1), use_bias=False, kernel_init=conv_init, dtype=self.dtype, name="transition")(
+            x
+        )
+        return nn.relu(
+            nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=self.dtype, name="transition_bn")(
+                x, use_running_average=not train
+            )
+        )
 
 
 class DenseUNet(UNet):

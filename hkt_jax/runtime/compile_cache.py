@@ -76,5 +76,7 @@ def describe(directory: Path | None) -> str:
     """The start-up line that says where compiled programs are kept."""
     if directory is None:
         return "compilation cache off (every run compiles its programs again)"
-    return (f"compilation cache in {directory} (reruns skip compiling; off with --no_compile_cache "
-            f"or {paths.COMPILE_CACHE_ENV}=0)")
+    return (
+        f"compilation cache in {directory} (reruns skip compiling; off with --no_compile_cache "
+        f"or {paths.COMPILE_CACHE_ENV}=0)"
+    )

@@ -19,8 +19,22 @@ VECTOR_ISAS = ("avx512f", "avx2", "avx", "sse4_2", "asimd", "neon")
 # Instruction sets the compiler's x86-64 micro-architecture levels require (gcc -march=x86-64-vN).
 X86_64_LEVELS = {
     "x86-64-v2": ("sse4_1", "sse4_2", "ssse3", "popcnt", "cx16"),
-    "x86-64-v3": ("sse4_1", "sse4_2", "ssse3", "popcnt", "cx16", "avx", "avx2", "bmi1", "bmi2", "f16c", "fma",
-                  "movbe", "xsave", "abm"),
+    "x86-64-v3": (
+        "sse4_1",
+        "sse4_2",
+        "ssse3",
+        "popcnt",
+        "cx16",
+        "avx",
+        "avx2",
+        "bmi1",
+        "bmi2",
+        "f16c",
+        "fma",
+        "movbe",
+        "xsave",
+        "abm",
+    ),
     "x86-64-v4": ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
 }
 
@@ -47,7 +61,7 @@ def _cpuinfo_fields() -> dict[str, str]:
 
 
 def cpu_model() -> str:
-    """"Intel(R) Xeon(R) Platinum 8488C", "AMD EPYC 7R13", ... (``platform.processor()`` without /proc/cpuinfo)."""
+    """ "Intel(R) Xeon(R) Platinum 8488C", "AMD EPYC 7R13", ... (``platform.processor()`` without /proc/cpuinfo)."""
     fields = _cpuinfo_fields()
     model = fields.get("model name") or fields.get("Model") or fields.get("Hardware") or platform.processor()
     if model and fields.get("cpu family") and fields.get("model") and not any(c.isdigit() for c in model):
@@ -61,14 +75,15 @@ def cpu_flags() -> frozenset[str]:
 
 
 def vector_isa(flags: frozenset[str] | None = None) -> str:
-    """"avx512f", "avx2", ...: the widest vector instruction set present, else the machine name."""
+    """ "avx512f", "avx2", ...: the widest vector instruction set present, else the machine name."""
     flags = cpu_flags() if flags is None else flags
     return next((isa for isa in VECTOR_ISAS if isa in flags), platform.machine() or "unknown")
 
 
-def describe_cpu(model: str | None = None, flags: frozenset[str] | None = None,
-                 env: dict[str, str] | None = None) -> str:
-    """"Intel(R) Xeon(R) Platinum 8488C (avx512f)", "AMD EPYC 7R13 (avx2, no avx512)",
+def describe_cpu(
+    model: str | None = None, flags: frozenset[str] | None = None, env: dict[str, str] | None = None
+) -> str:
+    """ "Intel(R) Xeon(R) Platinum 8488C (avx512f)", "AMD EPYC 7R13 (avx2, no avx512)",
     "AMD EPYC 9R45 (avx512f; limited to XLA AVX2, kernels x86-64-v3)" under instruction-set caps."""
     model = cpu_model() if model is None else model
     flags = cpu_flags() if flags is None else flags
@@ -83,8 +98,11 @@ def describe_cpu(model: str | None = None, flags: frozenset[str] | None = None,
 
 # Environment variables that cap the instruction set each library may use: with all three set
 # (experiments/emulate_avx2.sh) an AVX-512 machine runs the AVX2 code paths of XLA, the kernels and PyTorch.
-ISA_LIMIT_VARIABLES = {"kernels": "HKT_JAX_KERNEL_MARCH", "PyTorch": "ATEN_CPU_CAPABILITY",
-                       "oneDNN": "ONEDNN_MAX_CPU_ISA"}
+ISA_LIMIT_VARIABLES = {
+    "kernels": "HKT_JAX_KERNEL_MARCH",
+    "PyTorch": "ATEN_CPU_CAPABILITY",
+    "oneDNN": "ONEDNN_MAX_CPU_ISA",
+}
 
 
 def xla_max_isa(env: dict[str, str] | None = None) -> str | None:

@@ -55,8 +55,15 @@ class Task(abc.ABC):
     # -- data and models ------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def make_datasets(self, data_config: Any, *, global_batch_size: int, seed: int,
-                      process_index: int | None = None, process_count: int | None = None) -> Datasets:
+    def make_datasets(
+        self,
+        data_config: Any,
+        *,
+        global_batch_size: int,
+        seed: int,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ) -> Datasets:
         """This process's data (``hkt_jax.data.stream.Datasets``): the resumable train stream (``.train``
         with ``get_state``/``set_state``), ``eval_batches(split)``, ``num_train`` / ``num_validation`` /
         ``num_test``; task-specific facts (classes, shapes) as attributes of the concrete class."""
@@ -91,8 +98,9 @@ class Task(abc.ABC):
         """The loss of the inherited streams (L1, L3) named by ``hkt.inherit_loss``."""
         return choose_inherit_loss(self, name, self.inherit_loss_table())
 
-    def distill_loss(self, student: Any, teacher: Any, batch: Batch, *, temperature: float,
-                     weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def distill_loss(
+        self, student: Any, teacher: Any, batch: Batch, *, temperature: float, weight: float
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Knowledge distillation from the frozen parent's outputs: (loss, {"l2": task term, "l3": KD term})."""
         raise ValueError(f"method=kd is not defined for task {self.name!r}")
 
@@ -124,8 +132,7 @@ class Task(abc.ABC):
         return []
 
     def describe_data(self, datasets: Any) -> str:
-        return (f"{datasets.num_train} train / {datasets.num_validation} validation / "
-                f"{datasets.num_test} test examples")
+        return f"{datasets.num_train} train / {datasets.num_validation} validation / {datasets.num_test} test examples"
 
 
 def choose_inherit_loss(task: Task, name: str, table: Mapping[str, LossFn]) -> LossFn:

@@ -30,8 +30,9 @@ def hinton_kd(student: jax.Array, teacher: jax.Array, temperature: float) -> jax
     """T^2 KL(softmax(teacher/T) || softmax(student/T)), averaged over the batch (Hinton et al., 2015)."""
     teacher = teacher.astype(jnp.float32) / temperature
     probs = jax.nn.softmax(teacher)
-    kl = (optax.softmax_cross_entropy(student.astype(jnp.float32) / temperature, probs)
-          - optax.softmax_cross_entropy(teacher, probs))
+    kl = optax.softmax_cross_entropy(student.astype(jnp.float32) / temperature, probs) - optax.softmax_cross_entropy(
+        teacher, probs
+    )
     return jnp.mean(kl) * temperature**2
 
 
@@ -49,10 +50,16 @@ class Classification(Task):
     selection_mode: str = "max"
     feature_distillation = True
 
-    def make_datasets(self, data_config, *, global_batch_size, seed, process_index=None,
-                      process_count=None) -> ImageDatasets:
-        return make_datasets(data_config, global_batch_size=global_batch_size, seed=seed,
-                             process_index=process_index, process_count=process_count)
+    def make_datasets(
+        self, data_config, *, global_batch_size, seed, process_index=None, process_count=None
+    ) -> ImageDatasets:
+        return make_datasets(
+            data_config,
+            global_batch_size=global_batch_size,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+        )
 
     def model_kwargs(self, datasets) -> dict[str, Any]:
         return {"num_classes": datasets.num_classes}
@@ -86,5 +93,7 @@ class Classification(Task):
         return {"accuracy": float(sums["correct"]) / count, "loss": float(sums["loss"]) / count}
 
     def describe_data(self, datasets) -> str:
-        return (f"{datasets.num_classes} classes, {'x'.join(map(str, datasets.image_shape))} images: "
-                + super().describe_data(datasets))
+        return (
+            f"{datasets.num_classes} classes, {'x'.join(map(str, datasets.image_shape))} images: "
+            + super().describe_data(datasets)
+        )

@@ -56,19 +56,29 @@ class Flow(Task):
 
     def startup_notes(self, config) -> list[str]:
         if config.method == "hkt" and config.hkt.inherit_loss == "seq":
-            return ["L1/L3 are RAFT's sequence loss on the backbone and head streams, where the paper says MAE "
-                    "(hkt.inherit_loss=mae: mean |final flow - gt|)"]
+            return [
+                "L1/L3 are RAFT's sequence loss on the backbone and head streams, where the paper says MAE "
+                "(hkt.inherit_loss=mae: mean |final flow - gt|)"
+            ]
         return []
 
     # -- data and models ------------------------------------------------------------------------
 
-    def make_datasets(self, data_config, *, global_batch_size, seed, process_index=None,
-                      process_count=None) -> FlowDatasets:
+    def make_datasets(
+        self, data_config, *, global_batch_size, seed, process_index=None, process_count=None
+    ) -> FlowDatasets:
         if not isinstance(data_config, FlowDataConfig):
-            raise ValueError("task='flow' needs data=FlowDataConfig(...) (hkt_jax.tasks.flow_data), got "
-                             f"{type(data_config).__name__}; see experiments/configs/flow_*.py")
-        return FlowDatasets(data_config, global_batch_size=global_batch_size, seed=seed,
-                            process_index=process_index, process_count=process_count)
+            raise ValueError(
+                "task='flow' needs data=FlowDataConfig(...) (hkt_jax.tasks.flow_data), got "
+                f"{type(data_config).__name__}; see experiments/configs/flow_*.py"
+            )
+        return FlowDatasets(
+            data_config,
+            global_batch_size=global_batch_size,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+        )
 
     def model_kwargs(self, datasets):
         return {"iters": datasets.iters}
@@ -86,7 +96,7 @@ class Flow(Task):
         return sequence_loss(outputs, batch["flow"], batch["valid"], gamma=self.gamma, max_flow=self.max_flow)
 
     def inherit_loss_table(self) -> dict[str, LossFn]:
-        """"seq": RAFT's sequence loss; "mae": the paper's mean |final flow - gt|."""
+        """ "seq": RAFT's sequence loss; "mae": the paper's mean |final flow - gt|."""
         return {"seq": self.task_loss, "mae": functools.partial(final_flow_mae, max_flow=self.max_flow)}
 
     def distill_loss(self, student, teacher, batch, *, temperature, weight):
@@ -96,8 +106,9 @@ class Flow(Task):
         del temperature
         ground_truth = self.task_loss(student, batch)
         parent_flow = jax.lax.stop_gradient(teacher[-1].astype(jnp.float32))
-        distill = sequence_loss(student, parent_flow, jnp.ones_like(batch["valid"]), gamma=self.gamma,
-                                max_flow=self.max_flow)
+        distill = sequence_loss(
+            student, parent_flow, jnp.ones_like(batch["valid"]), gamma=self.gamma, max_flow=self.max_flow
+        )
         return (1.0 - weight) * ground_truth + weight * distill, {"l2": ground_truth, "l3": distill}
 
     # -- metrics --------------------------------------------------------------------------------
@@ -117,8 +128,9 @@ class Flow(Task):
         per_example = flow_metric_sums(outputs[-1], batch["flow"], batch["valid"] * batch["mask"][:, None, None])
         sums = {key: jnp.sum(value) for key, value in per_example.items()}
         has_pixels = per_example["count"] > 0
-        sums["image_epe"] = jnp.sum(jnp.where(has_pixels, per_example["epe"] / jnp.maximum(per_example["count"], 1),
-                                              0.0))
+        sums["image_epe"] = jnp.sum(
+            jnp.where(has_pixels, per_example["epe"] / jnp.maximum(per_example["count"], 1), 0.0)
+        )
         sums["images"] = jnp.sum(has_pixels.astype(jnp.float32))
         return sums
 

@@ -31,8 +31,11 @@ from hkt_jax.data.synthetic_flow import SyntheticFlow
 FLOW_SOURCES = ("synthetic", "chairs", "things", "sintel", "kitti", "folder")
 # RAFT's sintel-stage training sets (core/datasets.py, fetch_dataloader): the datasets each one reads. The
 # names are Table 1's columns: C+T+K/S for the Sintel submission, C+T+S+K+H before KITTI fine-tuning.
-SINTEL_MIXES = {"sintel": ("sintel",), "C+T+K/S": ("sintel", "things"),
-                "C+T+S+K+H": ("sintel", "things", "kitti", "hd1k")}
+SINTEL_MIXES = {
+    "sintel": ("sintel",),
+    "C+T+K/S": ("sintel", "things"),
+    "C+T+S+K+H": ("sintel", "things", "kitti", "hd1k"),
+}
 _HOLDOUT_SEED = 20_200_326  # fixed: the held-out pairs never depend on the run's seed
 
 
@@ -76,13 +79,20 @@ class FlowDataConfig(DataConfig):
             raise ValueError(f"data.sintel_mix={self.sintel_mix!r}: expected one of {tuple(SINTEL_MIXES)}")
         if self.sintel_mix != "sintel":
             if self.source != "sintel" or not self.augment:
-                raise ValueError(f"data.sintel_mix={self.sintel_mix!r} is RAFT's sintel stage: it needs "
-                                 "data.source=sintel and data.augment=true")
-            missing = [f"data.{name}_path" for name in SINTEL_MIXES[self.sintel_mix]
-                       if name != "sintel" and not getattr(self, f"{name}_path")]
+                raise ValueError(
+                    f"data.sintel_mix={self.sintel_mix!r} is RAFT's sintel stage: it needs "
+                    "data.source=sintel and data.augment=true"
+                )
+            missing = [
+                f"data.{name}_path"
+                for name in SINTEL_MIXES[self.sintel_mix]
+                if name != "sintel" and not getattr(self, f"{name}_path")
+            ]
             if missing:
-                raise ValueError(f"data.sintel_mix={self.sintel_mix!r} also reads {', '.join(missing)}: set "
-                                 + ", ".join(f"{m}=ROOT" for m in missing))
+                raise ValueError(
+                    f"data.sintel_mix={self.sintel_mix!r} also reads {', '.join(missing)}: set "
+                    + ", ".join(f"{m}=ROOT" for m in missing)
+                )
         if not 0 < self.loss_gamma <= 1:
             raise ValueError(f"data.loss_gamma={self.loss_gamma}: expected in (0, 1] (RAFT: 0.8, or 0.85 fine-tuning)")
         if not set(self.passes) <= {"clean", "final"} or not self.passes:
@@ -181,13 +191,18 @@ def sintel_mixture(config: FlowDataConfig, sintel_train: Concat) -> FlowMixture:
     -0.3..0.5 with flips, HD1K -0.5..0.2 (both sparse)."""
     crop = config.crop_size
     sintel_augment = raft_augment_config("sintel", crop)
-    parts = [MixturePart(f"sintel_{name}", source, 100, sintel_augment)
-             for name, source in zip(config.passes, sintel_train.parts)]
+    parts = [
+        MixturePart(f"sintel_{name}", source, 100, sintel_augment)
+        for name, source in zip(config.passes, sintel_train.parts)
+    ]
     if "kitti" in SINTEL_MIXES[config.sintel_mix]:
-        kitti_augment = dataclasses.replace(raft_augment_config("kitti", crop), min_scale=-0.3, max_scale=0.5,
-                                            do_flip=True)
-        parts += [MixturePart("kitti", _open("kitti", config.kitti_path, split="training"), 200, kitti_augment),
-                  MixturePart("hd1k", _open("hd1k", config.hd1k_path), 5, raft_augment_config("hd1k", crop))]
+        kitti_augment = dataclasses.replace(
+            raft_augment_config("kitti", crop), min_scale=-0.3, max_scale=0.5, do_flip=True
+        )
+        parts += [
+            MixturePart("kitti", _open("kitti", config.kitti_path, split="training"), 200, kitti_augment),
+            MixturePart("hd1k", _open("hd1k", config.hd1k_path), 5, raft_augment_config("hd1k", crop)),
+        ]
     things = _open("things", config.things_path, pass_name="clean", split="TRAIN")
     return FlowMixture((*parts, MixturePart("things_clean", things, 1, sintel_augment)))
 
@@ -209,8 +224,15 @@ class FlowDatasets:
     """A ``Datasets`` of flow pairs: ``train`` (resumable), ``eval_batches(split)`` (padded to multiples
     of 8, ``mask`` / ``valid`` 0 on padding), split sizes, plus ``iters`` and the training frame shape."""
 
-    def __init__(self, config: FlowDataConfig, *, global_batch_size: int, seed: int,
-                 process_index: int | None = None, process_count: int | None = None):
+    def __init__(
+        self,
+        config: FlowDataConfig,
+        *,
+        global_batch_size: int,
+        seed: int,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
         layout = ProcessSlice.of(global_batch_size, process_index, process_count)
         self.config = config
         self._splits = flow_splits(config)
@@ -238,5 +260,7 @@ class FlowDatasets:
         source = self.config.source + ("" if self.config.source == "synthetic" else f" at {self.config.path}")
         if isinstance(self._splits["train"], FlowMixture):
             source += f" (RAFT's {self.config.sintel_mix} mixture: {self._splits['train'].describe()})"
-        return (f"{source}, {self.frame_shape[0]}x{self.frame_shape[1]} training frames, {self.iters} iterations: "
-                f"{self.num_train} train / {self.num_validation} validation / {self.num_test} test pairs")
+        return (
+            f"{source}, {self.frame_shape[0]}x{self.frame_shape[1]} training frames, {self.iters} iterations: "
+            f"{self.num_train} train / {self.num_validation} validation / {self.num_test} test pairs"
+        )

@@ -45,9 +45,7 @@ def sequence_loss(
     channels (invalid ones count as zeros), not over the valid ones only.
     """
     if flow_predictions.ndim != 5 or flow_predictions.shape[1:] != flow_gt.shape:
-        raise ValueError(
-            f"sequence_loss expects predictions (iters, *{flow_gt.shape}), got {flow_predictions.shape}"
-        )
+        raise ValueError(f"sequence_loss expects predictions (iters, *{flow_gt.shape}), got {flow_predictions.shape}")
     mask = _valid_mask(flow_gt, valid, max_flow).astype(flow_predictions.dtype)[..., None]
     num_iters = flow_predictions.shape[0]
     weights = gamma ** jnp.arange(num_iters - 1, -1, -1, dtype=jnp.float32)

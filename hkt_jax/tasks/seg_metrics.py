@@ -45,8 +45,9 @@ def cross_entropy(logits: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
     return jnp.sum(per_pixel * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def soft_dice_loss(logits: jax.Array, batch: dict[str, jax.Array], *, include_background: bool = False,
-                   smooth: float = 1e-5) -> jax.Array:
+def soft_dice_loss(
+    logits: jax.Array, batch: dict[str, jax.Array], *, include_background: bool = False, smooth: float = 1e-5
+) -> jax.Array:
     """1 - mean over classes of the soft Dice (2 sum p g + s) / (sum p + sum g + s).
 
     Sums run over the whole batch and all pixels (batch Dice, as nnU-Net), so a
@@ -67,12 +68,14 @@ def soft_dice_loss(logits: jax.Array, batch: dict[str, jax.Array], *, include_ba
     return 1.0 - jnp.mean(dice[first:])
 
 
-def make_segmentation_loss(ce_weight: float = 1.0, dice_weight: float = 1.0, *, include_background: bool = False,
-                           smooth: float = 1e-5) -> LossFn:
+def make_segmentation_loss(
+    ce_weight: float = 1.0, dice_weight: float = 1.0, *, include_background: bool = False, smooth: float = 1e-5
+) -> LossFn:
     """``ce_weight * cross_entropy + dice_weight * soft_dice_loss`` as a ``loss(logits, batch)``."""
     if ce_weight < 0 or dice_weight < 0 or ce_weight + dice_weight == 0:
-        raise ValueError(f"segmentation loss weights must be >= 0 and not both 0, got ce={ce_weight}, "
-                         f"dice={dice_weight}")
+        raise ValueError(
+            f"segmentation loss weights must be >= 0 and not both 0, got ce={ce_weight}, dice={dice_weight}"
+        )
 
     def segmentation_loss(logits: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
         total = jnp.zeros((), jnp.float32)
@@ -97,8 +100,9 @@ def segmentation_mae(logits: jax.Array, batch: dict[str, jax.Array]) -> jax.Arra
     return jnp.sum(error) / jnp.maximum(jnp.sum(weights) * logits.shape[-1], 1.0)
 
 
-def pixel_kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, temperature: float = 1.0,
-                  valid: jax.Array | None = None) -> jax.Array:
+def pixel_kd_loss(
+    student_logits: jax.Array, teacher_logits: jax.Array, *, temperature: float = 1.0, valid: jax.Array | None = None
+) -> jax.Array:
     """Pixel-wise distillation: T^2 * mean over pixels of KL(softmax(t/T) || softmax(s/T))."""
     t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
     s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
@@ -130,8 +134,9 @@ def _in_region(xp, label_map, labels: tuple[int, ...]):
     return inside
 
 
-def dice_sums(predictions: jax.Array, labels: jax.Array, regions: Regions,
-              valid: jax.Array | None = None) -> dict[str, jax.Array]:
+def dice_sums(
+    predictions: jax.Array, labels: jax.Array, regions: Regions, valid: jax.Array | None = None
+) -> dict[str, jax.Array]:
     """Per-example counts ``{"intersection", "predicted", "target"}``, each ``(B, R)``.
 
     ``predictions`` and ``labels`` are ``(B, ...)`` label maps (argmax of the logits
@@ -191,8 +196,9 @@ class DiceAccumulator:
         """A whole predicted volume (any shape) against its label volume."""
         if np.shape(prediction) != np.shape(label):
             raise ValueError(f"case {case_id}: prediction {np.shape(prediction)} and label {np.shape(label)} differ")
-        sums = dice_sums(np.reshape(np.asarray(prediction), (1, -1)), np.reshape(np.asarray(label), (1, -1)),
-                         self.regions)
+        sums = dice_sums(
+            np.reshape(np.asarray(prediction), (1, -1)), np.reshape(np.asarray(label), (1, -1)), self.regions
+        )
         self.add(sums, [case_id])
 
     @property

@@ -70,8 +70,10 @@ class SegSettings:
         if self.num_classes < 2:
             raise ValueError(f"seg.num_classes must be >= 2, got {self.num_classes}")
         if self.validation_cases < 0 or self.test_cases < 1:
-            raise ValueError(f"seg.validation_cases must be >= 0 and seg.test_cases >= 1, got "
-                             f"{self.validation_cases} and {self.test_cases}")
+            raise ValueError(
+                f"seg.validation_cases must be >= 0 and seg.test_cases >= 1, got "
+                f"{self.validation_cases} and {self.test_cases}"
+            )
         seg_metrics.make_segmentation_loss(self.ce_weight, self.dice_weight)  # checks the weights
 
     @property
@@ -99,8 +101,10 @@ class SegDataConfig(DataConfig):
             raise ValueError(f"data.source={self.source!r}: a segmentation run reads one of {DATA_SOURCES}")
         if self.source != "synthetic" and not self.path:
             layout = {"lits": "volume-N.nii[.gz] with segmentation-N.nii[.gz]", "png_folder": PNG_LAYOUT}
-            raise ValueError(f"data.source={self.source!r} needs data.path: a folder of "
-                             f"{layout.get(self.source, 'LiTS volumes or PNG pairs')}")
+            raise ValueError(
+                f"data.source={self.source!r} needs data.path: a folder of "
+                f"{layout.get(self.source, 'LiTS volumes or PNG pairs')}"
+            )
 
 
 def synthetic_lits_dir(settings: SegSettings, seed: int, cache_dir: str | None = None) -> Path:
@@ -112,8 +116,9 @@ def synthetic_lits_dir(settings: SegSettings, seed: int, cache_dir: str | None =
         return root
 
     partial = root.with_name(f"{root.name}.partial-{os.getpid()}")
-    write_synthetic_lits(partial, settings.synthetic_cases, seed=seed,
-                         config=SyntheticCTConfig(shape=tuple(settings.synthetic_shape)))
+    write_synthetic_lits(
+        partial, settings.synthetic_cases, seed=seed, config=SyntheticCTConfig(shape=tuple(settings.synthetic_shape))
+    )
     (partial / "complete").touch()
     try:
         partial.rename(root)
@@ -125,9 +130,11 @@ def synthetic_lits_dir(settings: SegSettings, seed: int, cache_dir: str | None =
 def load_slices(data_config: Any, settings: SegSettings) -> volumes.SliceSet:
     """Every slice of every case the data config names (see the module docstring)."""
     if data_config.source not in DATA_SOURCES:
-        raise ValueError(f"data.source={data_config.source!r}: the segmentation task reads {DATA_SOURCES} "
-                         "(lits = a LiTS NIfTI folder, png_folder = images/ + masks/ PNG pairs at data.path, "
-                         "image_folder = either)")
+        raise ValueError(
+            f"data.source={data_config.source!r}: the segmentation task reads {DATA_SOURCES} "
+            "(lits = a LiTS NIfTI folder, png_folder = images/ + masks/ PNG pairs at data.path, "
+            "image_folder = either)"
+        )
     storage = np.float16 if settings.store_float16 else np.float32
     if data_config.source == "synthetic":
         root = synthetic_lits_dir(settings, data_config.synthetic_seed, data_config.cache_dir)
@@ -138,16 +145,30 @@ def load_slices(data_config: Any, settings: SegSettings) -> volumes.SliceSet:
             raise ValueError(f"data.source=png_folder: {root} does not hold images/ and masks/ (expected {PNG_LAYOUT})")
         if data_config.source != "lits" and is_png:
             return volumes.load_png_pairs(root, num_classes=settings.num_classes, size=settings.slice_size)
-    return volumes.load_lits_slices(volumes.find_lits_cases(root), num_classes=settings.num_classes,
-                                    window=settings.window, size=settings.slice_size, storage_dtype=storage)
+    return volumes.load_lits_slices(
+        volumes.find_lits_cases(root),
+        num_classes=settings.num_classes,
+        window=settings.window,
+        size=settings.slice_size,
+        storage_dtype=storage,
+    )
 
 
 class SegDatasets:
     """A ``Datasets`` of CT slices, split by volume: eval batches carry one-hot case ids (``case``) and mark
     real slices with ``valid``; plus ``image_shape`` and ``num_cases`` per split."""
 
-    def __init__(self, slices: volumes.SliceSet, settings: SegSettings, *, global_batch_size: int, seed: int,
-                 split_seed: int, process_index: int | None = None, process_count: int | None = None):
+    def __init__(
+        self,
+        slices: volumes.SliceSet,
+        settings: SegSettings,
+        *,
+        global_batch_size: int,
+        seed: int,
+        split_seed: int,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
         self._layout = ProcessSlice.of(global_batch_size, process_index, process_count)
         rest, test_ids = volumes.split_by_case(slices.case_ids, settings.test_cases, seed=split_seed)
         train_ids, validation_ids = volumes.split_by_case(rest, settings.validation_cases, seed=split_seed + 1)
@@ -155,9 +176,14 @@ class SegDatasets:
         if validation_ids:
             self.splits["validation"] = volumes.select_cases(slices, validation_ids)
         self.train = volumes.make_train_stream(
-            self.splits["train"], global_batch_size=global_batch_size, seed=seed,
-            foreground_fraction=settings.foreground_fraction, augment_slices=settings.augment,
-            process_index=self._layout.process_index, process_count=self._layout.process_count)
+            self.splits["train"],
+            global_batch_size=global_batch_size,
+            seed=seed,
+            foreground_fraction=settings.foreground_fraction,
+            augment_slices=settings.augment,
+            process_index=self._layout.process_index,
+            process_count=self._layout.process_count,
+        )
         self.num_train = len(self.splits["train"])
         self.num_validation = len(self.splits["validation"]) if validation_ids else 0
         self.num_test = len(self.splits["test"])
@@ -168,9 +194,12 @@ class SegDatasets:
         if split not in self.splits:
             raise ValueError(f"no {split!r} split in this data (seg.validation_cases=0?)")
         cases = self.num_cases[split]
-        for batch in volumes.eval_batches(self.splits[split], global_batch_size=self._layout.global_batch_size,
-                                          process_index=self._layout.process_index,
-                                          process_count=self._layout.process_count):
+        for batch in volumes.eval_batches(
+            self.splits[split],
+            global_batch_size=self._layout.global_batch_size,
+            process_index=self._layout.process_index,
+            process_count=self._layout.process_count,
+        ):
             batch["case"] = np.eye(cases, dtype=np.int32)[batch["case"]]
             yield batch
 
@@ -208,11 +237,18 @@ class Segmentation(Task):
 
     # -- data and models --
 
-    def make_datasets(self, data_config, *, global_batch_size, seed, process_index=None,
-                      process_count=None) -> SegDatasets:
-        return SegDatasets(load_slices(data_config, self.settings), self.settings,
-                           global_batch_size=global_batch_size, seed=seed, split_seed=self.settings.split_seed,
-                           process_index=process_index, process_count=process_count)
+    def make_datasets(
+        self, data_config, *, global_batch_size, seed, process_index=None, process_count=None
+    ) -> SegDatasets:
+        return SegDatasets(
+            load_slices(data_config, self.settings),
+            self.settings,
+            global_batch_size=global_batch_size,
+            seed=seed,
+            split_seed=self.settings.split_seed,
+            process_index=process_index,
+            process_count=process_count,
+        )
 
     def model_kwargs(self, datasets) -> dict[str, Any]:
         return {"num_classes": self.settings.num_classes, "in_channels": datasets.image_shape[-1]}
@@ -226,7 +262,7 @@ class Segmentation(Task):
         return seg_metrics.make_segmentation_loss(self.settings.ce_weight, self.settings.dice_weight)(outputs, batch)
 
     def inherit_loss_table(self) -> dict[str, LossFn]:
-        """"mae": the paper's per-pixel MAE; "ce": the segmentation loss itself (CE + soft Dice)."""
+        """ "mae": the paper's per-pixel MAE; "ce": the segmentation loss itself (CE + soft Dice)."""
         return {"mae": seg_metrics.segmentation_mae, "ce": self.task_loss}
 
     def distill_loss(self, student, teacher, batch, *, temperature, weight):
@@ -255,8 +291,11 @@ class Segmentation(Task):
         predicted = jnp.argmax(outputs, -1)
         pixel_weight = valid[:, None, None]
         ce = optax.softmax_cross_entropy_with_integer_labels(outputs.astype(jnp.float32), labels)
-        sums = {"loss": jnp.sum(ce * pixel_weight), "correct": jnp.sum((predicted == labels) * pixel_weight),
-                "pixels": jnp.sum(jnp.ones_like(ce) * pixel_weight)}
+        sums = {
+            "loss": jnp.sum(ce * pixel_weight),
+            "correct": jnp.sum((predicted == labels) * pixel_weight),
+            "pixels": jnp.sum(jnp.ones_like(ce) * pixel_weight),
+        }
         counts = seg_metrics.dice_sums(predicted, labels, self.settings.regions, valid)  # each (B, R)
         cases = batch["case"].astype(jnp.int32)  # (B, K) one-hot
         for name, value in counts.items():
@@ -270,23 +309,34 @@ class Segmentation(Task):
         regions = self.settings.regions
         cases = sorted({int(key.split("/")[0][4:]) for key in sums if key.startswith("case")})
         accumulator = seg_metrics.DiceAccumulator(regions)
-        arrays = {name: np.array([[int(sums[_case_sum_key(k, name, r)]) for r in range(len(regions))] for k in cases])
-                  for name in seg_metrics.SUM_NAMES}
+        arrays = {
+            name: np.array([[int(sums[_case_sum_key(k, name, r)]) for r in range(len(regions))] for k in cases])
+            for name in seg_metrics.SUM_NAMES
+        }
         accumulator.add(arrays, cases)
         result = accumulator.result()
         pixels = float(sums["pixels"])
-        return {"dice": result[f"dice_per_case/{regions[0][0]}"], **result,
-                "pixel_accuracy": float(sums["correct"]) / pixels, "loss": float(sums["loss"]) / pixels}
+        return {
+            "dice": result[f"dice_per_case/{regions[0][0]}"],
+            **result,
+            "pixel_accuracy": float(sums["correct"]) / pixels,
+            "loss": float(sums["loss"]) / pixels,
+        }
 
     def images_to_log(self, outputs, batch):
         """Up to 4 slices side by side: image | ground truth | prediction."""
         predicted = np.asarray(jnp.argmax(outputs[:4], -1))
         images, labels = np.asarray(batch["image"][:4]), np.asarray(batch["mask"][:4])
-        rows = [np.concatenate([overlay(i, np.zeros_like(m)), overlay(i, m), overlay(i, p)], axis=1)
-                for i, m, p in zip(images, labels, predicted)]
+        rows = [
+            np.concatenate([overlay(i, np.zeros_like(m)), overlay(i, m), overlay(i, p)], axis=1)
+            for i, m, p in zip(images, labels, predicted)
+        ]
         return {"image_truth_prediction": np.concatenate(rows, axis=0)}
 
     def describe_data(self, datasets) -> str:
         cases = ", ".join(f"{n} {split}" for split, n in datasets.num_cases.items())
-        return (f"{'x'.join(map(str, datasets.image_shape))} slices of volumes ({cases}); "
-                + super().describe_data(datasets) + " (slices)")
+        return (
+            f"{'x'.join(map(str, datasets.image_shape))} slices of volumes ({cases}); "
+            + super().describe_data(datasets)
+            + " (slices)"
+        )

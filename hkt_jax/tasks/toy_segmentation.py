@@ -31,7 +31,7 @@ def make_squares(num: int, size: int, seed: int) -> dict[str, np.ndarray]:
     for i in range(num):
         side = rng.integers(size // 4, size // 2 + 1)
         y, x = rng.integers(0, size - side + 1, 2)
-        masks[i, y:y + side, x:x + side] = 1
+        masks[i, y : y + side, x : x + side] = 1
     images += masks[..., None] * rng.uniform(0.8, 1.2, (num, 1, 1, 3)).astype(np.float32)
     return {"image": images, "segmentation": masks}
 
@@ -59,16 +59,27 @@ class ToySegmentation(Task):
     selection_mode: str = "max"
     image_size: int = 16
 
-    def make_datasets(self, data_config, *, global_batch_size, seed, process_index=None,
-                      process_count=None) -> ArrayDatasets:
-        sizes = {"train": data_config.synthetic_train_size, "validation": data_config.validation_size,
-                 "test": data_config.synthetic_test_size}
+    def make_datasets(
+        self, data_config, *, global_batch_size, seed, process_index=None, process_count=None
+    ) -> ArrayDatasets:
+        sizes = {
+            "train": data_config.synthetic_train_size,
+            "validation": data_config.validation_size,
+            "test": data_config.synthetic_test_size,
+        }
         base = data_config.synthetic_seed
-        splits = {name: make_squares(n, self.image_size, base * 3 + k) for k, (name, n) in enumerate(sizes.items())
-                  if n > 0}
-        return ArrayDatasets(splits, global_batch_size=global_batch_size, seed=seed, process_index=process_index,
-                             process_count=process_count, num_classes=NUM_CLASSES,
-                             image_shape=(self.image_size, self.image_size, 3))
+        splits = {
+            name: make_squares(n, self.image_size, base * 3 + k) for k, (name, n) in enumerate(sizes.items()) if n > 0
+        }
+        return ArrayDatasets(
+            splits,
+            global_batch_size=global_batch_size,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+            num_classes=NUM_CLASSES,
+            image_shape=(self.image_size, self.image_size, 3),
+        )
 
     def model_kwargs(self, datasets):
         return {"num_classes": NUM_CLASSES}
@@ -91,15 +102,23 @@ class ToySegmentation(Task):
         target = batch["segmentation"]
         loss = optax.softmax_cross_entropy_with_integer_labels(outputs.astype(jnp.float32), target)
         hit, fg_pred, fg_true = (predicted == target), (predicted == 1), (target == 1)
-        return {"correct": jnp.sum(hit * mask), "pixels": jnp.sum(jnp.ones_like(hit) * mask),
-                "loss": jnp.sum(loss * mask), "intersection": jnp.sum(fg_pred * fg_true * mask),
-                "predicted": jnp.sum(fg_pred * mask), "actual": jnp.sum(fg_true * mask)}
+        return {
+            "correct": jnp.sum(hit * mask),
+            "pixels": jnp.sum(jnp.ones_like(hit) * mask),
+            "loss": jnp.sum(loss * mask),
+            "intersection": jnp.sum(fg_pred * fg_true * mask),
+            "predicted": jnp.sum(fg_pred * mask),
+            "actual": jnp.sum(fg_true * mask),
+        }
 
     def finish_eval(self, sums):
         pixels = float(sums["pixels"])
         denominator = float(sums["predicted"]) + float(sums["actual"])
-        return {"pixel_accuracy": float(sums["correct"]) / pixels, "loss": float(sums["loss"]) / pixels,
-                "dice": 2 * float(sums["intersection"]) / denominator if denominator else 1.0}
+        return {
+            "pixel_accuracy": float(sums["correct"]) / pixels,
+            "loss": float(sums["loss"]) / pixels,
+            "dice": 2 * float(sums["intersection"]) / denominator if denominator else 1.0,
+        }
 
     def images_to_log(self, outputs, batch):
         predicted = np.asarray(jnp.argmax(outputs[:4], -1), np.uint8) * 255

@@ -90,8 +90,13 @@ class PendingSave:
     previous: int | None
 
 
-def save_training(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict[str, Any],
-                  loop_state: dict[str, Any] | None = None) -> PendingSave:
+def save_training(
+    manager: ocp.CheckpointManager,
+    step: int,
+    state: Any,
+    data_state: dict[str, Any],
+    loop_state: dict[str, Any] | None = None,
+) -> PendingSave:
     """Start saving one step; ``finish_save`` waits for it (and ``manager.close`` does).
 
     The arrays are on the host when this returns, so ``state`` may be donated to
@@ -122,11 +127,16 @@ def finish_save(manager: ocp.CheckpointManager, pending: PendingSave | None) -> 
 
 def _save_failed(manager: ocp.CheckpointManager, step: int, previous: int | None, error: BaseException):
     _drop_orbax_logs()  # the one line below says it all; orbax's threads would add tracebacks of it
-    kept = (f"the previous checkpoint (step {previous}) is intact; free space or fix the directory and rerun "
-            f"the same command to continue from step {previous}" if previous is not None else
-            "no earlier checkpoint exists; fix the directory and rerun the same command to start again")
-    return CheckpointSaveError(f"error: could not save the checkpoint of step {step} in {manager.directory} "
-                               f"({type(error).__name__}: {_first_line(error)}); {kept}")
+    kept = (
+        f"the previous checkpoint (step {previous}) is intact; free space or fix the directory and rerun "
+        f"the same command to continue from step {previous}"
+        if previous is not None
+        else "no earlier checkpoint exists; fix the directory and rerun the same command to start again"
+    )
+    return CheckpointSaveError(
+        f"error: could not save the checkpoint of step {step} in {manager.directory} "
+        f"({type(error).__name__}: {_first_line(error)}); {kept}"
+    )
 
 
 class _OrbaxLogs(logging.Filter):
@@ -181,17 +191,26 @@ def restore_latest_readable(manager: ocp.CheckpointManager, abstract_state: Any)
             continue
         if skipped:
             _set_aside(manager, [int(s.split()[1]) for s in skipped])
-            warnings.warn(f"{manager.directory}: unreadable newer checkpoint(s) {'; '.join(skipped)}; moved to "
-                          f"{Path(manager.directory).parent / UNREADABLE_SUBDIR}; resuming from step {step}",
-                          stacklevel=2)
+            warnings.warn(
+                f"{manager.directory}: unreadable newer checkpoint(s) {'; '.join(skipped)}; moved to "
+                f"{Path(manager.directory).parent / UNREADABLE_SUBDIR}; resuming from step {step}",
+                stacklevel=2,
+            )
         return Restored(step, restored["state"], restored["data"], dict(restored.get("loop") or {}), skipped)
     if skipped:
         old_format = any("tree structures do not match" in s for s in skipped) and any(
-            "'rng'" in _read_text(Path(manager.directory) / str(step) / "state" / "_METADATA") for step in steps)
-        hint = (" (these train states have an 'rng' leaf: they were written by hkt_jax before the Task "
-                "redesign; finish that run with the earlier version)" if old_format else "")
-        raise UserError(f"no readable checkpoint in {manager.directory}: {'; '.join(skipped)}{hint}. Move that "
-                        "directory away to start from step 0, or use a new --workdir")
+            "'rng'" in _read_text(Path(manager.directory) / str(step) / "state" / "_METADATA") for step in steps
+        )
+        hint = (
+            " (these train states have an 'rng' leaf: they were written by hkt_jax before the Task "
+            "redesign; finish that run with the earlier version)"
+            if old_format
+            else ""
+        )
+        raise UserError(
+            f"no readable checkpoint in {manager.directory}: {'; '.join(skipped)}{hint}. Move that "
+            "directory away to start from step 0, or use a new --workdir"
+        )
     return None
 
 
@@ -226,8 +245,11 @@ def _is_orbax_closed_loop_noise(unraisable) -> bool:
     if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
         return True
     code = getattr(unraisable.object, "cr_code", None)  # a coroutine of orbax's, collected unfinished
-    return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename and isinstance(
-        error, (RuntimeError, asyncio.CancelledError, GeneratorExit))
+    return (
+        code is not None
+        and f"{os.sep}orbax{os.sep}" in code.co_filename
+        and isinstance(error, (RuntimeError, asyncio.CancelledError, GeneratorExit))
+    )
 
 
 def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:

@@ -81,18 +81,30 @@ class OptimConfig:
     low_lr_warmup_min_depth: int = 110
 
     def __post_init__(self):
-        _check("optim.learning_rate", self.learning_rate, self.learning_rate > 0 and math.isfinite(self.learning_rate),
-               "a positive finite number")
+        _check(
+            "optim.learning_rate",
+            self.learning_rate,
+            self.learning_rate > 0 and math.isfinite(self.learning_rate),
+            "a positive finite number",
+        )
         _check("optim.momentum", self.momentum, 0 <= self.momentum < 1, "in [0, 1)")
         _check("optim.weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0")
         _check("optim.decay_factor", self.decay_factor, 0 < self.decay_factor <= 1, "in (0, 1]")
         _check("optim.warmup_epochs", self.warmup_epochs, self.warmup_epochs >= 0, ">= 0")
         _check("optim.low_lr_warmup_steps", self.low_lr_warmup_steps, self.low_lr_warmup_steps >= 0, ">= 0 (0: off)")
         _check("optim.low_lr_warmup_factor", self.low_lr_warmup_factor, 0 < self.low_lr_warmup_factor <= 1, "in (0, 1]")
-        _check("optim.low_lr_warmup_min_depth", self.low_lr_warmup_min_depth, self.low_lr_warmup_min_depth >= 0,
-               ">= 0 (0: every network)")
-        _check("optim.milestones", self.milestones, all(m > 0 for m in self.milestones)
-               and list(self.milestones) == sorted(self.milestones), "positive epochs in increasing order")
+        _check(
+            "optim.low_lr_warmup_min_depth",
+            self.low_lr_warmup_min_depth,
+            self.low_lr_warmup_min_depth >= 0,
+            ">= 0 (0: every network)",
+        )
+        _check(
+            "optim.milestones",
+            self.milestones,
+            all(m > 0 for m in self.milestones) and list(self.milestones) == sorted(self.milestones),
+            "positive epochs in increasing order",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,15 +181,28 @@ class TrainSettings:
         _check("train.epochs", self.epochs, self.epochs > 0 and math.isfinite(self.epochs), "> 0")
         _check("train.steps", self.steps, self.steps is None or self.steps > 0, "a positive integer or none")
         _check("train.log_every_steps", self.log_every_steps, self.log_every_steps > 0, "a positive integer")
-        _check("train.eval_every_steps", self.eval_every_steps,
-               self.eval_every_steps is None or self.eval_every_steps > 0, "a positive integer or none")
-        _check("train.checkpoint_every_steps", self.checkpoint_every_steps, self.checkpoint_every_steps > 0,
-               "a positive integer")
-        _check("train.checkpoint_every_minutes", self.checkpoint_every_minutes,
-               self.checkpoint_every_minutes >= 0 and math.isfinite(self.checkpoint_every_minutes), ">= 0 (0: off)")
+        _check(
+            "train.eval_every_steps",
+            self.eval_every_steps,
+            self.eval_every_steps is None or self.eval_every_steps > 0,
+            "a positive integer or none",
+        )
+        _check(
+            "train.checkpoint_every_steps",
+            self.checkpoint_every_steps,
+            self.checkpoint_every_steps > 0,
+            "a positive integer",
+        )
+        _check(
+            "train.checkpoint_every_minutes",
+            self.checkpoint_every_minutes,
+            self.checkpoint_every_minutes >= 0 and math.isfinite(self.checkpoint_every_minutes),
+            ">= 0 (0: off)",
+        )
         _check("train.skip_nonfinite_steps", self.skip_nonfinite_steps, self.skip_nonfinite_steps >= 0, ">= 0")
-        _check("train.compute_dtype", self.compute_dtype, self.compute_dtype in COMPUTE_DTYPES,
-               f"one of {COMPUTE_DTYPES}")
+        _check(
+            "train.compute_dtype", self.compute_dtype, self.compute_dtype in COMPUTE_DTYPES, f"one of {COMPUTE_DTYPES}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,19 +243,24 @@ class ExperimentConfig:
         task = task_class(self.task)
         expected = task.settings_type
         if expected is None and self.task_settings is not None:
-            raise ValueError(f"task_settings={type(self.task_settings).__name__}(...): task={self.task!r} has no "
-                             "settings; leave task_settings out (or set it to None)")
+            raise ValueError(
+                f"task_settings={type(self.task_settings).__name__}(...): task={self.task!r} has no "
+                "settings; leave task_settings out (or set it to None)"
+            )
         if expected is not None:
             if self.task_settings is None:
                 object.__setattr__(self, "task_settings", expected())
             elif not isinstance(self.task_settings, expected):
-                raise ValueError(f"task_settings: task={self.task!r} takes {expected.__name__}(...), got "
-                                 f"{type(self.task_settings).__name__}")
+                raise ValueError(
+                    f"task_settings: task={self.task!r} takes {expected.__name__}(...), got "
+                    f"{type(self.task_settings).__name__}"
+                )
             if task.settings_name() in {field.name for field in dataclasses.fields(self)}:
-                raise ValueError(f"task={self.task!r}: its settings key {task.settings_name()!r} is already a "
-                                 "config field; give the task another settings_key")
-        _check("parent_epochs", self.parent_epochs, self.parent_epochs is None or self.parent_epochs > 0,
-               "> 0 or none")
+                raise ValueError(
+                    f"task={self.task!r}: its settings key {task.settings_name()!r} is already a "
+                    "config field; give the task another settings_key"
+                )
+        _check("parent_epochs", self.parent_epochs, self.parent_epochs is None or self.parent_epochs > 0, "> 0 or none")
 
     @property
     def cli_names(self) -> dict[str, str]:

@@ -45,8 +45,10 @@ def planned_runs(config: ExperimentConfig, workdir: Path) -> list[tuple[Experime
     if config.method not in NEEDS_PARENT or config.parent_ckpt:
         return [(config, workdir)]
     parent_workdir, parent_ckpt = parent_workdir_and_checkpoint(workdir)
-    return [(parent_run_config(config), parent_workdir),
-            (dataclasses.replace(config, parent_ckpt=str(parent_ckpt)), workdir)]
+    return [
+        (parent_run_config(config), parent_workdir),
+        (dataclasses.replace(config, parent_ckpt=str(parent_ckpt)), workdir),
+    ]
 
 
 def ensure_parent(config: ExperimentConfig, workdir: Path, *, allow_config_change: bool = False) -> ExperimentConfig:
@@ -56,8 +58,10 @@ def ensure_parent(config: ExperimentConfig, workdir: Path, *, allow_config_chang
     parent_workdir, parent_ckpt = parent_workdir_and_checkpoint(workdir)
     if not (parent_workdir / "summary.json").exists():
         if jax.process_index() == 0:
-            print(f"No parent_ckpt given: training the parent ({config.parent.arch}, {config.parent.kwargs()}) "
-                  f"in {parent_workdir} first")
+            print(
+                f"No parent_ckpt given: training the parent ({config.parent.arch}, {config.parent.kwargs()}) "
+                f"in {parent_workdir} first"
+            )
         train_and_evaluate(parent_run_config(config), parent_workdir, allow_config_change=allow_config_change)
     return dataclasses.replace(config, parent_ckpt=str(parent_ckpt))
 

@@ -69,8 +69,9 @@ def available_configs(prefix: str = "") -> list[str]:
     if spec is None or not spec.submodule_search_locations:
         return []
     names = (module.name for module in pkgutil.iter_modules(spec.submodule_search_locations))
-    return sorted(name[len(prefix):] for name in names
-                  if name.startswith(prefix) and not name.startswith(NOT_RUN_CONFIGS))
+    return sorted(
+        name[len(prefix) :] for name in names if name.startswith(prefix) and not name.startswith(NOT_RUN_CONFIGS)
+    )
 
 
 def resolve_config_name(command: Command, name: str) -> str:
@@ -79,26 +80,43 @@ def resolve_config_name(command: Command, name: str) -> str:
     if name in known or name.removeprefix(command.config_prefix) in known:
         return config_name(name, command.config_prefix)
     where = f"experiments/configs/{command.config_prefix}<NAME>.py"
-    raise faults.UserError(f"unknown config {name!r} for {command.prog}: the configs ({where}) are "
-                           f"{', '.join(known) or 'none (is the experiments package importable?)'}")
+    raise faults.UserError(
+        f"unknown config {name!r} for {command.prog}: the configs ({where}) are "
+        f"{', '.join(known) or 'none (is the experiments package importable?)'}"
+    )
 
 
 def build_parser(command: Command) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=command.prog, description=command.doc, epilog=COMMON_HELP,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=command.prog,
+        description=command.doc,
+        epilog=COMMON_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     family = f"experiments/configs/{command.config_prefix}<NAME>.py"
-    parser.add_argument("--config", default=command.default_config, metavar="NAME",
-                        help=f"config NAME of {family}: {', '.join(available_configs(command.config_prefix))} "
-                             "(default: %(default)s)")
-    parser.add_argument("--workdir", default=None, metavar="DIR",
-                        help="run directory (default: workdirs/<config file name>)")
-    parser.add_argument("--parent_ckpt", default=None, metavar="DIR",
-                        help="parent model checkpoint dir (from python -m hkt_jax.convert, or a run's export/child)")
+    parser.add_argument(
+        "--config",
+        default=command.default_config,
+        metavar="NAME",
+        help=f"config NAME of {family}: {', '.join(available_configs(command.config_prefix))} (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--workdir", default=None, metavar="DIR", help="run directory (default: workdirs/<config file name>)"
+    )
+    parser.add_argument(
+        "--parent_ckpt",
+        default=None,
+        metavar="DIR",
+        help="parent model checkpoint dir (from python -m hkt_jax.convert, or a run's export/child)",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides as key=value, e.g. train.steps=100 hkt.lam=0.5")
     faults.add_common_arguments(parser)
     multihost = parser.add_argument_group("multi-host (jax.distributed); a single process needs none of these")
-    multihost.add_argument("--distributed", action="store_true",
-                           help="jax.distributed.initialize() with cluster auto-detection (TPU pod slice, SLURM, ...)")
+    multihost.add_argument(
+        "--distributed",
+        action="store_true",
+        help="jax.distributed.initialize() with cluster auto-detection (TPU pod slice, SLURM, ...)",
+    )
     multihost.add_argument("--coordinator_address", default=None, help="manual launch: HOST:PORT of process 0")
     multihost.add_argument("--num_processes", type=int, default=None, help="manual launch: number of processes")
     multihost.add_argument("--process_id", type=int, default=None, help="manual launch: this process's index")
@@ -115,8 +133,11 @@ def train(command: Command, args: argparse.Namespace) -> int:
     name = resolve_config_name(command, args.config)
     overrides = list(args.overrides) + ([f"parent_ckpt={args.parent_ckpt}"] if args.parent_ckpt else [])
     config = faults.as_user_error(lambda: apply_overrides(load_config(name), overrides))
-    faults.as_user_error(lambda: initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
-                                                        auto=args.distributed))
+    faults.as_user_error(
+        lambda: initialize_distributed(
+            args.coordinator_address, args.num_processes, args.process_id, auto=args.distributed
+        )
+    )
     enable_compile_cache(not args.no_compile_cache)  # before the first compilation; the start-up block names it
     summary = run(config, args.workdir or f"workdirs/{name}", allow_config_change=args.allow_config_change)
     if jax.process_index() == 0:

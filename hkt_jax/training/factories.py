@@ -23,7 +23,15 @@ import optax
 
 from hkt_jax.training import checkpoint, methods, sharding
 from hkt_jax.models import fold
-from hkt_jax.training.config import COMPUTE_DTYPES, ATSettings, FitNetSettings, HKTSettings, KDSettings, ModelConfig, OptimConfig
+from hkt_jax.training.config import (
+    COMPUTE_DTYPES,
+    ATSettings,
+    FitNetSettings,
+    HKTSettings,
+    KDSettings,
+    ModelConfig,
+    OptimConfig,
+)
 from hkt_jax.engine.hkt import HKT, HKTConfig
 from hkt_jax.training.methods import NEEDS_PARENT, hkt_loss, kd_loss, plain_loss, trainable_variables
 from hkt_jax.models import build_model, model_spec
@@ -47,8 +55,14 @@ def compute_dtype_overrides(compute_dtype: str) -> dict[str, Any]:
     return {} if compute_dtype == "float32" else {"dtype": jnp.dtype(compute_dtype)}
 
 
-def make_model(model_config: ModelConfig, data_kwargs: dict[str, Any], *, stage_split: str = "paper",
-               conv_impl: str | None = None, compute_dtype: str = "float32") -> tuple[nn.Module, dict[str, Any]]:
+def make_model(
+    model_config: ModelConfig,
+    data_kwargs: dict[str, Any],
+    *,
+    stage_split: str = "paper",
+    conv_impl: str | None = None,
+    compute_dtype: str = "float32",
+) -> tuple[nn.Module, dict[str, Any]]:
     """(module, spec) from the model config plus what the data decides (``Task.model_kwargs``, e.g.
     ``num_classes``); the spec is what an exported checkpoint records to rebuild it (without
     ``compute_dtype``, which only sets the module's activations' dtype)."""
@@ -59,9 +73,15 @@ def make_model(model_config: ModelConfig, data_kwargs: dict[str, Any], *, stage_
     return build_model(spec, stage_split=stage_split, **compute_dtype_overrides(compute_dtype)), spec
 
 
-def load_parent(parent_dir: str | Path, *, stage_split: str = "paper", conv_impl: str | None = None,
-                expected_kwargs: dict[str, Any] | None = None, task: str | None = None,
-                compute_dtype: str = "float32") -> tuple[nn.Module, Any, dict[str, Any]]:
+def load_parent(
+    parent_dir: str | Path,
+    *,
+    stage_split: str = "paper",
+    conv_impl: str | None = None,
+    expected_kwargs: dict[str, Any] | None = None,
+    task: str | None = None,
+    compute_dtype: str = "float32",
+) -> tuple[nn.Module, Any, dict[str, Any]]:
     """(module, variables, spec) of a frozen parent, its BatchNorm folded where a rule is registered.
 
     ``expected_kwargs`` (e.g. the task's ``num_classes``) must match what the checkpoint records; ``task``
@@ -69,14 +89,20 @@ def load_parent(parent_dir: str | Path, *, stage_split: str = "paper", conv_impl
     as saved (float32)."""
     variables, spec = checkpoint.load_model(parent_dir)
     recorded = spec.get("kwargs", {})
-    wrong = {key: value for key, value in (expected_kwargs or {}).items()
-             if recorded.get(key) is not None and recorded[key] != value}
+    wrong = {
+        key: value
+        for key, value in (expected_kwargs or {}).items()
+        if recorded.get(key) is not None and recorded[key] != value
+    }
     if wrong:
         needs = ", ".join(f"{key}={value}" for key, value in wrong.items())
         run = f"this {task} run needs a {task} parent" if task else "this run needs a parent"
         raise ValueError(f"parent at {parent_dir} is {describe_model_checkpoint(spec)}, but {run} with {needs}")
-    overrides = {"stage_split": stage_split, **({"conv_impl": conv_impl} if conv_impl is not None else {}),
-                 **compute_dtype_overrides(compute_dtype)}
+    overrides = {
+        "stage_split": stage_split,
+        **({"conv_impl": conv_impl} if conv_impl is not None else {}),
+        **compute_dtype_overrides(compute_dtype),
+    }
     parent = build_model(spec, **overrides)
     parent, variables = fold.fold_parent(parent, variables)
     return parent, variables, spec
@@ -97,11 +123,21 @@ def describe_model_checkpoint(spec: dict[str, Any]) -> str:
     return f"a {spec.get('arch')} ({kwargs}){origin}"
 
 
-def make_method(method: str, model: nn.Module, task: Task, example_input: Any, rng: jax.Array, *,
-                parent: nn.Module | None = None, parent_variables: Any = None,
-                hkt: HKTConfig = HKTSettings(), kd: KDSettings = KDSettings(),
-                fitnet: FitNetSettings = FitNetSettings(), at: ATSettings = ATSettings(),
-                freeze_batch_norm: bool = False) -> tuple[Callable, dict[str, Any]]:
+def make_method(
+    method: str,
+    model: nn.Module,
+    task: Task,
+    example_input: Any,
+    rng: jax.Array,
+    *,
+    parent: nn.Module | None = None,
+    parent_variables: Any = None,
+    hkt: HKTConfig = HKTSettings(),
+    kd: KDSettings = KDSettings(),
+    fitnet: FitNetSettings = FitNetSettings(),
+    at: ATSettings = ATSettings(),
+    freeze_batch_norm: bool = False,
+) -> tuple[Callable, dict[str, Any]]:
     """(loss_fn, initial trainable variables) of a training method (``hkt_jax.training.methods``).
     The variables are initialised inside ``jax.jit`` (``jit_init``).
     ``freeze_batch_norm``: the trained network runs with ``train=False`` (its BatchNorm uses and keeps
@@ -121,17 +157,38 @@ def make_method(method: str, model: nn.Module, task: Task, example_input: Any, r
         return hkt_loss(engine, train=train), jit_init(engine.init)(rng, example_input, parent_variables)
     init_variables = trainable_variables(jit_init(functools.partial(model.init, train=False))(rng, example_input))
     if method == "kd":
-        return kd_loss(model, parent, task, temperature=kd.temperature, weight=kd.weight,
-                       train=train), init_variables
+        return kd_loss(model, parent, task, temperature=kd.temperature, weight=kd.weight, train=train), init_variables
     if method in methods.FEATURE_METHODS:
-        return feature_method(method, model, parent, task, example_input, rng, parent_variables, init_variables,
-                              fitnet=fitnet, at=at, train=train)
+        return feature_method(
+            method,
+            model,
+            parent,
+            task,
+            example_input,
+            rng,
+            parent_variables,
+            init_variables,
+            fitnet=fitnet,
+            at=at,
+            train=train,
+        )
     return plain_loss(model, task, train=train), init_variables
 
 
-def feature_method(method: str, model: nn.Module, parent: nn.Module, task: Task, example_input: Any,
-                   rng: jax.Array, parent_variables: Any, init_variables: dict[str, Any], *,
-                   fitnet: FitNetSettings, at: ATSettings, train: bool) -> tuple[Callable, dict[str, Any]]:
+def feature_method(
+    method: str,
+    model: nn.Module,
+    parent: nn.Module,
+    task: Task,
+    example_input: Any,
+    rng: jax.Array,
+    parent_variables: Any,
+    init_variables: dict[str, Any],
+    *,
+    fitnet: FitNetSettings,
+    at: ATSettings,
+    train: bool,
+) -> tuple[Callable, dict[str, Any]]:
     """fitnet / at (``hkt_jax.training.methods``): the stage ends checked on the example input's shapes; FitNet's
     regressor (child width -> parent width at ``fitnet.stage``) joins the trainable variables as an adapter."""
     params, stats = init_variables["params"], init_variables["batch_stats"]
@@ -146,8 +203,7 @@ def feature_method(method: str, model: nn.Module, parent: nn.Module, task: Task,
     regressor = methods.HintRegressor(parent_outputs[index].shape[-1])
     hinted = jnp.zeros(child_outputs[index].shape, child_outputs[index].dtype)
     regressor_params = regressor.init(jax.random.fold_in(rng, 1), hinted)["params"]
-    loss_fn = methods.fitnet_loss(model, parent, task, regressor, stage_index=index, weight=fitnet.weight,
-                                  train=train)
+    loss_fn = methods.fitnet_loss(model, parent, task, regressor, stage_index=index, weight=fitnet.weight, train=train)
     return loss_fn, {**init_variables, "params": {**params, "adapters": {methods.REGRESSOR_KEY: regressor_params}}}
 
 
@@ -171,8 +227,10 @@ def start_from(init_variables: dict[str, Any], directory: str, spec: dict[str, A
         raise ValueError(f"init_ckpt={directory}: {err}") from None
     as_saved = lambda s: json.loads(json.dumps([s.get("arch"), s.get("kwargs")]))  # tuples -> lists, as on disk
     if as_saved(found) != as_saved(spec):
-        raise ValueError(f"init_ckpt={directory} holds {found.get('arch')} {found.get('kwargs')}, but this run "
-                        f"trains {spec.get('arch')} {spec.get('kwargs')}")
+        raise ValueError(
+            f"init_ckpt={directory} holds {found.get('arch')} {found.get('kwargs')}, but this run "
+            f"trains {spec.get('arch')} {spec.get('kwargs')}"
+        )
     mine = {"params": init_variables["params"]["child"], "batch_stats": init_variables["batch_stats"]["child"]}
     theirs = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
@@ -183,8 +241,11 @@ def start_from(init_variables: dict[str, Any], directory: str, spec: dict[str, A
         differ = sorted(set(shapes(mine)) ^ set(shapes(theirs)))
         raise ValueError(f"init_ckpt={directory}: its variables do not fit this network: {differ[:8]}")
     theirs = jax.tree.map(lambda new, like: jnp.asarray(new, like.dtype), theirs, mine)
-    return {**init_variables, "params": {**init_variables["params"], "child": theirs["params"]},
-            "batch_stats": {**init_variables["batch_stats"], "child": theirs["batch_stats"]}}
+    return {
+        **init_variables,
+        "params": {**init_variables["params"], "child": theirs["params"]},
+        "batch_stats": {**init_variables["batch_stats"], "child": theirs["batch_stats"]},
+    }
 
 
 def default_boundaries(model: nn.Module, stages: int | None) -> tuple | None:
@@ -193,13 +254,16 @@ def default_boundaries(model: nn.Module, stages: int | None) -> tuple | None:
     if hasattr(model, "hkt_boundaries"):
         return model.hkt_boundaries(stages)
     if stages is not None:
-        raise ValueError(f"hkt.stages={stages}: {type(model).__name__} has no hkt_boundaries(stages) wiring; "
-                         "leave hkt.stages unset (its stage split decides the boundaries)")
+        raise ValueError(
+            f"hkt.stages={stages}: {type(model).__name__} has no hkt_boundaries(stages) wiring; "
+            "leave hkt.stages unset (its stage split decides the boundaries)"
+        )
     return None
 
 
-def tap_models(child: nn.Module, parent: nn.Module, child_taps: tuple[str, ...] = (),
-               parent_taps: tuple[str, ...] = ()) -> tuple[nn.Module, nn.Module]:
+def tap_models(
+    child: nn.Module, parent: nn.Module, child_taps: tuple[str, ...] = (), parent_taps: tuple[str, ...] = ()
+) -> tuple[nn.Module, nn.Module]:
     """Cut child and/or parent at named submodule calls (``hkt_jax.models.Tapped``); a parent is tapped
     after folding, and stage names are made to agree (the untapped side's, or ``tap0..`` on both)."""
     if not child_taps and not parent_taps:
@@ -209,24 +273,30 @@ def tap_models(child: nn.Module, parent: nn.Module, child_taps: tuple[str, ...] 
         if other is not None and not taps:
             return None
         if other is not None and len(other.stage_names) != len(taps) + 1:
-            raise ValueError(f"{len(taps)} taps make {len(taps) + 1} stages, but the other model has "
-                             f"{len(other.stage_names)} stages {tuple(other.stage_names)}")
+            raise ValueError(
+                f"{len(taps)} taps make {len(taps) + 1} stages, but the other model has "
+                f"{len(other.stage_names)} stages {tuple(other.stage_names)}"
+            )
         return tuple(other.stage_names) if other is not None else tuple(f"tap{i}" for i in range(len(taps) + 1))
 
     if child_taps and parent_taps:
         if len(child_taps) != len(parent_taps):
-            raise ValueError(f"hkt.child_taps has {len(child_taps)} paths and hkt.parent_taps {len(parent_taps)}: "
-                             "aligned stages need as many on both sides")
-        return (Tapped(child, taps=tuple(child_taps), names=names(child_taps, None)),
-                Tapped(parent, taps=tuple(parent_taps), names=names(parent_taps, None)))
+            raise ValueError(
+                f"hkt.child_taps has {len(child_taps)} paths and hkt.parent_taps {len(parent_taps)}: "
+                "aligned stages need as many on both sides"
+            )
+        return (
+            Tapped(child, taps=tuple(child_taps), names=names(child_taps, None)),
+            Tapped(parent, taps=tuple(parent_taps), names=names(parent_taps, None)),
+        )
     if child_taps:
         return Tapped(child, taps=tuple(child_taps), names=names(child_taps, parent)), parent
     return child, Tapped(parent, taps=tuple(parent_taps), names=names(parent_taps, child))
 
 
-def make_optimization(optim: OptimConfig, steps_per_epoch: int, total_steps: int,
-                      trained_spec: dict[str, Any] | None = None
-                      ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimization(
+    optim: OptimConfig, steps_per_epoch: int, total_steps: int, trained_spec: dict[str, Any] | None = None
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(optimizer, schedule). ``trained_spec``: the trained network's model spec (a deep CIFAR ResNet may get
     the low-rate warm-up). The optimizer's ``init`` runs inside ``jax.jit`` (one compilation, not one per eager
     operation; its state is zeros and counters either way)."""

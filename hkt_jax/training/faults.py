@@ -69,15 +69,22 @@ def debug_requested(debug: bool = False) -> bool:
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--debug", action="store_true",
-                        help=f"show full tracebacks instead of one-line errors (or set {DEBUG_ENV}=1)")
-    parser.add_argument("--allow_config_change", action="store_true",
-                        help="resume a workdir although its config.json differs in keys that are not always safe "
-                             "to change (e.g. the learning rate); the new values are used from the restored step on")
-    parser.add_argument("--no_compile_cache", action="store_true",
-                        help="do not keep compiled programs for the next run (default: JAX's persistent compilation "
-                             "cache in $HKT_JAX_COMPILE_CACHE or ~/.cache/hkt_jax/jax_compilation_cache; "
-                             "HKT_JAX_COMPILE_CACHE=0 also turns it off)")
+    parser.add_argument(
+        "--debug", action="store_true", help=f"show full tracebacks instead of one-line errors (or set {DEBUG_ENV}=1)"
+    )
+    parser.add_argument(
+        "--allow_config_change",
+        action="store_true",
+        help="resume a workdir although its config.json differs in keys that are not always safe "
+        "to change (e.g. the learning rate); the new values are used from the restored step on",
+    )
+    parser.add_argument(
+        "--no_compile_cache",
+        action="store_true",
+        help="do not keep compiled programs for the next run (default: JAX's persistent compilation "
+        "cache in $HKT_JAX_COMPILE_CACHE or ~/.cache/hkt_jax/jax_compilation_cache; "
+        "HKT_JAX_COMPILE_CACHE=0 also turns it off)",
+    )
 
 
 def as_user_error(make: Callable[[], T]) -> T:
@@ -119,12 +126,20 @@ def main_guard(body: Callable[[], int | None], *, debug: bool = False) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print("interrupted outside the training steps (start-up, evaluation or export); every saved checkpoint "
-              "is kept: rerun the same command to continue", file=sys.stderr, flush=True)
+        print(
+            "interrupted outside the training steps (start-up, evaluation or export); every saved checkpoint "
+            "is kept: rerun the same command to continue",
+            file=sys.stderr,
+            flush=True,
+        )
         return EXIT_SIGINT
     except _Terminated:
-        print("terminated by SIGTERM outside the training steps (start-up, evaluation or export); every saved "
-              "checkpoint is kept: rerun the same command to continue", file=sys.stderr, flush=True)
+        print(
+            "terminated by SIGTERM outside the training steps (start-up, evaluation or export); every saved "
+            "checkpoint is kept: rerun the same command to continue",
+            file=sys.stderr,
+            flush=True,
+        )
         return EXIT_SIGTERM
     finally:
         if previous is not None:

@@ -90,12 +90,21 @@ class LogMetrics(Hook):
         # step, so the time from the previous fetch to this one is the real throughput.
         self.window.append(metrics)
         if self.due(done):
-            means = jax.device_get({key: (jnp.sum if key in SUMMED_METRICS else jnp.mean)(
-                jnp.stack([step[key] for step in self.window])) for key in self.window[0]})
+            means = jax.device_get(
+                {
+                    key: (jnp.sum if key in SUMMED_METRICS else jnp.mean)(
+                        jnp.stack([step[key] for step in self.window])
+                    )
+                    for key in self.window[0]
+                }
+            )
             means["img_per_s"] = len(self.window) * self.batch_size / (time.perf_counter() - self.window_start)
             row = self.writer.write(done, means)
-            shown = {k: "nan" if row.get(k) is None else f"{row[k]:.3f}"  # None: non-finite (JSON has no NaN)
-                     for k in ("loss", "accuracy", "pixel_accuracy", "epe") if k in row}
+            shown = {
+                k: "nan" if row.get(k) is None else f"{row[k]:.3f}"  # None: non-finite (JSON has no NaN)
+                for k in ("loss", "accuracy", "pixel_accuracy", "epe")
+                if k in row
+            }
             self.progress.set_postfix(**shown, img_s=f"{row['img_per_s']:.0f}")
             self.window, self.window_start = [], time.perf_counter()
             self.first_loss_shown = True
@@ -108,12 +117,17 @@ class LogMetrics(Hook):
 
     def state_dict(self):
         window = jax.device_get(self.window)
-        return {"window": [{k: {"dtype": str(np.asarray(v).dtype), "value": np.asarray(v).tolist()}
-                            for k, v in step.items()} for step in window]}
+        return {
+            "window": [
+                {k: {"dtype": str(np.asarray(v).dtype), "value": np.asarray(v).tolist()} for k, v in step.items()}
+                for step in window
+            ]
+        }
 
     def load_state_dict(self, state):
-        self.window = [{k: np.asarray(v["value"], dtype=v["dtype"]) for k, v in step.items()}
-                       for step in state.get("window", [])]
+        self.window = [
+            {k: np.asarray(v["value"], dtype=v["dtype"]) for k, v in step.items()} for step in state.get("window", [])
+        ]
 
 
 class EvaluateAndKeepBest(Hook):
@@ -142,8 +156,12 @@ class EvaluateAndKeepBest(Hook):
         self.last_step, self.last_result = done, result
         if self.run.task.is_better(result[self.metric], self.best.get("value")):
             self.best = {"value": result[self.metric], "step": done}
-            export(self.workdir / "best", self.run, state,
-                   {**self.best, "metric": self.metric, f"validation_{self.metric}": result[self.metric]})
+            export(
+                self.workdir / "best",
+                self.run,
+                state,
+                {**self.best, "metric": self.metric, f"validation_{self.metric}": result[self.metric]},
+            )
         return True
 
 
@@ -189,8 +207,9 @@ class Checkpoint(Hook):
     data position after the last batch the saved step consumed (batches prefetched beyond it are not
     counted); the iterator's own position by default."""
 
-    def __init__(self, run, manager, every: int, total: int, every_minutes: float = 0.0, loop_state=None,
-                 data_state=None):
+    def __init__(
+        self, run, manager, every: int, total: int, every_minutes: float = 0.0, loop_state=None, data_state=None
+    ):
         self.run, self.manager, self.every, self.total = run, manager, every, total
         self.every_seconds = 60.0 * every_minutes
         self.loop_state = loop_state or (lambda: None)
@@ -203,8 +222,11 @@ class Checkpoint(Hook):
     def due(self, done):
         # Decided once per step: on several processes the time check is a collective (every TIME_SYNC_STEPS).
         if self._decision[0] != done:
-            by_time = bool(self.every_seconds) and (jax.process_count() == 1 or done % TIME_SYNC_STEPS == 0) and \
-                stopping.time_is_due(time.monotonic() - self.last_save_time >= self.every_seconds)
+            by_time = (
+                bool(self.every_seconds)
+                and (jax.process_count() == 1 or done % TIME_SYNC_STEPS == 0)
+                and stopping.time_is_due(time.monotonic() - self.last_save_time >= self.every_seconds)
+            )
             self._decision = (done, _due(done, self.every, self.total) or by_time)
         return self._decision[1]
 
@@ -242,20 +264,31 @@ class Progress(Hook):
         self.progress.close()
 
 
-def default_hooks(run, workdir: Path, writer, manager, eval_step, start_step: int, loop_state=None,
-                  data_state=None) -> list[Hook]:
+def default_hooks(
+    run, workdir: Path, writer, manager, eval_step, start_step: int, loop_state=None, data_state=None
+) -> list[Hook]:
     train = run.config.train
     total = run.total_steps
-    progress = tqdm(total=total, initial=start_step, disable=jax.process_index() != 0, desc=run.config.method,
-                    unit="step", dynamic_ncols=True)
+    progress = tqdm(
+        total=total,
+        initial=start_step,
+        disable=jax.process_index() != 0,
+        desc=run.config.method,
+        unit="step",
+        dynamic_ncols=True,
+    )
     hooks: list[Hook] = [LogMetrics(writer, train.log_every_steps, total, train.batch_size, progress)]
     if run.datasets.num_validation > 0:
         eval_every = train.eval_every_steps or run.steps_per_epoch
         hooks.append(EvaluateAndKeepBest(run, workdir, writer, eval_step, eval_every, total))
         if has_images(run.task):
             hooks.append(LogImages(run, writer, eval_every, total))
-    hooks += [Checkpoint(run, manager, train.checkpoint_every_steps, total, train.checkpoint_every_minutes,
-                         loop_state, data_state), Progress(progress)]
+    hooks += [
+        Checkpoint(
+            run, manager, train.checkpoint_every_steps, total, train.checkpoint_every_minutes, loop_state, data_state
+        ),
+        Progress(progress),
+    ]
     return hooks
 
 
@@ -289,21 +322,27 @@ def parent_data_mismatch(parent_info: dict[str, Any], run_data: dict[str, str]) 
         return None
     synthetic_run, synthetic_parent = run_data["source"] == "synthetic", trained_on.get("source") == "synthetic"
     if trained_on.get("name") != run_data["name"] or synthetic_run != synthetic_parent:
-        return (f"the parent was trained on {trained_on.get('source')} {trained_on.get('name')} data but this run "
-                f"uses {run_data['source']} {run_data['name']}: its features may not help this child")
+        return (
+            f"the parent was trained on {trained_on.get('source')} {trained_on.get('name')} data but this run "
+            f"uses {run_data['source']} {run_data['name']}: its features may not help this child"
+        )
     return None
 
 
 def hkt_line(hkt) -> str:
     """The HKT settings a run trains with, in the paper's symbols."""
     alphas = ", ".join(f"{a:.3g}" for a in hkt.alphas)
-    parts = [f"hkt:    lambda={hkt.lam:g}, alphas=({alphas}), GA mode={hkt.mode} (impl {hkt.impl}), "
-             f"L1/L3={hkt.inherit_loss}, head anchored on the {hkt.head_anchor}, split={hkt.stage_split}"]
+    parts = [
+        f"hkt:    lambda={hkt.lam:g}, alphas=({alphas}), GA mode={hkt.mode} (impl {hkt.impl}), "
+        f"L1/L3={hkt.inherit_loss}, head anchored on the {hkt.head_anchor}, split={hkt.stage_split}"
+    ]
     if hkt.stages is not None:
         parts.append(f"stages={hkt.stages}")
     if hkt.child_taps or hkt.parent_taps:
-        parts.append(f"taps child {','.join(hkt.child_taps) or '(own stages)'} / parent "
-                     f"{','.join(hkt.parent_taps) or '(own stages)'}")
+        parts.append(
+            f"taps child {','.join(hkt.child_taps) or '(own stages)'} / parent "
+            f"{','.join(hkt.parent_taps) or '(own stages)'}"
+        )
     return "; ".join(parts)
 
 
@@ -311,44 +350,68 @@ def startup_block(run, workdir: Path, start_step: int) -> str:
     """One compact block saying what this run uses (printed before the first step)."""
     config = run.config
     trained = {"params": run.init_variables["params"]["child"]}
-    lines = [f"hkt_jax: method={config.method} task={run.task.name} workdir={workdir}",
-             f"  {'parent' if config.method == 'parent' else 'child'}:  {_model_line(run.spec, trained['params'])}"]
+    lines = [
+        f"hkt_jax: method={config.method} task={run.task.name} workdir={workdir}",
+        f"  {'parent' if config.method == 'parent' else 'child'}:  {_model_line(run.spec, trained['params'])}",
+    ]
     adapters = run.init_variables["params"].get("adapters")
     if adapters is not None:
         count = parameter_count(adapters)
         kind = "FitNet regressor" if config.method == "fitnet" else "Transfer"
-        lines.append(f"  adapters: {count:,} {kind} parameters (trained, not exported)" if count else
-                     "  adapters: none (parent and child widths match at every boundary: Transfer is the identity)")
+        lines.append(
+            f"  adapters: {count:,} {kind} parameters (trained, not exported)"
+            if count
+            else "  adapters: none (parent and child widths match at every boundary: Transfer is the identity)"
+        )
     if run.parent_info:
         meta = run.parent_info.get("metadata", {})
-        origin = (f"converted from {meta['converted_from']}" if "converted_from" in meta else
-                  f"trained here ({meta['data'].get('source')} {meta['data'].get('name')})" if "data" in meta
-                  else "origin not recorded")
+        origin = (
+            f"converted from {meta['converted_from']}"
+            if "converted_from" in meta
+            else f"trained here ({meta['data'].get('source')} {meta['data'].get('name')})"
+            if "data" in meta
+            else "origin not recorded"
+        )
         score = {k: v for k, v in meta.items() if k in ("best_prec1", "final_test_accuracy", "best_test_accuracy")}
-        lines.append(f"  parent: {_model_line(run.parent_info, run.parent_variables['params'])}, frozen, from "
-                     f"{run.parent_info['dir']} ({origin}{', ' + str(score) if score else ''})")
+        lines.append(
+            f"  parent: {_model_line(run.parent_info, run.parent_variables['params'])}, frozen, from "
+            f"{run.parent_info['dir']} ({origin}{', ' + str(score) if score else ''})"
+        )
     data = config.data
     lines.append(f"  data:   {data.source} {data.name}: {run.task.describe_data(run.datasets)}")
     devices = run.mesh.devices
-    lines.append(f"  mesh:   {devices.size} x {devices.flat[0].platform} {dict(run.mesh.shape)}; "
-                 f"conv_impl={run.conv_impl}; compute_dtype={config.train.compute_dtype}")
+    lines.append(
+        f"  mesh:   {devices.size} x {devices.flat[0].platform} {dict(run.mesh.shape)}; "
+        f"conv_impl={run.conv_impl}; compute_dtype={config.train.compute_dtype}"
+    )
     lines.append(f"  optim:  {describe_schedule(config.optim, run.spec)}")
     lines.append(f"  {compile_cache.describe(compile_cache.current())}")
     resume = f"resuming from step {start_step} of {run.total_steps}" if start_step else "starting at step 0"
-    lines.append(f"  steps:  {run.total_steps} ({run.steps_per_epoch} per epoch, global batch "
-                 f"{config.train.batch_size}); {resume}")
+    lines.append(
+        f"  steps:  {run.total_steps} ({run.steps_per_epoch} per epoch, global batch "
+        f"{config.train.batch_size}); {resume}"
+    )
     minutes = config.train.checkpoint_every_minutes
-    lines.append(f"  checkpoints: every {config.train.checkpoint_every_steps} steps"
-                 f"{f', every {minutes:g} min' if minutes else ''}, on Ctrl-C/SIGTERM and at the end, in "
-                 f"{workdir / 'checkpoints'}; rerun the same command to resume")
+    lines.append(
+        f"  checkpoints: every {config.train.checkpoint_every_steps} steps"
+        f"{f', every {minutes:g} min' if minutes else ''}, on Ctrl-C/SIGTERM and at the end, in "
+        f"{workdir / 'checkpoints'}; rerun the same command to resume"
+    )
     skip = config.train.skip_nonfinite_steps
-    lines.append("  non-finite loss/gradients: " + (f"skip the update, up to {skip} in a row" if skip
-                                                    else "stop at the first (train.skip_nonfinite_steps=K skips)"))
+    lines.append(
+        "  non-finite loss/gradients: "
+        + (
+            f"skip the update, up to {skip} in a row"
+            if skip
+            else "stop at the first (train.skip_nonfinite_steps=K skips)"
+        )
+    )
     if config.method == "hkt":
         lines.append("  " + hkt_line(config.hkt))
     lines += [f"  note: {note}" for note in run.task.startup_notes(config)]
-    mismatch = parent_data_mismatch(run.parent_info, {"source": data.source, "name": data.name}) \
-        if run.parent_info else None
+    mismatch = (
+        parent_data_mismatch(run.parent_info, {"source": data.source, "name": data.name}) if run.parent_info else None
+    )
     if mismatch:
         warnings.warn(mismatch, stacklevel=2)
         lines.append(f"  WARNING: {mismatch}")

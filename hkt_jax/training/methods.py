@@ -85,8 +85,9 @@ def plain_loss(model: nn.Module, task: Task, *, train: bool = True) -> LossFn:
     return loss_fn
 
 
-def kd_loss(model: nn.Module, parent: nn.Module, task: Task, *, temperature: float, weight: float,
-            train: bool = True) -> LossFn:
+def kd_loss(
+    model: nn.Module, parent: nn.Module, task: Task, *, temperature: float, weight: float, train: bool = True
+) -> LossFn:
     """The task's distillation loss from the frozen parent; l2 logs the task term, l3 the KD term."""
     if temperature <= 0:
         raise ValueError(f"kd.temperature must be > 0, got {temperature}")
@@ -126,8 +127,10 @@ def attention_transfer_loss(student: jax.Array, teacher: jax.Array, p: float = 2
     """Mean over examples and positions of the squared difference of the two normalised attention maps
     (the authors' ``at_loss``; the paper's beta/2 and the sum over groups are the caller's)."""
     if student.shape[:-1] != teacher.shape[:-1]:
-        raise ValueError(f"attention transfer needs equal batch and spatial sizes, got student {student.shape} "
-                         f"and teacher {teacher.shape}")
+        raise ValueError(
+            f"attention transfer needs equal batch and spatial sizes, got student {student.shape} "
+            f"and teacher {teacher.shape}"
+        )
     return jnp.mean((attention_map(student, p) - attention_map(teacher, p)) ** 2)
 
 
@@ -168,18 +171,22 @@ def parent_stage_outputs(parent: nn.Module, parent_variables, x) -> list[Any]:
     return outputs
 
 
-def feature_points(method: str, model: nn.Module, parent: nn.Module, task: Task, child_outputs: list[Any],
-                   parent_outputs: list[Any]) -> tuple[str, ...]:
+def feature_points(
+    method: str, model: nn.Module, parent: nn.Module, task: Task, child_outputs: list[Any], parent_outputs: list[Any]
+) -> tuple[str, ...]:
     """The stage names whose outputs fitnet / at compare (every stage but the last), after checking that
     the task has feature maps to compare (``Task.feature_distillation``) and that those outputs are spatial maps
     of matching sizes."""
     if not task.feature_distillation:
-        raise ValueError(f"method={method} is defined for tasks with feature_distillation only "
-                         f"(task={' or task='.join(feature_distillation_tasks())}), not {task.name!r}")
+        raise ValueError(
+            f"method={method} is defined for tasks with feature_distillation only "
+            f"(task={' or task='.join(feature_distillation_tasks())}), not {task.name!r}"
+        )
     names = tuple(model.stage_names)
     if names != tuple(parent.stage_names):
-        raise ValueError(f"method={method}: child and parent must share stage names, got {names} and "
-                         f"{tuple(parent.stage_names)}")
+        raise ValueError(
+            f"method={method}: child and parent must share stage names, got {names} and {tuple(parent.stage_names)}"
+        )
     if len(names) < 2:
         raise ValueError(f"method={method} needs at least one stage end before the head, got stages {names}")
     for name, mine, theirs in zip(names[:-1], child_outputs, parent_outputs):
@@ -189,15 +196,26 @@ def feature_points(method: str, model: nn.Module, parent: nn.Module, task: Task,
                 f"method={method} needs (B, H, W, C) feature maps at the stage ends, but stage {name!r} gives child "
                 f"{shapes[0]} and parent {shapes[1]}: build the models with stage_split={FEATURE_STAGE_SPLIT!r} "
                 "(CifarResNet: the ends of its residual groups); on a pooled vector attention transfer is "
-                "identically zero and a hint is no hint")
+                "identically zero and a hint is no hint"
+            )
         if shapes[0][1:3] != shapes[1][1:3]:
-            raise ValueError(f"method={method}: at stage {name!r} the child's maps are {shapes[0][1:3]} and the "
-                             f"parent's {shapes[1][1:3]}; the feature losses compare them position by position")
+            raise ValueError(
+                f"method={method}: at stage {name!r} the child's maps are {shapes[0][1:3]} and the "
+                f"parent's {shapes[1][1:3]}; the feature losses compare them position by position"
+            )
     return names[:-1]
 
 
-def fitnet_loss(model: nn.Module, parent: nn.Module, task: Task, regressor: HintRegressor, *, stage_index: int,
-                weight: float, train: bool = True) -> LossFn:
+def fitnet_loss(
+    model: nn.Module,
+    parent: nn.Module,
+    task: Task,
+    regressor: HintRegressor,
+    *,
+    stage_index: int,
+    weight: float,
+    train: bool = True,
+) -> LossFn:
     """CE + weight * MSE(regressor(child features), parent features) at stage ``stage_index``'s end
     (the regressor's parameters: ``params["adapters"][REGRESSOR_KEY]``); l2 logs CE, l3 the unweighted hint loss."""
     if weight < 0:
@@ -216,8 +234,7 @@ def fitnet_loss(model: nn.Module, parent: nn.Module, task: Task, regressor: Hint
     return loss_fn
 
 
-def at_loss(model: nn.Module, parent: nn.Module, task: Task, *, beta: float, p: float,
-            train: bool = True) -> LossFn:
+def at_loss(model: nn.Module, parent: nn.Module, task: Task, *, beta: float, p: float, train: bool = True) -> LossFn:
     """CE + beta/2 * sum over stage ends of ``attention_transfer_loss``; l2 logs CE, l3 the unweighted sum,
     ``at/<stage>`` each term."""
     if beta < 0:

@@ -73,15 +73,18 @@ def describe_schedule(optim: OptimConfig, trained_spec: dict[str, Any] | None = 
         line += f" x{optim.decay_factor:g} at epochs {', '.join(f'{m:g}' for m in optim.milestones)}"
     warmup = low_lr_warmup_steps(optim, trained_spec)
     if warmup:
-        line += (f"; low-rate warm-up: first {warmup} steps at lr {optim.learning_rate * optim.low_lr_warmup_factor:g}"
-                 f" (He et al. 2016)")
+        line += (
+            f"; low-rate warm-up: first {warmup} steps at lr {optim.learning_rate * optim.low_lr_warmup_factor:g}"
+            f" (He et al. 2016)"
+        )
     elif optim.low_lr_warmup_steps:
         line += f"; no low-rate warm-up (only for CIFAR ResNets of depth >= {optim.low_lr_warmup_min_depth})"
     return line
 
 
-def make_schedule(optim: OptimConfig, steps_per_epoch: int, total_steps: int,
-                  trained_spec: dict[str, Any] | None = None) -> optax.Schedule:
+def make_schedule(
+    optim: OptimConfig, steps_per_epoch: int, total_steps: int, trained_spec: dict[str, Any] | None = None
+) -> optax.Schedule:
     """The rate per step; ``trained_spec`` (the trained network's model spec) decides the low-rate warm-up."""
     schedule = _base_schedule(optim, steps_per_epoch, total_steps)
     return with_low_lr_warmup(schedule, low_lr_warmup_steps(optim, trained_spec), optim.low_lr_warmup_factor)
@@ -100,8 +103,7 @@ def _base_schedule(optim: OptimConfig, steps_per_epoch: int, total_steps: int) -
         return optax.constant_schedule(optim.learning_rate)
     if optim.schedule == "one_cycle":
         return one_cycle_schedule(optim.learning_rate, total_steps + ONE_CYCLE_EXTRA_STEPS, optim.pct_start)
-    raise ValueError(f"optim.schedule must be 'multistep', 'cosine', 'constant' or 'one_cycle', "
-                     f"got {optim.schedule!r}")
+    raise ValueError(f"optim.schedule must be 'multistep', 'cosine', 'constant' or 'one_cycle', got {optim.schedule!r}")
 
 
 def make_optimizer(optim: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransformation:

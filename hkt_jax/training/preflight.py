@@ -27,9 +27,20 @@ MIN_FREE_BYTES = 64 * 2**20  # a few checkpoints of a CIFAR ResNet; less than th
 # Keys a resumed run may change without --allow_config_change: how long to train, how often to
 # log / evaluate / save, how the same computation is laid out, where caches go.
 SAFE_TO_CHANGE = (
-    "train.steps", "train.epochs", "parent_epochs", "train.log_every_steps", "train.eval_every_steps",
-    "train.checkpoint_every_steps", "train.checkpoint_every_minutes", "train.skip_nonfinite_steps",
-    "mesh.data", "mesh.model", "mesh.shard_trainable", "child.conv_impl", "parent.conv_impl", "data.cache_dir",
+    "train.steps",
+    "train.epochs",
+    "parent_epochs",
+    "train.log_every_steps",
+    "train.eval_every_steps",
+    "train.checkpoint_every_steps",
+    "train.checkpoint_every_minutes",
+    "train.skip_nonfinite_steps",
+    "mesh.data",
+    "mesh.model",
+    "mesh.shard_trainable",
+    "child.conv_impl",
+    "parent.conv_impl",
+    "data.cache_dir",
 )
 
 
@@ -54,12 +65,16 @@ def check_workdir(workdir: str | os.PathLike) -> None:
             with tempfile.TemporaryFile(dir=directory, prefix=".hkt_write_test"):
                 pass
         except OSError as error:
-            raise UserError(f"--workdir {workdir}: cannot write in {directory} ({error.strerror or error}); "
-                            "choose a writable --workdir") from None
+            raise UserError(
+                f"--workdir {workdir}: cannot write in {directory} ({error.strerror or error}); "
+                "choose a writable --workdir"
+            ) from None
     free = shutil.disk_usage(existing).free
     if free < MIN_FREE_BYTES:
-        raise UserError(f"--workdir {workdir}: only {free / 2**20:.0f} MiB free on its disk; checkpoints need "
-                        f"at least {MIN_FREE_BYTES / 2**20:.0f} MiB: free some space or choose another --workdir")
+        raise UserError(
+            f"--workdir {workdir}: only {free / 2**20:.0f} MiB free on its disk; checkpoints need "
+            f"at least {MIN_FREE_BYTES / 2**20:.0f} MiB: free some space or choose another --workdir"
+        )
 
 
 def check_model_checkpoint(path: str | os.PathLike, key: str = "parent_ckpt") -> None:
@@ -68,14 +83,18 @@ def check_model_checkpoint(path: str | os.PathLike, key: str = "parent_ckpt") ->
     if not directory.exists():
         raise UserError(f"{key}={str(path)!r}: no such directory")
     if not directory.is_dir():
-        raise UserError(f"{key}={str(path)!r}: is a file; expected a model checkpoint directory (write one with "
-                        "`python -m hkt_jax.convert` or take a run's export/child)")
+        raise UserError(
+            f"{key}={str(path)!r}: is a file; expected a model checkpoint directory (write one with "
+            "`python -m hkt_jax.convert` or take a run's export/child)"
+        )
     spec_file = directory / checkpoint.MODEL_SPEC_FILE
     try:
         spec = json.loads(spec_file.read_text())
     except FileNotFoundError:
-        raise UserError(f"{key}={str(path)!r}: not a model checkpoint ({checkpoint.MODEL_SPEC_FILE} is missing; "
-                        "write one with `python -m hkt_jax.convert` or take a run's export/child)") from None
+        raise UserError(
+            f"{key}={str(path)!r}: not a model checkpoint ({checkpoint.MODEL_SPEC_FILE} is missing; "
+            "write one with `python -m hkt_jax.convert` or take a run's export/child)"
+        ) from None
     except (OSError, ValueError) as error:
         raise UserError(f"{key}={str(path)!r}: {checkpoint.MODEL_SPEC_FILE} is unreadable ({error})") from None
     if not isinstance(spec, dict) or "arch" not in spec:
@@ -103,8 +122,7 @@ def _flatten(record: Any, prefix: str = "") -> dict[str, Any]:
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Dotted key -> (old, new) for keys both records hold (a field added or removed since is not compared)."""
     old_flat, new_flat = _flatten(old), _flatten(new)
-    return {k: (old_flat[k], new_flat[k]) for k in sorted(set(old_flat) & set(new_flat))
-            if old_flat[k] != new_flat[k]}
+    return {k: (old_flat[k], new_flat[k]) for k in sorted(set(old_flat) & set(new_flat)) if old_flat[k] != new_flat[k]}
 
 
 def normalized_record(config: Any) -> dict[str, Any]:
@@ -128,14 +146,17 @@ def check_config_change(config: Any, workdir: str | os.PathLike, allow: bool = F
     unsafe = {k: v for k, v in differences.items() if k not in SAFE_TO_CHANGE}
     if unsafe and not allow:
         listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in unsafe.items())
-        raise UserError(f"--workdir {workdir} was started with a different config ({listed}); rerun with the "
-                        "original values, use a new --workdir, or pass --allow_config_change to continue with the "
-                        "new ones")
+        raise UserError(
+            f"--workdir {workdir} was started with a different config ({listed}); rerun with the "
+            "original values, use a new --workdir, or pass --allow_config_change to continue with the "
+            "new ones"
+        )
     return differences
 
 
-def check_run(config: Any, workdir: str | os.PathLike, *, runs: list[tuple[Any, Path]] = (),
-              allow_config_change: bool = False) -> None:
+def check_run(
+    config: Any, workdir: str | os.PathLike, *, runs: list[tuple[Any, Path]] = (), allow_config_change: bool = False
+) -> None:
     """Everything ``experiment.run`` can check before it starts; ``runs`` = the (config, workdir) it will train."""
     check_workdir(workdir)
     if config.parent_ckpt and config.method in NEEDS_PARENT:
@@ -145,4 +166,3 @@ def check_run(config: Any, workdir: str | os.PathLike, *, runs: list[tuple[Any, 
     check_data_path(config.data)
     for run_config, run_workdir in runs:
         check_config_change(run_config, run_workdir, allow_config_change)
-

@@ -37,8 +37,14 @@ class TrainState:
 # -- steps ------------------------------------------------------------------------------------------
 
 
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    task: Task | None = None, *, skip_nonfinite: bool = False):
+def make_train_step(
+    loss_fn: Callable,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    task: Task | None = None,
+    *,
+    skip_nonfinite: bool = False,
+):
     """One optimizer step. Differentiates w.r.t. ``state.params`` only: the parent
     variables are an input, never a gradient target. ``task`` adds its train metrics.
 
@@ -59,12 +65,14 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
         metrics["lr"] = schedule(state.step)
         metrics["grad_norm"] = optax.tree.norm(grads)
         nonfinite = stopping.nonfinite_bits(metrics, metrics["grad_norm"], params)
-        new_state = state.replace(step=state.step + 1, params=params, batch_stats=aux["batch_stats"],
-                                  opt_state=opt_state)
+        new_state = state.replace(
+            step=state.step + 1, params=params, batch_stats=aux["batch_stats"], opt_state=opt_state
+        )
         if skip_nonfinite:
             keep_old = nonfinite != 0
-            new_state = jax.tree.map(lambda new, old: jnp.where(keep_old, old, new), new_state,
-                                     state.replace(step=state.step + 1))
+            new_state = jax.tree.map(
+                lambda new, old: jnp.where(keep_old, old, new), new_state, state.replace(step=state.step + 1)
+            )
             metrics["skipped_steps"] = keep_old.astype(jnp.int32)
         metrics["nonfinite"] = nonfinite
         return new_state, metrics
@@ -102,13 +110,28 @@ def evaluate(task: Task, eval_step, params, batch_stats, batches, mesh) -> dict[
 
 def initial_state(init_variables: dict[str, Any], tx: optax.GradientTransformation) -> TrainState:
     params = init_variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=init_variables["batch_stats"],
-                      opt_state=tx.init(params))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=init_variables["batch_stats"],
+        opt_state=tx.init(params),
+    )
 
 
-def compile_steps(*, task: Task, model: nn.Module, loss_fn: Callable, tx, schedule, parent_variables: Any,
-                  mesh, state: TrainState, shard_trainable: bool = False, parent_min_elements: int | None = None,
-                  skip_nonfinite: bool = False):
+def compile_steps(
+    *,
+    task: Task,
+    model: nn.Module,
+    loss_fn: Callable,
+    tx,
+    schedule,
+    parent_variables: Any,
+    mesh,
+    state: TrainState,
+    shard_trainable: bool = False,
+    parent_min_elements: int | None = None,
+    skip_nonfinite: bool = False,
+):
     """jit the train and eval steps over the mesh: batch split over the devices,
     trainable state replicated (or sharded, ``shard_trainable``), the parent
     replicated (or FSDP-sharded over ``model``); the train state is donated."""
@@ -118,7 +141,9 @@ def compile_steps(*, task: Task, model: nn.Module, loss_fn: Callable, tx, schedu
     parent_sh = sharding.parent_shardings(parent_variables, mesh, **parent_kwargs)
     train_step = jax.jit(
         make_train_step(sharding.gather_inside(loss_fn, mesh), tx, schedule, task, skip_nonfinite=skip_nonfinite),
-        in_shardings=(state_sh, parent_sh, data), out_shardings=(state_sh, repl), donate_argnums=(0,),
+        in_shardings=(state_sh, parent_sh, data),
+        out_shardings=(state_sh, repl),
+        donate_argnums=(0,),
     )
     # Eval also takes the best exported network (child params only): sharded params keep their own layout.
     eval_in = {} if shard_trainable else {"in_shardings": (repl, repl, data)}
@@ -162,32 +187,65 @@ def build_run(config: ExperimentConfig) -> Run:
     stage_split = stage_split_for(config.method, config.hkt.stage_split)
     conv_impl = factories.conv_impl_for_mesh(trained_cfg.conv_impl, mesh)
     compute_dtype = config.train.compute_dtype
-    model, spec = factories.make_model(trained_cfg, task.model_kwargs(datasets), stage_split=stage_split,
-                                       conv_impl=conv_impl, compute_dtype=compute_dtype)
+    model, spec = factories.make_model(
+        trained_cfg,
+        task.model_kwargs(datasets),
+        stage_split=stage_split,
+        conv_impl=conv_impl,
+        compute_dtype=compute_dtype,
+    )
     parent = parent_variables = None
     parent_info: dict[str, Any] = {}
     if config.method in NEEDS_PARENT:
         if not config.parent_ckpt:
             raise ValueError(f"method={config.method!r} needs a parent: set parent_ckpt=DIR")
         parent, parent_variables, parent_spec = factories.load_parent(
-            config.parent_ckpt, stage_split=stage_split, conv_impl=factories.conv_impl_for_mesh(
-                config.parent.conv_impl, mesh), expected_kwargs=task.model_kwargs(datasets), task=task.name,
-            compute_dtype=compute_dtype)
+            config.parent_ckpt,
+            stage_split=stage_split,
+            conv_impl=factories.conv_impl_for_mesh(config.parent.conv_impl, mesh),
+            expected_kwargs=task.model_kwargs(datasets),
+            task=task.name,
+            compute_dtype=compute_dtype,
+        )
         parent_info = {"dir": str(config.parent_ckpt), **parent_spec}
     if config.method == "hkt":
         model, parent = factories.tap_models(model, parent, config.hkt.child_taps, config.hkt.parent_taps)
     loss_fn, init_variables = factories.make_method(
-        config.method, model, task, task.example_input(datasets), jax.random.key(config.train.seed),
-        parent=parent, parent_variables=parent_variables, hkt=config.hkt, kd=config.kd, fitnet=config.fitnet,
+        config.method,
+        model,
+        task,
+        task.example_input(datasets),
+        jax.random.key(config.train.seed),
+        parent=parent,
+        parent_variables=parent_variables,
+        hkt=config.hkt,
+        kd=config.kd,
+        fitnet=config.fitnet,
         at=config.at,
-        freeze_batch_norm=config.train.freeze_batch_norm)
+        freeze_batch_norm=config.train.freeze_batch_norm,
+    )
     if config.init_ckpt:
         init_variables = factories.start_from(init_variables, config.init_ckpt, spec)
     steps_per_epoch = max(1, datasets.num_train // batch_size)
     total_steps = config.train.steps or math.ceil(config.train.epochs * steps_per_epoch)
     tx, schedule = factories.make_optimization(config.optim, steps_per_epoch, total_steps, spec)
-    return Run(config, task, model, spec, loss_fn, parent_variables if parent_variables is not None else {},
-               parent_info, init_variables, datasets, mesh, conv_impl, steps_per_epoch, total_steps, schedule, tx)
+    return Run(
+        config,
+        task,
+        model,
+        spec,
+        loss_fn,
+        parent_variables if parent_variables is not None else {},
+        parent_info,
+        init_variables,
+        datasets,
+        mesh,
+        conv_impl,
+        steps_per_epoch,
+        total_steps,
+        schedule,
+        tx,
+    )
 
 
 def inference_ms_per_image(model: nn.Module, variables: Any, example: Any, repeats: int = 5) -> float:

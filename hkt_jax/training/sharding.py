@@ -77,7 +77,9 @@ def initialize_distributed(
     if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
-        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id,
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
         initialization_timeout=initialization_timeout,
     )
     return True
@@ -135,8 +137,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def fsdp_spec(shape: Sequence[int], axis_size: int, axes: str | tuple[str, ...] = MODEL_AXIS,
-              min_elements: int = FSDP_MIN_ELEMENTS) -> P:
+def fsdp_spec(
+    shape: Sequence[int],
+    axis_size: int,
+    axes: str | tuple[str, ...] = MODEL_AXIS,
+    min_elements: int = FSDP_MIN_ELEMENTS,
+) -> P:
     """Shard the largest dimension divisible by ``axis_size`` over ``axes``; P() if none is
     (or the leaf is smaller than ``min_elements``)."""
     if axis_size <= 1 or math.prod(shape) < min_elements:
@@ -178,10 +184,9 @@ def state_shardings(state: Any, mesh: Mesh, *, shard_trainable: bool = False) ->
     fields = getattr(state, "__dataclass_fields__", None)
     if fields is None:
         return jax.tree.map(leaf, state)
-    return state.replace(**{
-        name: jax.tree.map(leaf if name in sharded else (lambda _: repl), getattr(state, name))
-        for name in fields
-    })
+    return state.replace(
+        **{name: jax.tree.map(leaf if name in sharded else (lambda _: repl), getattr(state, name)) for name in fields}
+    )
 
 
 def gather_inside(loss_fn: Callable, mesh: Mesh) -> Callable:
@@ -288,8 +293,23 @@ class DevicePrefetch:
 # -- what a compiled step communicates ----------------------------------------------------------------
 
 _DTYPE_BYTES = {
-    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-    "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1,
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
 }
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 # "%name = TYPE all-reduce(...)" / "all-reduce-start(...)"; TYPE is an array or a tuple of arrays

@@ -30,9 +30,14 @@ from hkt_jax.training.faults import NonFiniteError
 
 # Bit i of the step's ``nonfinite`` output is set when NONFINITE_TERMS[i] is NaN or inf.
 NONFINITE_TERMS = ("loss", "l1", "l2", "l3", "grad_norm", "params")
-TERM_NAMES = {"loss": "total loss", "l1": "L1 (backbone inheritance loss)", "l2": "L2 (task loss)",
-              "l3": "L3 (head inheritance loss)", "grad_norm": "gradient norm",
-              "params": "parameters after the update"}
+TERM_NAMES = {
+    "loss": "total loss",
+    "l1": "L1 (backbone inheritance loss)",
+    "l2": "L2 (task loss)",
+    "l3": "L3 (head inheritance loss)",
+    "grad_norm": "gradient norm",
+    "params": "parameters after the update",
+}
 
 
 def nonfinite_bits(metrics: dict[str, jax.Array], grad_norm: jax.Array, new_params: Any) -> jax.Array:
@@ -85,19 +90,26 @@ class NonFiniteGuard:
         self.in_a_row += 1
         self.skipped += 1
         if self.in_a_row <= self.max_in_a_row:
-            print(f"warning: step {done}: non-finite {describe_bits(bits)}: update skipped "
-                  f"({self.in_a_row} in a row, train.skip_nonfinite_steps={self.max_in_a_row})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"warning: step {done}: non-finite {describe_bits(bits)}: update skipped "
+                f"({self.in_a_row} in a row, train.skip_nonfinite_steps={self.max_in_a_row})",
+                file=sys.stderr,
+                flush=True,
+            )
             return
         latest_checkpoint = latest_checkpoint()
-        kept = (f"the latest checkpoint (step {latest_checkpoint}, in {self.where}) holds the last good state"
-                if latest_checkpoint is not None else "no checkpoint was written yet")
+        kept = (
+            f"the latest checkpoint (step {latest_checkpoint}, in {self.where}) holds the last good state"
+            if latest_checkpoint is not None
+            else "no checkpoint was written yet"
+        )
         resume = f"continue from step {latest_checkpoint}" if latest_checkpoint is not None else "start again"
         run_of = f" after {self.in_a_row} in a row" if self.in_a_row > 1 else ""
         raise NonFiniteError(
             f"error: step {done} of {self.total_steps}: non-finite {describe_bits(bits)}{run_of}: training stopped; "
             f"{kept}. Lower optim.learning_rate (or set train.skip_nonfinite_steps=K) and rerun with "
-            f"--allow_config_change to {resume}, or use a new --workdir")
+            f"--allow_config_change to {resume}, or use a new --workdir"
+        )
 
     def state_dict(self) -> dict[str, int]:
         return {"in_a_row": self.in_a_row, "skipped": self.skipped}
@@ -146,9 +158,12 @@ class StopOnSignal:
         # long compiled call where no Python handler could run (the saved checkpoints stay as they are).
         for each in self.SIGNALS:
             signal.signal(each, signal.SIG_DFL)
-        print(f"\n{name}: stopping after the current step and saving a checkpoint of it "
-              f"({'Ctrl-C' if signum == signal.SIGINT else name} again quits at once, without saving)",
-              file=sys.stderr, flush=True)
+        print(
+            f"\n{name}: stopping after the current step and saving a checkpoint of it "
+            f"({'Ctrl-C' if signum == signal.SIGINT else name} again quits at once, without saving)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def agreed(self, done: int) -> int:
         """The signal number to stop for after step ``done`` (0: go on), the same on every process; on

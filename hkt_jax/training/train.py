@@ -24,7 +24,15 @@ from hkt_jax.training.faults import Interrupted, RunStopped, UserError
 from hkt_jax.training.config import ExperimentConfig
 from hkt_jax.training.methods import child_variables, trainable_variables
 from hkt_jax.training.metrics import MetricsWriter
-from hkt_jax.training.run import Run, TrainState, build_run, compile_steps, export, inference_ms_per_image, initial_state
+from hkt_jax.training.run import (
+    Run,
+    TrainState,
+    build_run,
+    compile_steps,
+    export,
+    inference_ms_per_image,
+    initial_state,
+)
 from hkt_jax.models import parameter_count
 
 
@@ -62,17 +70,28 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, *, allow_c
         state = sharding.put(state, state_sh)
     parent_variables = sharding.put(run.parent_variables, sharding.parent_shardings(run.parent_variables, run.mesh))
     train_step, eval_step = compile_steps(
-        task=run.task, model=run.model, loss_fn=run.loss_fn, tx=run.tx, schedule=run.schedule,
-        parent_variables=run.parent_variables, mesh=run.mesh, state=state, shard_trainable=shard_trainable,
-        skip_nonfinite=config.train.skip_nonfinite_steps > 0)
+        task=run.task,
+        model=run.model,
+        loss_fn=run.loss_fn,
+        tx=run.tx,
+        schedule=run.schedule,
+        parent_variables=run.parent_variables,
+        mesh=run.mesh,
+        state=state,
+        shard_trainable=shard_trainable,
+        skip_nonfinite=config.train.skip_nonfinite_steps > 0,
+    )
     start_step = int(state.step)
     is_main = jax.process_index() == 0
     if is_main:
         (workdir / preflight.CONFIG_FILE).write_text(json.dumps(config.record(), indent=2, default=str))
         print(hooks.startup_block(run, workdir, start_step), flush=True)
         if changed:
-            print("  config changed since this workdir was started: " + ", ".join(
-                f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()), flush=True)
+            print(
+                "  config changed since this workdir was started: "
+                + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()),
+                flush=True,
+            )
     guard = stopping.NonFiniteGuard(config.train.skip_nonfinite_steps, run.total_steps, str(manager.directory))
     guard.load_state_dict(loop_state.get("nonfinite", {}))
     writer = MetricsWriter(workdir, resume_step=start_step)
@@ -82,8 +101,9 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, *, allow_c
         hook_states = {type(h).__name__: h.state_dict() for h in loop_hooks}
         return {"nonfinite": guard.state_dict(), "hooks": {k: v for k, v in hook_states.items() if v is not None}}
 
-    loop_hooks = hooks.default_hooks(run, workdir, writer, manager, eval_step, start_step, current_loop_state,
-                                     batches.position)
+    loop_hooks = hooks.default_hooks(
+        run, workdir, writer, manager, eval_step, start_step, current_loop_state, batches.position
+    )
     for hook in loop_hooks:
         if type(hook).__name__ in loop_state.get("hooks", {}):
             hook.load_state_dict(loop_state["hooks"][type(hook).__name__])
@@ -111,7 +131,9 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path, *, allow_c
                     raise Interrupted(
                         f"stopped by {signal.Signals(signum).name} at step {done} of {run.total_steps}; "
                         f"checkpoint saved in {manager.directory / str(done)}. Rerun the same command to "
-                        f"continue from step {done}", signum)
+                        f"continue from step {done}",
+                        signum,
+                    )
             guard.check_recorded(last_good_checkpoint)  # a no-op: every hook is due at the last step
         _close_all(loop_hooks)  # the last checkpoint is written (or its failure raised) before anything is exported
     except BaseException as stopped:  # a stop, a failed save, a bug: close what is open (finishing saves)
@@ -158,8 +180,9 @@ def summarize(run: Run, state: TrainState, eval_step, workdir: Path, loop_hooks)
         f"final_test_{metric}": test[metric],
         "final_test": test,
         "parameters": parameter_count(final_vars["params"]),
-        "inference_ms_per_image": inference_ms_per_image(run.model, final_vars,
-                                                         run.task.example_input(run.datasets, 128)),
+        "inference_ms_per_image": inference_ms_per_image(
+            run.model, final_vars, run.task.example_input(run.datasets, 128)
+        ),
         "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
         "jax": jax.__version__,
     }
