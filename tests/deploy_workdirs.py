@@ -135,8 +135,12 @@ def run_fresh(
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
+    # A developer's `pip install -e .` puts hkt_jax on every path through a finder in site-packages: drop it,
+    # so the process is the user's, who has the exported files and jax/torch but not this project.
     guard = (
-        "import importlib.util, sys\nassert importlib.util.find_spec('hkt_jax') is None, 'hkt_jax is importable here'\n"
+        "import importlib.util, sys\n"
+        "sys.meta_path = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable__')]\n"
+        "assert importlib.util.find_spec('hkt_jax') is None, 'hkt_jax is importable here'\n"
     )
     command = [sys.executable, *(["-I"] if isolated else []), "-c", guard + script]
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
