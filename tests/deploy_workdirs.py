@@ -8,6 +8,7 @@ path: the task's ``make_predict`` on a batch prepared by the project's data code
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -56,13 +57,15 @@ def _init_input(arch: str, frame: int):
     return (jnp.zeros((1, SLICE, SLICE, 1)),)
 
 
-def make_workdir(root: Path, arch: str, *, frame: int = FLOW_FRAME, seed: int = 0) -> Path:
-    """A finished run's workdir for ``arch``: random child weights (BatchNorm statistics too) + config.json."""
-    kwargs, config = WORKDIRS[arch]
-    if arch == "raft":
-        config = {"data": {"crop_size": [frame, frame]}}
-    spec = model_spec(arch, **kwargs)
-    variables = jax.jit(build_model(spec).init)(jax.random.key(seed), *_init_input(arch, frame))
+@functools.cache
+def _random_variables(arch: str, seed: int) -> dict:
+    """Random child weights (BatchNorm statistics too), made once per process: RAFT's initialisation is the
+    costliest program these tests compile. Its weights do not depend on the frame size, so it is initialised
+    at ``FLOW_FRAME`` whatever frames the workdir is for, and from an ``rbg`` key (XLA compiles the
+    initialisation about twice as fast as from the default threefry key)."""
+    kwargs, _ = WORKDIRS[arch]
+    key = jax.random.key(seed, impl="rbg") if arch == "raft" else jax.random.key(seed)
+    variables = jax.jit(build_model(model_spec(arch, **kwargs)).init)(key, *_init_input(arch, FLOW_FRAME))
     variables = jax.tree.map(np.asarray, dict(variables))
     rng = np.random.default_rng(seed)  # running statistics away from (0, 1), so normalisation matters
     if "batch_stats" in variables:
@@ -72,6 +75,16 @@ def make_workdir(root: Path, arch: str, *, frame: int = FLOW_FRAME, seed: int = 
             ).astype(np.float32),
             variables["batch_stats"],
         )
+    return variables
+
+
+def make_workdir(root: Path, arch: str, *, frame: int = FLOW_FRAME, seed: int = 0) -> Path:
+    """A finished run's workdir for ``arch``: random child weights (BatchNorm statistics too) + config.json."""
+    kwargs, config = WORKDIRS[arch]
+    if arch == "raft":
+        config = {"data": {"crop_size": [frame, frame]}}
+    spec = model_spec(arch, **kwargs)
+    variables = _random_variables(arch, seed)
     workdir = root / f"run-{arch}"
     save_model(workdir / "export" / "child", variables, {**spec, "metadata": {"data": {"task": arch}}})
     (workdir / "config.json").write_text(json.dumps(config))
@@ -117,6 +130,14 @@ def project_outputs(workdir: Path, arch: str, inputs: list[np.ndarray]) -> np.nd
     trainable = trainable_variables(variables)  # the train state's form, as evaluation sees it
     out = np.asarray(predict(trainable["params"], trainable["batch_stats"], batch))
     return out[-1] if arch == "raft" else out
+
+
+def project_outputs_per_batch(workdir: Path, arch: str, batches: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """``project_outputs`` of each input list, from one call on them all (one compilation, not one per batch
+    size): evaluation treats every example alone (BatchNorm in inference mode), so the split is exact."""
+    joined = [np.concatenate(parts) for parts in zip(*batches)]
+    ends = np.cumsum([len(inputs[0]) for inputs in batches])[:-1]
+    return np.split(project_outputs(workdir, arch, joined), ends)
 
 
 def blocked_jax_dir(root: Path) -> Path:

@@ -16,7 +16,7 @@ pytest.importorskip("onnxruntime", reason="the check runs the file with onnxrunt
 from hkt_jax.convert.__main__ import main  # noqa: E402
 from hkt_jax.convert.deploy import Deployable  # noqa: E402
 from hkt_jax.convert.onnx_export import export_onnx, run_onnx  # noqa: E402
-from tests.deploy_workdirs import make_workdir, project_outputs, raw_inputs  # noqa: E402
+from tests.deploy_workdirs import make_workdir, project_outputs_per_batch, raw_inputs  # noqa: E402
 
 BATCH_SIZES = (1, 3)
 # float32 through a different runtime: PyTorch's graph order of operations, not XLA's.
@@ -41,10 +41,10 @@ def test_onnx_export_matches_project_outputs(tmp_path, arch, capsys):
         assert not (tmp_path / "x.onnx").exists()
         assert "at least 128x128" in capsys.readouterr().err
 
-    for batch in BATCH_SIZES:
-        inputs = raw_inputs(arch, batch, seed=batch, **({"frame": frame} if frame else {}))
+    all_inputs = [raw_inputs(arch, batch, seed=batch, **({"frame": frame} if frame else {})) for batch in BATCH_SIZES]
+    all_expected = project_outputs_per_batch(workdir, arch, all_inputs)
+    for batch, inputs, expected in zip(BATCH_SIZES, all_inputs, all_expected):
         got = run_onnx(out, *inputs)
-        expected = project_outputs(workdir, arch, inputs)
         assert got.shape == expected.shape and expected.shape[0] == batch
         if arch == "raft":
             scale = np.max(np.abs(expected))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from hkt_jax.convert.__main__ import main
-from tests.deploy_workdirs import make_workdir, project_outputs, raw_inputs, run_fresh
+from tests.deploy_workdirs import make_workdir, project_outputs, project_outputs_per_batch, raw_inputs, run_fresh
 
 BATCH_SIZES = (1, 3)
 # Run in a process started with -I from a directory outside the repository: only jax + numpy.
@@ -43,8 +43,8 @@ def test_exported_child_reproduces_project_outputs_without_hkt_jax(tmp_path, arc
 
     description = json.loads((user / "child.json").read_text())
     assert description["arch"] == arch and description["inputs"][0]["shape"][0] is None
-    for batch in BATCH_SIZES:
-        expected = project_outputs(workdir, arch, inputs[batch])
+    all_expected = project_outputs_per_batch(workdir, arch, [inputs[batch] for batch in BATCH_SIZES])
+    for batch, expected in zip(BATCH_SIZES, all_expected):
         got = outputs[str(batch)]
         assert got.shape == expected.shape and got.dtype == np.float32
         assert expected.shape[0] == batch

@@ -6,6 +6,7 @@ RAFT's proportions and per-dataset augmentation, and the paper's MAE option for 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -207,7 +208,7 @@ def test_hkt_with_the_papers_mae_for_l1_l3_trains(tmp_path):
     batch = {k: jnp.asarray(v) for k, v in next(FlowDatasets(config, global_batch_size=2, seed=0).train).items()}
     child, parent = RAFT(small=True, iters=1), RAFT(small=True, iters=1)
     example = task.model_input(batch)
-    parent_vars = parent.init(jax.random.key(1), example, train=False)
+    parent_vars = factories.jit_init(functools.partial(parent.init, train=False))(jax.random.key(1), example)
     loss_fn, variables = factories.make_method(
         "hkt",
         child,
@@ -220,7 +221,7 @@ def test_hkt_with_the_papers_mae_for_l1_l3_trains(tmp_path):
     )
     tx = optax.adam(5e-4)
     params, stats = variables["params"], variables.get("batch_stats", {})
-    opt_state = tx.init(params)
+    opt_state = jax.jit(tx.init)(params)  # one program, not one per leaf shape
 
     @jax.jit
     def step(params, opt_state):

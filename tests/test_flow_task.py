@@ -4,8 +4,10 @@ resume, RAFT's optimizer recipe against PyTorch, and evaluation of known flows o
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
+from unittest import mock
 
 import chex
 import jax
@@ -39,11 +41,12 @@ def _batch(seed=0, batch=1):
 
 @pytest.fixture(scope="module")
 def pair():
-    """RAFT parent (random weights) and RAFT-S child, one iteration each."""
+    """RAFT parent (random weights) and RAFT-S child, one iteration each. The parent is initialised as one
+    compiled program (``jit_init``; eagerly, each initialiser compiles on its own: most of this fixture's time)."""
     task = Flow()
     child, parent = RAFT(small=True, iters=1), RAFT(small=False, iters=1)
     example = task.model_input(_batch())
-    parent_vars = parent.init(jax.random.key(1), example, train=False)
+    parent_vars = factories.jit_init(functools.partial(parent.init, train=False))(jax.random.key(1), example)
     return task, child, parent, parent_vars, example
 
 
@@ -65,10 +68,17 @@ def _adapter_shapes(variables):
     return {key: tuple(p["proj"]["kernel"].shape) for key, p in variables["params"]["adapters"].items() if p}
 
 
+def _hkt_shapes(pair, **settings):
+    """The initial variables' shapes alone: ``make_method`` traced under ``jax.eval_shape``, nothing compiled
+    (its ``jit_init`` is a plain call there: compiler options belong to a top-level ``jax.jit`` only)."""
+    with mock.patch.object(factories, "jit_init", lambda init_fn: init_fn):
+        return jax.eval_shape(lambda: _hkt(pair, **settings)[1])
+
+
 def test_transfer_adapters_bridge_the_raft_widths(pair):
     """3HKT: 256 <-> 128-ch features after `features`, 128 <-> 96 hidden and 128 <-> 64 context after `context`;
     2HKT: all four after the encoders, nothing after `features`."""
-    _, three = _hkt(pair, stages=3)
+    three = _hkt_shapes(pair, stages=3)
     assert _adapter_shapes(three) == {
         "to_child_0_fmap1": (256, 128),
         "to_child_0_fmap2": (256, 128),
@@ -79,7 +89,7 @@ def test_transfer_adapters_bridge_the_raft_widths(pair):
         "to_parent_1_net": (96, 128),
         "to_parent_1_inp": (64, 128),
     }
-    _, two = _hkt(pair, stages=2)
+    two = _hkt_shapes(pair, stages=2)
     assert _adapter_shapes(two) == {
         "to_child_1_fmap1": (256, 128),
         "to_child_1_fmap2": (256, 128),
@@ -91,7 +101,7 @@ def test_transfer_adapters_bridge_the_raft_widths(pair):
         "to_parent_1_inp": (64, 128),
     }
     with pytest.raises(ValueError, match="hkt.stages=4"):
-        _hkt(pair, stages=4)
+        _hkt_shapes(pair, stages=4)
 
 
 @pytest.fixture(scope="module")
@@ -160,10 +170,11 @@ def test_hkt_steps_lower_the_loss_and_epe_on_a_fixed_pair(pair, hkt3):
 
 
 @pytest.fixture(scope="module")
-def plain_step(pair):
-    """Loss and gradients of one plain RAFT-S step (method=child) at the HKT init's child weights."""
+def plain_step(pair, hkt3):
+    """Loss and gradients of one plain RAFT-S step (method=child) at the HKT init's child weights (3HKT's
+    initial variables, ``hkt3``'s: one initialisation fewer to compile)."""
     task, child, parent, parent_vars, example = pair
-    _, variables = _hkt(pair, stages=3)
+    variables, _ = hkt3
     batch = _batch(3)
     plain = plain_loss(child, task)
     value, grads = jax.jit(jax.value_and_grad(lambda p: plain(p, variables["batch_stats"], {}, batch)[0]))(
@@ -225,9 +236,19 @@ def test_one_cycle_adamw_and_clipping_follow_pytorch():
 
 
 def _smoke(*overrides):
+    """``flow_smoke`` cut to what these tests read: 2 steps of batch 4 (the 4 rows TensorBoard shows), one
+    refinement iteration (half the unrolled update blocks to compile; still not the default 12, so the
+    exported spec shows ``data.iters`` reached the model)."""
     return apply_overrides(
         load_config("flow_smoke"),
-        ["train.steps=2", "train.eval_every_steps=2", "train.checkpoint_every_steps=2", *overrides],
+        [
+            "train.steps=2",
+            "train.eval_every_steps=2",
+            "train.checkpoint_every_steps=2",
+            "train.batch_size=4",
+            "data.iters=1",
+            *overrides,
+        ],
     )
 
 
@@ -246,7 +267,7 @@ def test_smoke_trains_parent_then_hkt_child(smoke_run):
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "l1", "l2", "l3", "epe"} <= set(rows[0]) and any("eval_epe" in r for r in rows)
     _, spec = checkpoint.load_model(workdir / "export" / "child")
-    assert spec["arch"] == "raft" and spec["kwargs"] == {"small": True, "iters": 2}
+    assert spec["arch"] == "raft" and spec["kwargs"] == {"small": True, "iters": 1}
     shown = tb_events.images(workdir)["frame1_gt_prediction"]  # TensorBoard: frame | truth | prediction
     assert list(shown) == [2] and shown[2].shape == (4 * 64, 3 * 64, 3)
 

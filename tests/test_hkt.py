@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -41,7 +43,7 @@ def _data(seed=0, batch=16, size=8):
 
 @pytest.fixture(scope="module")
 def parent_variables():
-    return PARENT.init(jax.random.key(1), _data()["image"])
+    return jax.jit(PARENT.init)(jax.random.key(1), _data()["image"])  # one program, not one per operation
 
 
 def _state(variables, tx):
@@ -57,8 +59,8 @@ def test_streams_follow_algorithm_1(parent_variables):
     """Rebuild Algorithm 1 by hand from the public pieces and compare the three outputs."""
     engine = HKT(CHILD, PARENT, HKTConfig(lam=0.6, mode="softmax"), task=Classification())
     x = _data()["image"]
-    variables = engine.init(jax.random.key(2), x, parent_variables)
-    outputs, _, metrics = engine.forward(variables, parent_variables, x, train=False)
+    variables = jax.jit(engine.init)(jax.random.key(2), x, parent_variables)
+    outputs, _, metrics = jax.jit(functools.partial(engine.forward, train=False))(variables, parent_variables, x)
 
     child_vars = {"params": variables["params"]["child"], "batch_stats": variables["batch_stats"]["child"]}
     adapters = variables["params"]["adapters"]
@@ -72,14 +74,19 @@ def test_streams_follow_algorithm_1(parent_variables):
     def stage(model, v, i, h):
         return apply_stage(model, v, i, h, train=False)[0]
 
-    native = x
-    for i in range(3):
-        native = stage(CHILD, child_vars, i, native)
-    zc, zp = stage(CHILD, child_vars, 0, x), stage(PARENT, parent_variables, 0, x)
-    for i in range(2):
-        phi_c = zc + 0.6 * ga.genetic_attention(zc, tau(f"to_child_{i}", zp, zc), mode="softmax")
-        phi_p = zp + 0.6 * ga.genetic_attention(zp, tau(f"to_parent_{i}", zc, zp), mode="softmax")
-        zc, zp = stage(CHILD, child_vars, i + 1, phi_c), stage(PARENT, parent_variables, i + 1, phi_p)
+    @jax.jit  # the hand-built streams as one program: eager, each operation would compile on its own
+    def by_hand(x):
+        native = x
+        for i in range(3):
+            native = stage(CHILD, child_vars, i, native)
+        zc, zp = stage(CHILD, child_vars, 0, x), stage(PARENT, parent_variables, 0, x)
+        for i in range(2):
+            phi_c = zc + 0.6 * ga.genetic_attention(zc, tau(f"to_child_{i}", zp, zc), mode="softmax")
+            phi_p = zp + 0.6 * ga.genetic_attention(zp, tau(f"to_parent_{i}", zc, zp), mode="softmax")
+            zc, zp = stage(CHILD, child_vars, i + 1, phi_c), stage(PARENT, parent_variables, i + 1, phi_p)
+        return native, zc, zp
+
+    native, zc, zp = by_hand(x)
 
     np.testing.assert_allclose(outputs["native"], native, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(outputs["backbone"], zc, rtol=1e-4, atol=1e-5)
@@ -90,11 +97,11 @@ def test_streams_follow_algorithm_1(parent_variables):
 def test_parent_frozen_child_trains_and_head_inheritance_reaches_child(parent_variables):
     batch = _data()
     engine = HKT(CHILD, PARENT, HKTConfig(lam=0.6, alphas=(0.25, 0.5, 0.25)), task=Classification())
-    variables = engine.init(jax.random.key(3), batch["image"], parent_variables)
+    variables = jax.jit(engine.init)(jax.random.key(3), batch["image"], parent_variables)
     loss_fn = hkt_loss(engine)
 
     # The parent's gradient is exactly zero, even when asked for explicitly.
-    parent_grad = jax.grad(lambda pv: loss_fn(variables["params"], variables["batch_stats"], pv, batch)[0])(
+    parent_grad = jax.jit(jax.grad(lambda pv: loss_fn(variables["params"], variables["batch_stats"], pv, batch)[0]))(
         parent_variables
     )
     assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(parent_grad))
@@ -103,7 +110,7 @@ def test_parent_frozen_child_trains_and_head_inheritance_reaches_child(parent_va
     def l3(params):
         return engine.loss(params, variables["batch_stats"], parent_variables, batch)[1]["metrics"]["l3"]
 
-    l3_grad = jax.grad(l3)(variables["params"])
+    l3_grad = jax.jit(jax.grad(l3))(variables["params"])
     child_norm = optax.tree.norm(l3_grad["child"])
     assert float(child_norm) > 1e-6
     assert float(optax.tree.norm(l3_grad["adapters"])) > 1e-6
@@ -123,7 +130,7 @@ def test_parent_frozen_child_trains_and_head_inheritance_reaches_child(parent_va
 def test_lambda_zero_native_only_equals_plain_child_step(parent_variables):
     batch = _data(seed=4)
     engine = HKT(CHILD, PARENT, HKTConfig(lam=0.0, alphas=(0.0, 1.0, 0.0)), task=Classification())
-    variables = engine.init(jax.random.key(5), batch["image"], parent_variables)
+    variables = jax.jit(engine.init)(jax.random.key(5), batch["image"], parent_variables)
     tx = optax.sgd(0.05, momentum=0.9)
     schedule = optax.constant_schedule(0.05)
 
@@ -145,7 +152,7 @@ def test_lambda_zero_native_only_equals_plain_child_step(parent_variables):
 def test_toy_pair_with_different_widths_and_resolutions_learns(parent_variables):
     engine = HKT(CHILD, PARENT, HKTConfig(lam=0.6, alphas=(0.25, 0.5, 0.25), inherit_loss="mae"), task=Classification())
     batch = _data(seed=6, batch=32)
-    variables = engine.init(jax.random.key(7), batch["image"], parent_variables)
+    variables = jax.jit(engine.init)(jax.random.key(7), batch["image"], parent_variables)
     kernels = {k: v["proj"]["kernel"].shape for k, v in variables["params"]["adapters"].items()}
     assert kernels == {"to_child_0": (8, 4), "to_parent_0": (4, 8), "to_child_1": (12, 6), "to_parent_1": (6, 12)}
     tx = optax.adam(1e-2)
@@ -165,15 +172,17 @@ def test_boundary_switches(parent_variables):
     x = _data()["image"]
     off = HKTConfig(boundaries=(Boundary(backbone=False, head=False),) * 2)
     engine = HKT(CHILD, PARENT, off, task=Classification())
-    variables = engine.init(jax.random.key(8), x, parent_variables)
+    variables = jax.jit(engine.init)(jax.random.key(8), x, parent_variables)
     assert variables["params"]["adapters"] == {}
-    outputs, _, metrics = engine.forward(variables, parent_variables, x, train=False)
+    outputs, _, metrics = jax.jit(functools.partial(engine.forward, train=False))(variables, parent_variables, x)
     np.testing.assert_array_equal(outputs["backbone"], outputs["native"])
-    np.testing.assert_allclose(outputs["head"], PARENT.apply(parent_variables, x), rtol=1e-6)
+    np.testing.assert_allclose(outputs["head"], jax.jit(PARENT.apply)(parent_variables, x), rtol=1e-6)
     assert metrics == {}
 
     only_last = HKTConfig(boundaries=(Boundary(backbone=False, head=False), Boundary(backbone=True, head=False)))
-    variables = HKT(CHILD, PARENT, only_last, task=Classification()).init(jax.random.key(9), x, parent_variables)
+    variables = jax.eval_shape(
+        HKT(CHILD, PARENT, only_last, task=Classification()).init, jax.random.key(9), x, parent_variables
+    )
     assert sorted(variables["params"]["adapters"]) == ["to_child_1"]
 
 

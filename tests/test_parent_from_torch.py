@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 
 import pytest
 
 from experiments.configs import smoke
+from hkt_jax.convert.__main__ import main as convert
 from hkt_jax.training.config import apply_overrides
 from hkt_jax.training.train import train_and_evaluate
-from tests.conftest import REPO_ROOT, require_shared
+from tests.conftest import require_shared
 
 pytestmark = pytest.mark.usefixtures("highest_matmul_precision")  # compared with float64 / PyTorch: no TF32 on GPUs
 
@@ -26,25 +25,11 @@ def test_converted_resnet56_parents_an_hkt_run(tmp_path, capsys):
     pytest.importorskip("torch", reason="the converter reads PyTorch checkpoints")
     source = require_shared("resnet-cifar10-torch", "resnet56-4bfd9763.th")
     parent_dir = tmp_path / "resnet56"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hkt_jax.convert",
-            "resnet",
-            "--src",
-            str(source),
-            "--depth",
-            "56",
-            "--out",
-            str(parent_dir),
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    # The CLI's own entry point, in this process: a subprocess would import JAX and torch a second time.
+    assert convert(["resnet", "--src", str(source), "--depth", "56", "--out", str(parent_dir)]) == 0, (
+        capsys.readouterr().err
     )
-    assert result.returncode == 0, result.stderr
+    capsys.readouterr()
     before = _digest(parent_dir)
 
     overrides = [

@@ -195,7 +195,7 @@ def test_unrolled_iterations_equal_the_rolled_scan():
     rng = np.random.default_rng(0)
     frames = [rng.uniform(0, 255, (1, 64, 64, 3)).astype(np.float32) for _ in range(2)]
     rolled, unrolled = RAFT(small=True, iters=2, unroll=1), RAFT(small=True, iters=2)
-    variables = rolled.init(jax.random.key(0), *frames)
+    variables = jax.jit(rolled.init)(jax.random.key(0), *frames)
 
     def loss(model, params):
         flows = model.apply({"params": params}, *frames)

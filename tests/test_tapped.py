@@ -113,12 +113,15 @@ def _hkt_pair(tapped: bool):
 @pytest.fixture(scope="module")
 def hkt_runs():
     x = _images(2, size=16)  # 16x16: softmax GA over 256 tokens keeps the compiled steps small
-    parent_variables = _with_running_stats(CifarResNet(depth=14, conv_impl="xla").init(jax.random.key(7), x), 7)
+    # Initialised inside jit: one program each, where eager initialisation compiles every operation alone.
+    parent_variables = _with_running_stats(
+        jax.jit(CifarResNet(depth=14, conv_impl="xla").init)(jax.random.key(7), x), 7
+    )
     batches = [{"image": _images(10 + s, size=16), "label": jnp.arange(8) % 10} for s in range(3)]
     runs = {}
     for tapped in (False, True):
         engine, tx, step = _hkt_pair(tapped)
-        variables = _untap_keys(engine.init(jax.random.key(5), x, parent_variables))
+        variables = _untap_keys(jax.jit(engine.init)(jax.random.key(5), x, parent_variables))
         params, stats = variables["params"], variables["batch_stats"]
         if tapped:  # the same adapters under the tapped engine's names
             params = {**params, "adapters": {f"{k}_feature": v for k, v in params["adapters"].items()}}
@@ -226,10 +229,11 @@ def test_imagenet_style_resnet_is_a_frozen_parent_through_taps():
     assert [p for p in paths if "/" not in p and p.startswith("ResNetBlock")] == [f"ResNetBlock_{i}" for i in range(4)]
     parent = Tapped(parent_module, taps=("ResNetBlock_0", "ResNetBlock_2", "ResNetBlock_3"), names=GROUP_NAMES)
     child = CifarResNet(depth=8, num_classes=4, stage_split="groups", conv_impl="xla")  # hand-staged
-    parent_variables = _with_running_stats(parent_module.init(jax.random.key(1), x, train=False), 1)
+    init = jax.jit(parent_module.init, static_argnames="train")  # one program, not one per operation
+    parent_variables = _with_running_stats(init(jax.random.key(1), x, train=False), 1)
     parent_before = jax.tree.map(np.array, parent_variables)
     engine = HKT(child, parent, HKTConfig(boundaries=tapped_boundaries(child, parent)), task=Classification())
-    variables = engine.init(jax.random.key(2), x, parent_variables)
+    variables = jax.jit(engine.init)(jax.random.key(2), x, parent_variables)
     tx = optax.sgd(0.05, momentum=0.9)
 
     @jax.jit

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from experiments import cifar_hkt
 from hkt_jax.training import checkpoint
 from hkt_jax.training.config import apply_overrides, load_config
 from hkt_jax.training.experiment import run
@@ -70,12 +71,8 @@ def test_resume_continues_exactly(tmp_path, hkt_run):
         np.testing.assert_array_equal(a, b)
 
 
-def _cli_losses(workdir, devices, parent):
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "experiments.cifar_hkt",
+def _cli_args(workdir, parent):
+    return [
         "--config",
         "toy_segmentation",
         "--workdir",
@@ -85,16 +82,25 @@ def _cli_losses(workdir, devices, parent):
         "train.log_every_steps=1",
         "train.eval_every_steps=4",
     ]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"mesh:   {devices} x cpu" in result.stdout
+
+
+def _losses(workdir):
     return [r["loss"] for r in _rows(workdir) if "loss" in r]
 
 
-def test_one_and_eight_devices_agree(tmp_path, hkt_run):
-    """Global-batch semantics hold for this task too: the same losses on 1 and 8 (simulated) devices."""
+def test_one_and_eight_devices_agree(tmp_path, hkt_run, capsys):
+    """Global-batch semantics hold for this task too: the same losses on 1 and 8 (simulated) devices.
+
+    The one-device run is the entry point in this process (which has one CPU device); eight simulated
+    devices need a fresh process, as the flag is read when JAX starts."""
     parent = hkt_run[0] / "parent" / "export" / "child"
-    one = _cli_losses(tmp_path / "one", 1, parent)
-    eight = _cli_losses(tmp_path / "eight", 8, parent)
+    assert cifar_hkt.main(_cli_args(tmp_path / "one", parent)) == 0
+    assert "mesh:   1 x cpu" in capsys.readouterr().out
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    cmd = [sys.executable, "-m", "experiments.cifar_hkt", *_cli_args(tmp_path / "eight", parent)]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mesh:   8 x cpu" in result.stdout
+    one, eight = _losses(tmp_path / "one"), _losses(tmp_path / "eight")
     assert len(one) == 4
     np.testing.assert_allclose(eight, one, rtol=2e-5)
