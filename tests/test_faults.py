@@ -207,7 +207,7 @@ def test_real_process_sigterm_then_double_ctrl_c(tmp_path):
 # -- non-finite loss ----------------------------------------------------------------------------
 
 
-def test_blown_up_learning_rate_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+def test_blown_up_learning_rate_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, library_default_prng):
     workdir = tmp_path / "run"
     # The learning rate warms up to 1e5 over the 16 steps: sane at first, the gradients overflow at step 4.
     warmup = ["optim.schedule=cosine", "optim.warmup_epochs=1", "train.checkpoint_every_steps=2"]
@@ -232,7 +232,7 @@ def test_blown_up_learning_rate_stops_and_keeps_the_last_good_checkpoint(tmp_pat
     assert json.loads((workdir / "summary.json").read_text())["steps"] == 16
 
 
-def test_nonfinite_step_found_at_a_later_fetch_is_named_and_never_saved(tmp_path, capsys):
+def test_nonfinite_step_found_at_a_later_fetch_is_named_and_never_saved(tmp_path, capsys, library_default_prng):
     """The flags are read only at the next fetch (step 6, a checkpoint): the error still names the first bad
     step (4), and the checkpoint due at step 6 is not written."""
     workdir = tmp_path / "run"
@@ -249,7 +249,7 @@ def test_nonfinite_step_found_at_a_later_fetch_is_named_and_never_saved(tmp_path
     assert _steps(workdir) == [3] and _logged_steps(workdir) == []
 
 
-def test_skip_nonfinite_steps_keeps_the_old_state_and_counts(tmp_path, capsys):
+def test_skip_nonfinite_steps_keeps_the_old_state_and_counts(tmp_path, capsys, library_default_prng):
     """With a budget of skipped steps the blown-up run never saves non-finite parameters; it stops when the
     budget is used up in a row."""
     workdir = tmp_path / "run"

@@ -33,6 +33,7 @@ print(json.dumps({"tuned": tuned, "faults": faults}))
 def _probe(tune: bool, env_extra=None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "JAX_PLATFORMS": "cpu", **(env_extra or {})}
     env.pop("XLA_FLAGS", None)
+    env.pop("GLIBC_TUNABLES", None)  # the suite's own malloc settings (tests/conftest.py) would hide the difference
     out = subprocess.run(
         [sys.executable, "-c", PROBE, "1" if tune else "0"],
         env=env,
