@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from hkt_jax.runtime import compile_cache, paths
+from hkt_jax.runtime import compile_cache, malloc_tuning, paths
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,9 +53,6 @@ def _session_compile_cache() -> None:
 _session_compile_cache()
 
 
-MALLOC_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1073741824"
-
-
 def _cheaper_test_processes() -> None:
     """JAX's non-partitionable threefry and glibc's malloc kept in the process, here and in every child process.
 
@@ -70,7 +67,7 @@ def _cheaper_test_processes() -> None:
     ``JAX_THREEFRY_PARTITIONABLE`` or ``GLIBC_TUNABLES`` wins."""
     os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
     jax.config.update("jax_threefry_partitionable", os.environ["JAX_THREEFRY_PARTITIONABLE"] not in ("0", "false"))
-    os.environ.setdefault("GLIBC_TUNABLES", MALLOC_TUNABLES)
+    os.environ.setdefault("GLIBC_TUNABLES", malloc_tuning.glibc_tunables())
 
 
 _cheaper_test_processes()

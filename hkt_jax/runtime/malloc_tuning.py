@@ -19,7 +19,12 @@ import os
 import platform
 
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-TRIM_THRESHOLD = 1 << 30
+ARENA_MAX, MMAP_MAX, TRIM_THRESHOLD = 1, 0, 1 << 30
+
+
+def glibc_tunables() -> str:
+    """The same settings as a ``GLIBC_TUNABLES`` value, for child processes to start with."""
+    return f"glibc.malloc.arena_max={ARENA_MAX}:glibc.malloc.mmap_max={MMAP_MAX}:glibc.malloc.trim_threshold={TRIM_THRESHOLD}"
 
 
 def tune_malloc_for_xla() -> bool:
@@ -32,5 +37,5 @@ def tune_malloc_for_xla() -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    settings = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    settings = ((M_ARENA_MAX, ARENA_MAX), (M_MMAP_MAX, MMAP_MAX), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return all(libc.mallopt(option, value) == 1 for option, value in settings)
