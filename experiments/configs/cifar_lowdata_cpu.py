@@ -3,7 +3,7 @@
     python -m hkt_jax.convert resnet --src ../shared/data/resnet-cifar10-torch/resnet56-4bfd9763.th \\
         --depth 56 --out workdirs/parents/resnet56
     python -m experiments.cifar_hkt --config cifar_lowdata_cpu --workdir workdirs/lowdata_hkt
-    python -m experiments.compare --grid cifar_lowdata_cpu     # child, kd, hkt, reference, hkt_no_ga x 3 seeds
+    python -m experiments.compare --grid cifar_lowdata_cpu     # child, kd, hkt, reference, hkt_no_ga, hkt_kd x 3
 
 Parent: the pretrained ResNet-56 converted from PyTorch (trained on all of CIFAR-10; 83.2 % on the
 JPEG test split), frozen. Child: ResNet-20 from scratch on 500 training images per class

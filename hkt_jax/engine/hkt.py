@@ -4,6 +4,7 @@ Three streams run through a staged child C = (c_1..c_n) and a frozen staged
 parent P = (p_1..p_n):
 
 * native:     z_n = c_n(...c_1(x))                        -> L2 = task loss
+  (or, with ``native_distill``, a loss of z_n and the parent's own output p_n(...p_1(x)), e.g. KD's)
 * backbone:   z*_{i+1} = c_{i+1}(z_i + lam GA(tau_c(z~_i), z_i))   -> L1 on z*_n
 * head:       z~*_{i+1} = p_{i+1}(z~_i + lam GA(tau_p(z_i), z~_i)) -> L3 on z~*_n
 
@@ -31,6 +32,8 @@ from hkt_jax.engine.etm import Extractor, Transfer, get_leaf, set_leaf
 from hkt_jax.engine.stages import Boundary, LeafLink, apply_stage, check_staged
 
 LossFn = Callable[[Any, dict[str, jax.Array]], jax.Array]
+# (child's native outputs, parent's native outputs, batch) -> L2
+DistillFn = Callable[[Any, Any, dict[str, jax.Array]], jax.Array]
 DIRECTIONS = ("to_child", "to_parent")
 # Which side's features head inheritance anchors its mixing on (see HKTConfig.head_anchor).
 HEAD_ANCHORS = ("parent", "child")
@@ -130,9 +133,12 @@ class HKT:
         task: Any,
         task_loss: LossFn | None = None,
         inherit_loss: LossFn | None = None,
+        native_distill: DistillFn | None = None,
     ):
         """``task`` (a ``hkt_jax.tasks.Task``, e.g. ``Classification()``) supplies the network input of a
-        batch and the losses; ``task_loss`` / ``inherit_loss`` override its losses."""
+        batch and the losses; ``task_loss`` / ``inherit_loss`` override its losses. ``native_distill``
+        replaces L2 by a loss that also sees the frozen parent's own outputs (KD's soft targets, say);
+        the parent's native pass reuses its first stage, already run for the head stream."""
         check_staged(child, "child")
         check_staged(parent, "parent")
         if tuple(child.stage_names) != tuple(parent.stage_names):
@@ -146,6 +152,7 @@ class HKT:
         self.boundaries = config.resolved_boundaries(len(child.stage_names))
         self.task_loss = task_loss or task.task_loss
         self.inherit_loss = inherit_loss or task.inherit_loss(config.inherit_loss)
+        self.native_distill = native_distill
         self._transfer = Transfer()
 
     @property
@@ -226,7 +233,8 @@ class HKT:
     def forward(self, variables: dict[str, Any], parent_variables: Any, x: Any, *, train: bool):
         """All three streams. Returns (outputs, new child batch_stats, diagnostics).
 
-        ``outputs`` = {"native": z_n, "backbone": z*_n, "head": z~*_n}. In train
+        ``outputs`` = {"native": z_n, "backbone": z*_n, "head": z~*_n}, plus "parent" (the parent's
+        own outputs) when L2 distils from them. In train
         mode the child's BatchNorm uses batch statistics in every stream, and its
         running averages are updated from the native stream only (the child
         runs alone at inference).
@@ -247,12 +255,18 @@ class HKT:
 
         # The inherited streams reuse the child's stage-0 output (same params, same batch).
         z_parent, _ = apply_stage(self.parent, frozen_parent, 0, x, train=False)
+        outputs = {}
+        if self.native_distill is not None:
+            z_teacher = z_parent
+            for i in range(1, self.num_stages):
+                z_teacher, _ = apply_stage(self.parent, frozen_parent, i, z_teacher, train=False)
+            outputs["parent"] = jax.lax.stop_gradient(z_teacher)
         for i in range(self.num_stages - 1):
             phi_child = self._mix(params["adapters"], "to_child", i, z_parent, z_child, metrics)
             phi_parent = self._mix(params["adapters"], "to_parent", i, z_child, z_parent, metrics)
             z_child, _ = apply_stage(self.child, child_vars, i + 1, phi_child, train=train)
             z_parent, _ = apply_stage(self.parent, frozen_parent, i + 1, phi_parent, train=False)
-        outputs = {"native": z_native, "backbone": z_child, "head": z_parent}
+        outputs.update(native=z_native, backbone=z_child, head=z_parent)
         return outputs, {"child": new_stats}, metrics
 
     # -- loss -------------------------------------------------------------------------------------
@@ -269,7 +283,10 @@ class HKT:
         )
         a1, a2, a3 = self.config.alphas
         l1 = self.inherit_loss(outputs["backbone"], batch)
-        l2 = self.task_loss(outputs["native"], batch)
+        if self.native_distill is not None:
+            l2 = self.native_distill(outputs["native"], outputs["parent"], batch)
+        else:
+            l2 = self.task_loss(outputs["native"], batch)
         l3 = self.inherit_loss(outputs["head"], batch)
         total = sum(a * term for a, term in ((a1, l1), (a2, l2), (a3, l3)) if a != 0.0)
         metrics.update(loss=total, l1=l1, l2=l2, l3=l3)

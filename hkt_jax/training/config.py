@@ -112,6 +112,10 @@ class HKTSettings(HKTConfig):
     """The engine's ``HKTConfig`` (defaults: the paper's) plus where the models are cut into stages."""
 
     stage_split: Literal["paper", "groups"] = "paper"
+    # What the native stream's L2 learns from. "labels": the task loss (the paper). "parent": the task's
+    # distillation loss from the frozen parent's own outputs, with kd.temperature and kd.weight (HKT + KD:
+    # the parent's soft targets on top of the inherited streams).
+    native_target: Literal["labels", "parent"] = "labels"
     # Aligned blocks to mix between, for models that define ``hkt_boundaries(stages)`` (RAFT: 3 = 3HKT,
     # 2 = 2HKT); None = the model's default wiring.
     stages: int | None = None

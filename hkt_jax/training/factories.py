@@ -153,7 +153,7 @@ def make_method(
         if isinstance(model, Tapped) or isinstance(parent, Tapped):  # mix the tapped "feature" leaves
             boundaries = tapped_boundaries(model, parent, engine_config.boundaries)
             engine_config = dataclasses.replace(engine_config, boundaries=boundaries)
-        engine = HKT(model, parent, engine_config, task=task)
+        engine = HKT(model, parent, engine_config, task=task, native_distill=native_distill(task, hkt, kd))
         return hkt_loss(engine, train=train), jit_init(engine.init)(rng, example_input, parent_variables)
     init_variables = trainable_variables(jit_init(functools.partial(model.init, train=False))(rng, example_input))
     if method == "kd":
@@ -173,6 +173,19 @@ def make_method(
             train=train,
         )
     return plain_loss(model, task, train=train), init_variables
+
+
+def native_distill(task: Task, hkt: HKTConfig, kd: KDSettings) -> Callable | None:
+    """HKT's L2 from the parent's own outputs (``hkt.native_target=parent``): the task's KD loss."""
+    if getattr(hkt, "native_target", "labels") == "labels":
+        return None
+    if type(task).distill_loss is Task.distill_loss:
+        raise ValueError(f"hkt.native_target=parent needs a distillation loss, which task {task.name!r} lacks")
+
+    def loss(student, teacher, batch):
+        return task.distill_loss(student, teacher, batch, temperature=kd.temperature, weight=kd.weight)[0]
+
+    return loss
 
 
 def feature_method(
