@@ -256,11 +256,11 @@ class HKT:
         # The inherited streams reuse the child's stage-0 output (same params, same batch).
         z_parent, _ = apply_stage(self.parent, frozen_parent, 0, x, train=False)
         outputs = {}
-        if self.native_distill is not None:
+        if self.native_distill is not None:  # the parent alone, from the stage-0 output the head stream starts from
             z_teacher = z_parent
             for i in range(1, self.num_stages):
                 z_teacher, _ = apply_stage(self.parent, frozen_parent, i, z_teacher, train=False)
-            outputs["parent"] = jax.lax.stop_gradient(z_teacher)
+            outputs["parent"] = z_teacher
         for i in range(self.num_stages - 1):
             phi_child = self._mix(params["adapters"], "to_child", i, z_parent, z_child, metrics)
             phi_parent = self._mix(params["adapters"], "to_parent", i, z_child, z_parent, metrics)

@@ -336,7 +336,7 @@ def hkt_line(hkt) -> str:
         f"hkt:    lambda={hkt.lam:g}, alphas=({alphas}), GA mode={hkt.mode} (impl {hkt.impl}), "
         f"L1/L3={hkt.inherit_loss}, head anchored on the {hkt.head_anchor}, split={hkt.stage_split}"
     ]
-    if getattr(hkt, "native_target", "labels") == "parent":
+    if hkt.native_target == "parent":
         parts.append("L2 distils from the parent's outputs (kd.temperature, kd.weight)")
     if hkt.stages is not None:
         parts.append(f"stages={hkt.stages}")
