@@ -391,6 +391,9 @@ def test_cli_errors_list_the_problem_without_traceback(tmp_path, capsys):
     torch.save({"state_dict": state_dict_of("A")}, source)
     assert main(["resnet", "--src", str(source), "--depth", "32", "--out", str(tmp_path / "x")]) == 1
     assert "checkpoint has 3 blocks per group (depth 20), asked for depth 32" in capsys.readouterr().err
+    assert main(["resnet", "--src", str(source), "--depth", "20", "--out", str(tmp_path)]) == 1  # holds resnet20.th
+    assert f"refusing to replace {tmp_path} with a model: it holds resnet20.th" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resnet20.th"]
     raft = tmp_path / "raft-small.pth"  # princeton-vl's layout: RAFT-S by its 32-channel feature stem
     torch.save({"module.fnet.conv1.weight": torch.zeros(32, 3, 7, 7), "module.update_block.x": torch.zeros(1)}, raft)
     assert main(["resnet", "--src", str(raft), "--depth", "20", "--out", str(tmp_path / "x")]) == 1

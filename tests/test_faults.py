@@ -374,6 +374,59 @@ def test_truncated_newest_checkpoint_falls_back_and_ends_bit_identical(uninterru
     assert len(err) == 1 and err[0].startswith("error: no readable checkpoint in ") and "step 16 (" in err[0]
 
 
+def test_model_export_is_all_or_nothing(tmp_path, monkeypatch):
+    """A process killed while it exports leaves the previous model whole: the new one is written beside it
+    and swapped in by renames; a swap cut off between its two renames is put back by ``recover_model``."""
+    target = tmp_path / "best"
+    old = {"params": {"w": np.zeros(3, np.float32)}, "batch_stats": {}}
+    new = {"params": {"w": np.ones(3, np.float32)}, "batch_stats": {}}
+    checkpoint.save_model(target, old, {"name": "old"})
+    original, renames = Path.rename, []
+
+    def dies_at_second_rename(self, destination):
+        renames.append(Path(destination).name)
+        if len(renames) == 2:
+            raise KeyboardInterrupt("killed")
+        return original(self, destination)
+
+    monkeypatch.setattr(Path, "rename", dies_at_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_model(target, new, {"name": "new"})
+    monkeypatch.undo()
+    assert renames == [".best.previous", "best"] and not target.exists()
+    assert checkpoint.recover_model(target)
+    variables, spec = checkpoint.load_model(target)
+    assert spec == {"name": "old"}
+    np.testing.assert_array_equal(variables["params"]["w"], old["params"]["w"])
+
+    # The next export replaces the stale half-made copy and the model, and leaves nothing else behind.
+    checkpoint.save_model(target, new, {"name": "new"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+    variables, spec = checkpoint.load_model(target)
+    assert spec == {"name": "new"}
+    np.testing.assert_array_equal(variables["params"]["w"], new["params"]["w"])
+
+
+def test_half_written_best_is_set_aside_and_the_run_resumes(uninterrupted, tmp_path, monkeypatch, capsys):
+    """``best/`` without ``model.json`` (a run killed mid-export by a version that wrote in place) is moved
+    aside with one warning; the resumed run ends as the uninterrupted one (as CI once saw it fail)."""
+    workdir = tmp_path / "run"
+    _at_step(monkeypatch, 12, lambda: os.kill(os.getpid(), signal.SIGINT))
+    assert _main(workdir) == faults.EXIT_SIGINT
+    monkeypatch.undo()
+    (workdir / "best" / checkpoint.MODEL_SPEC_FILE).unlink()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _main(workdir) == 0
+    assert [str(w.message) for w in caught if "half-written" in str(w.message)] == [
+        f"{workdir.absolute() / 'best'} was half-written (model.json is missing); moved to "
+        f"{workdir.absolute() / 'best.unreadable'}"
+    ]
+    assert (workdir / "best.unreadable" / checkpoint.VARIABLES_ITEM).is_dir()
+    assert checkpoint.load_model_spec(workdir / "best")["metadata"]["step"] == 16
+    _assert_same_result(workdir, uninterrupted)
+
+
 def test_failed_save_mid_run_keeps_the_previous_checkpoint(uninterrupted, tmp_path, monkeypatch, capsys):
     workdir = tmp_path / "run"
     original = ocp.handlers.JsonCheckpointHandler.async_save

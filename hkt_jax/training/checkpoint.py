@@ -28,17 +28,39 @@ from hkt_jax.training.faults import CheckpointSaveError, UserError
 
 MODEL_SPEC_FILE = "model.json"
 VARIABLES_ITEM = "variables"
+MODEL_ENTRIES = frozenset({MODEL_SPEC_FILE, VARIABLES_ITEM})
 
 
 def save_model(directory: str | os.PathLike, variables: Any, spec: dict[str, Any]) -> Path:
-    """Write ``variables`` and the ``spec`` that rebuilds the model (overwrites)."""
+    """Write ``variables`` and the ``spec`` that rebuilds the model (overwrites), all or nothing.
+
+    Both are written into a sibling ``.NAME.partial`` directory that then takes
+    ``directory``'s place, so a run killed while it exports leaves the previous
+    model whole (or none), never variables without ``model.json`` or a spec
+    beside other variables. ``recover_model`` finishes a swap that was cut off.
+    """
     directory = Path(directory).absolute()
-    directory.mkdir(parents=True, exist_ok=True)
+    partial, previous = _swap_paths(directory)
+    if directory.is_dir() and (others := sorted({p.name for p in directory.iterdir()} - MODEL_ENTRIES)):
+        raise UserError(
+            f"refusing to replace {directory} with a model: it holds {', '.join(others[:5])}, which a model "
+            f"directory ({MODEL_SPEC_FILE} and {VARIABLES_ITEM}/) does not; choose a new or empty directory"
+        )
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    if jax.process_count() == 1 and partial.exists():  # left by a run killed while it exported
+        shutil.rmtree(partial)
     host_vars = jax.tree.map(np.asarray, jax.device_get(dict(variables)))
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(directory / VARIABLES_ITEM, host_vars, force=True)
+        ckptr.save(partial / VARIABLES_ITEM, host_vars, force=True)
     if jax.process_index() == 0:  # multi-host: every process calls save_model (orbax syncs them)
-        (directory / MODEL_SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+        (partial / MODEL_SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+        if directory.exists():
+            if previous.exists():
+                shutil.rmtree(previous)
+            directory.rename(previous)
+        partial.rename(directory)
+        if previous.exists():
+            shutil.rmtree(previous)
     return directory
 
 
@@ -50,6 +72,28 @@ def load_model_spec(directory: str | os.PathLike) -> dict[str, Any]:
             "written by `python -m hkt_jax.convert` or by a training run's export)"
         )
     return json.loads(spec_path.read_text())
+
+
+def recover_model(directory: str | os.PathLike) -> bool:
+    """Put back the model ``save_model`` was replacing when its process died between its two renames;
+    True when ``directory`` holds a model afterwards. A directory that lacks ``model.json`` (killed
+    mid-write by a version that wrote in place) is moved to ``NAME.unreadable`` with a warning: kept,
+    never deleted, and no longer mistaken for a model."""
+    directory = Path(directory).absolute()
+    partial, previous = _swap_paths(directory)
+    if not directory.exists() and previous.exists():
+        previous.rename(directory)
+    if directory.exists() and not (directory / MODEL_SPEC_FILE).is_file():
+        aside = directory.with_name(directory.name + ".unreadable")
+        if aside.exists():
+            shutil.rmtree(aside)
+        directory.rename(aside)
+        warnings.warn(f"{directory} was half-written ({MODEL_SPEC_FILE} is missing); moved to {aside}", stacklevel=2)
+    return (directory / MODEL_SPEC_FILE).is_file()
+
+
+def _swap_paths(directory: Path) -> tuple[Path, Path]:
+    return directory.with_name(f".{directory.name}.partial"), directory.with_name(f".{directory.name}.previous")
 
 
 def load_model(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:

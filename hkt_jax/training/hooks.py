@@ -139,7 +139,7 @@ class EvaluateAndKeepBest(Hook):
         self.metric = run.task.selection_metric
         self.last_step, self.last_result = None, None
         metadata = {}
-        if (workdir / "best").exists():
+        if checkpoint.recover_model(workdir / "best"):
             metadata = checkpoint.load_model_spec(workdir / "best").get("metadata", {})
         # "value" (any task) or "validation_accuracy" (classification runs written before tasks existed).
         value = metadata.get("value", metadata.get(f"validation_{self.metric}"))
