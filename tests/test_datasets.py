@@ -3,13 +3,18 @@
 Why the checksums: the four input pipelines (classification, in-memory arrays, optical flow, CT slices)
 were moved onto one shared piece; ``tests/fixtures/pipeline_checksums.json`` was written by
 ``python -m tests.test_datasets`` from the code before that move, so each pipeline must still give the same
-batches, in the same order, with the same numbers, and the same iterator state.
+batches, in the same order, with the same numbers, and the same iterator state. The flow entries were
+written again (2026-12-06) when the synthetic flow frames and the colour jitter stopped using BLAS, whose
+kernels OpenBLAS picks per CPU model: the old entries held on one CPU kind only (images moved by <= 3.2e-4
+of 255, flows, masks and every iterator state unchanged).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -137,6 +142,16 @@ def test_every_pipeline_gives_the_batches_and_states_it_gave_before_the_shared_s
     assert actual.keys() == expected.keys()
     for key in expected:
         assert actual[key] == expected[key], key
+
+
+def test_batches_do_not_depend_on_the_cpus_blas_kernels():
+    """A seed gives the same batches on every x86-64-v3 machine, or a run resumed on another kind of machine
+    would not continue the same run: OpenBLAS picks its kernels by CPU model, so force another family."""
+    code = "import json; from tests.test_datasets import compute_checksums; print(json.dumps(compute_checksums()))"
+    env = {**os.environ, "OPENBLAS_CORETYPE": "Sandybridge"}  # AVX without FMA: rounds unlike Haswell/Zen/SkylakeX
+    root = Path(__file__).parent.parent
+    other = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
+    assert json.loads(other.stdout.strip().splitlines()[-1]) == compute_checksums()
 
 
 def test_a_classification_state_saved_by_the_code_before_the_shared_stream_resumes_on_the_right_batch():

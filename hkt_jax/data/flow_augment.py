@@ -75,7 +75,9 @@ def raft_augment_config(dataset: str, crop_size: tuple[int, int]) -> AugmentConf
 
 
 def _grayscale(images: np.ndarray) -> np.ndarray:
-    return images @ np.array([0.299, 0.587, 0.114], np.float32)
+    # Not `images @ weights`: BLAS rounds differently on different CPUs; a seed gives the same batches everywhere.
+    red, green, blue = images[..., 0], images[..., 1], images[..., 2]
+    return red * np.float32(0.299) + green * np.float32(0.587) + blue * np.float32(0.114)
 
 
 def _rgb_to_hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -45,7 +45,11 @@ class _Layer:
         # float32: phases stay accurate to ~1e-4 rad over thousands of pixels, and cos is 2x faster.
         angles = _linear(points.astype(np.float32), (2 * np.pi * self.frequencies).astype(np.float32))
         waves = np.cos(angles + self.phases.astype(np.float32))
-        return np.clip(self.base_color + waves @ self.color_weights.astype(np.float32), 0.0, 255.0)
+        weights = self.color_weights.astype(np.float32)
+        mixed = waves[..., :1] * weights[0]
+        for k in range(1, len(weights)):  # not `waves @ weights`: see _linear
+            mixed = mixed + waves[..., k : k + 1] * weights[k]
+        return np.clip(self.base_color + mixed, 0.0, 255.0)
 
     def covers(self, points: np.ndarray) -> np.ndarray:
         """Whether frame-1 coordinates ``points`` (..., 2) lie on this layer."""
@@ -62,13 +66,25 @@ class _Layer:
 
     def backward(self, points: np.ndarray) -> np.ndarray:
         """Frame-2 -> frame-1 positions (the texture coordinates seen in frame 2)."""
-        inverse = np.linalg.inv(self.matrix)
-        return _linear(points - (self.center + self.translation), inverse) + self.center
+        return _linear(points - (self.center + self.translation), _inverse(self.matrix)) + self.center
 
 
+# The data are drawn with elementwise products and sums only, never BLAS or LAPACK: their kernels differ
+# by CPU (OpenBLAS picks one per CPU model) and so do their roundings, and a seed must give the same
+# samples on every machine, or a run resumed on another kind of machine would not be the run it continues.
 def _linear(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """``points @ matrix.T`` for (..., 2) points."""
-    return points @ matrix.T
+    """``points @ matrix.T`` for (..., 2) points and an (M, 2) matrix."""
+    return points[..., :1] * matrix[:, 0] + points[..., 1:] * matrix[:, 1]
+
+
+def _product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` for 2 x 2 matrices."""
+    return np.array([[a[i, 0] * b[0, j] + a[i, 1] * b[1, j] for j in range(2)] for i in range(2)])
+
+
+def _inverse(matrix: np.ndarray) -> np.ndarray:
+    (a, b), (c, d) = matrix
+    return np.array([[d, -b], [-c, a]]) / (a * d - b * c)
 
 
 def _rotation(angle: float) -> np.ndarray:
@@ -110,7 +126,7 @@ class SyntheticFlow:
         angle = np.deg2rad(rng.uniform(-1, 1) * self.max_rotation_deg * strength)
         scales = np.exp(rng.uniform(-1, 1, 2) * self.max_log_scale * strength)
         shear = np.array([[1.0, rng.uniform(-1, 1) * self.max_shear * strength], [0.0, 1.0]])
-        matrix = _rotation(angle) @ shear @ np.diag(scales)
+        matrix = _product(_product(_rotation(angle), shear), np.diag(scales))
         translation = rng.uniform(-1, 1, 2) * self.max_translation * min(self.height, self.width) * strength
         return center, matrix, translation
 
