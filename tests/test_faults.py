@@ -407,6 +407,20 @@ def test_model_export_is_all_or_nothing(tmp_path, monkeypatch):
     np.testing.assert_array_equal(variables["params"]["w"], new["params"]["w"])
 
 
+def test_half_written_models_are_set_aside_and_never_overwritten(tmp_path):
+    target = tmp_path / "best"
+    for written in ("first", "second"):
+        (target / checkpoint.VARIABLES_ITEM).mkdir(parents=True)
+        (target / checkpoint.VARIABLES_ITEM / "marker").write_text(written)
+        with pytest.warns(UserWarning, match="half-written"):
+            assert not checkpoint.recover_model(target)
+    assert not target.exists()
+    assert [
+        (tmp_path / name / checkpoint.VARIABLES_ITEM / "marker").read_text()
+        for name in ("best.unreadable", "best.unreadable.1")
+    ] == ["first", "second"]
+
+
 def test_half_written_best_is_set_aside_and_the_run_resumes(uninterrupted, tmp_path, monkeypatch, capsys):
     """``best/`` without ``model.json`` (a run killed mid-export by a version that wrote in place) is moved
     aside with one warning; the resumed run ends as the uninterrupted one (as CI once saw it fail)."""

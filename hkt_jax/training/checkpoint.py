@@ -77,23 +77,36 @@ def load_model_spec(directory: str | os.PathLike) -> dict[str, Any]:
 def recover_model(directory: str | os.PathLike) -> bool:
     """Put back the model ``save_model`` was replacing when its process died between its two renames;
     True when ``directory`` holds a model afterwards. A directory that lacks ``model.json`` (killed
-    mid-write by a version that wrote in place) is moved to ``NAME.unreadable`` with a warning: kept,
-    never deleted, and no longer mistaken for a model."""
+    mid-write by a version that wrote in place) is moved to ``NAME.unreadable`` (``.1``, ``.2``, ... when
+    taken) with a warning: kept, never deleted, and no longer mistaken for a model."""
     directory = Path(directory).absolute()
-    partial, previous = _swap_paths(directory)
-    if not directory.exists() and previous.exists():
-        previous.rename(directory)
-    if directory.exists() and not (directory / MODEL_SPEC_FILE).is_file():
-        aside = directory.with_name(directory.name + ".unreadable")
-        if aside.exists():
-            shutil.rmtree(aside)
-        directory.rename(aside)
-        warnings.warn(f"{directory} was half-written ({MODEL_SPEC_FILE} is missing); moved to {aside}", stacklevel=2)
+    _, previous = _swap_paths(directory)
+    if jax.process_index() == 0:  # as in save_model: one process moves files, the others wait for it
+        if not directory.exists() and previous.exists():
+            previous.rename(directory)
+        if directory.exists() and not (directory / MODEL_SPEC_FILE).is_file():
+            aside = _unused(directory.with_name(directory.name + ".unreadable"))
+            directory.rename(aside)
+            warnings.warn(
+                f"{directory} was half-written ({MODEL_SPEC_FILE} is missing); moved to {aside}", stacklevel=2
+            )
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("hkt_jax: model directory recovered")
     return (directory / MODEL_SPEC_FILE).is_file()
 
 
 def _swap_paths(directory: Path) -> tuple[Path, Path]:
     return directory.with_name(f".{directory.name}.partial"), directory.with_name(f".{directory.name}.previous")
+
+
+def _unused(path: Path) -> Path:
+    """``path``, else ``path.1``, ``path.2``, ...: what is set aside is never overwritten."""
+    candidate, suffix = path, 1
+    while candidate.exists():
+        candidate, suffix = path.with_name(f"{path.name}.{suffix}"), suffix + 1
+    return candidate
 
 
 def load_model(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -303,11 +316,7 @@ def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
         target = directory.parent / UNREADABLE_SUBDIR
         target.mkdir(exist_ok=True)
         for step in steps:
-            destination = target / str(step)
-            suffix = 1
-            while destination.exists():
-                destination, suffix = target / f"{step}.{suffix}", suffix + 1
-            shutil.move(str(directory / str(step)), destination)
+            shutil.move(str(directory / str(step)), _unused(target / str(step)))
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
