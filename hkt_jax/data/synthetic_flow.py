@@ -46,10 +46,7 @@ class _Layer:
         angles = _linear(points.astype(np.float32), (2 * np.pi * self.frequencies).astype(np.float32))
         waves = np.cos(angles + self.phases.astype(np.float32))
         weights = self.color_weights.astype(np.float32)
-        mixed = waves[..., :1] * weights[0]
-        for k in range(1, len(weights)):  # not `waves @ weights`: see _linear
-            mixed = mixed + waves[..., k : k + 1] * weights[k]
-        return np.clip(self.base_color + mixed, 0.0, 255.0)
+        return np.clip(self.base_color + _linear(waves, weights.T), 0.0, 255.0)  # waves @ weights
 
     def covers(self, points: np.ndarray) -> np.ndarray:
         """Whether frame-1 coordinates ``points`` (..., 2) lie on this layer."""
@@ -73,8 +70,15 @@ class _Layer:
 # by CPU (OpenBLAS picks one per CPU model) and so do their roundings, and a seed must give the same
 # samples on every machine, or a run resumed on another kind of machine would not be the run it continues.
 def _linear(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """``points @ matrix.T`` for (..., 2) points and an (M, 2) matrix."""
-    return points[..., :1] * matrix[:, 0] + points[..., 1:] * matrix[:, 1]
+    """``points @ matrix.T`` for (..., K) points and an (M, K) matrix, summed over K in order. Column by
+    column (strided views times scalars): 2-8x faster than one broadcast over (..., M) at 96 x 96 points."""
+    columns = []
+    for row in matrix:
+        column = points[..., 0] * row[0]
+        for k in range(1, len(row)):
+            column = column + points[..., k] * row[k]
+        columns.append(column)
+    return np.stack(columns, axis=-1)
 
 
 def _product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
